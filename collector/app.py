@@ -1,0 +1,179 @@
+"""The HTTP face of the collector: the Litestar app, its routes, and errors mapped to HTTP.
+
+Routes: `POST /v1/events` and its alias `/v1/events/batch` (the events API), `GET /healthz`
+(the process answers) and `GET /readyz` (the queue can take a write and the disk budget is
+not reached). The queue, key store and group committer are opened in the lifespan and kept
+on `app.state`. Every failure is a `collector.errors` type; `STATUS_FOR` is the one place
+that says which HTTP status each becomes, and every error answer has the documented shape
+`{"error": <reason phrase>, "message": <what to fix>}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from http import HTTPStatus
+from typing import Any
+
+import orjson
+from litestar import Litestar, MediaType, Request, Response, get, post
+from litestar.config.cors import CORSConfig
+from litestar.exceptions import HTTPException
+
+from collector.auth import KeyStore
+from collector.commit import Committer
+from collector.errors import (
+    BadRequest,
+    CollectorError,
+    Forbidden,
+    PayloadTooLarge,
+    Unauthorized,
+    Unavailable,
+    UnsupportedMediaType,
+)
+from collector.ingest import Ingest, decode_body, require_json
+from collector.settings import Settings
+from collector.spool import Spool
+
+log = logging.getLogger("collector.server")
+
+STATUS_FOR: dict[type[CollectorError], HTTPStatus] = {
+    BadRequest: HTTPStatus.BAD_REQUEST,
+    Unauthorized: HTTPStatus.UNAUTHORIZED,
+    Forbidden: HTTPStatus.FORBIDDEN,
+    PayloadTooLarge: HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+    UnsupportedMediaType: HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+    Unavailable: HTTPStatus.SERVICE_UNAVAILABLE,
+}
+# Headers a browser SDK sends cross-origin (the spec's list), and the one it must read.
+CORS_ALLOW_HEADERS = [
+    "Authorization",
+    "Content-Type",
+    "If-None-Match",
+    "X-Org-Id",
+    "X-Project-Id",
+    "X-Env",
+    "X-SDK-Name",
+    "X-SDK-Version",
+]
+CORS_EXPOSE_HEADERS = ["ETag"]
+# Browsers may cache a preflight answer this many seconds (10 minutes: Chromium's cap).
+CORS_MAX_AGE_S = 600
+
+
+def status_for(exc: CollectorError) -> HTTPStatus:
+    for kind in type(exc).__mro__:
+        if kind in STATUS_FOR:
+            return STATUS_FOR[kind]  # type: ignore[index]
+    return HTTPStatus.INTERNAL_SERVER_ERROR
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response[bytes]:
+    return Response(
+        content=orjson.dumps(body), status_code=status, media_type=MediaType.JSON, headers=headers
+    )
+
+
+def error_response(status: HTTPStatus, message: str, **extra: Any) -> Response[bytes]:
+    headers = {}
+    if "retry_after" in extra:
+        headers["Retry-After"] = str(extra.pop("retry_after"))
+    body = {"error": status.phrase, "message": message, **extra}
+    return json_response(body, status=status, headers=headers)
+
+
+def on_collector_error(_: Request[Any, Any, Any], exc: CollectorError) -> Response[bytes]:
+    status = status_for(exc)
+    extra = dict(exc.extra)
+    if isinstance(exc, Unavailable):
+        extra["retry_after"] = exc.retry_after
+        log.warning("answered 503: %s", exc.message)
+    return error_response(status, exc.message, **extra)
+
+
+def on_http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
+    """Litestar's own errors (404, 405, body over the size limit) in our error shape."""
+    status = HTTPStatus(exc.status_code)
+    message = exc.detail if exc.detail and exc.detail != status.phrase else status.description
+    return error_response(status, message)
+
+
+def on_unexpected(_: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    log.exception("unexpected error while handling a request", exc_info=exc)
+    return error_response(HTTPStatus.INTERNAL_SERVER_ERROR, "unexpected error; see the log")
+
+
+@post(["/v1/events", "/v1/events/batch"], status_code=200, include_in_schema=True)
+async def post_events(request: Request[Any, Any, Any]) -> Response[bytes]:
+    """Accept a batch of exposure, decision and track events."""
+    state = request.app.state
+    key = state.key_store.authenticate(request.headers.get("authorization"))
+    key.require("sdk:write")
+    require_json(request.headers.get("content-type"))
+    body = decode_body(
+        await request.body(), request.headers.get("content-encoding"), state.max_body_bytes
+    )
+    outcome = await state.ingest.handle(body, key)
+    return json_response(outcome.answer())
+
+
+@get("/healthz")
+async def healthz() -> Response[bytes]:
+    """The process is alive and answering."""
+    return json_response({"status": "ok"})
+
+
+@get("/readyz")
+async def readyz(request: Request[Any, Any, Any]) -> Response[bytes]:
+    """The queue can take a write now and the disk budget is not reached."""
+    await asyncio.to_thread(request.app.state.spool.check_writable)
+    return json_response({"status": "ready"})
+
+
+def create_app(settings: Settings) -> Litestar:
+    """The collector's app for `settings`; the queue is opened when the app starts."""
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        spool = Spool(
+            settings.data_dir,
+            sync=settings.sync,
+            budget_bytes=settings.disk_budget_bytes,
+            dedup_window_s=settings.dedup_window_seconds,
+            resume_in_flight=False,  # only the forwarder may resume its in-flight rows
+        )
+        committer = Committer(spool)
+        committer.start()
+        app.state.spool = spool
+        app.state.ingest = Ingest(committer, settings.max_events_per_request)
+        try:
+            yield
+        finally:
+            await committer.stop()
+            spool.close()
+
+    cors = None
+    if settings.cors_origins:
+        cors = CORSConfig(
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=CORS_ALLOW_HEADERS,
+            expose_headers=CORS_EXPOSE_HEADERS,
+            max_age=CORS_MAX_AGE_S,
+        )
+    app = Litestar(
+        route_handlers=[post_events, healthz, readyz],
+        lifespan=[lifespan],
+        cors_config=cors,
+        request_max_body_size=settings.max_body_bytes,
+        exception_handlers={
+            CollectorError: on_collector_error,
+            HTTPException: on_http_error,
+            Exception: on_unexpected,
+        },
+    )
+    app.state.key_store = KeyStore(settings.keys_file)
+    app.state.max_body_bytes = settings.max_body_bytes
+    return app

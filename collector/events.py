@@ -1,0 +1,102 @@
+"""The wire format of events: the one definition of what the collector calls valid.
+
+Only what the collector itself relies on is checked (routing fields, the id used for
+de-duplication, the fields counted). Everything else, and every unknown field, is left as
+the client sent it: the schema is open, newer SDKs add fields, and the stored event is the
+client's own JSON, never a re-serialised model. The leniencies below are what real SDKs
+send (see the spec's list): empty or numeric `unitKey`, `bucket: -1` and unbounded buckets,
+layers without policy fields, timestamps with or without milliseconds and with offsets,
+`value: null`, non-numeric `values`, any id pattern.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, ConfigDict, Field, TypeAdapter, ValidationError
+from typing_extensions import NotRequired, TypedDict
+
+EVENT_TYPES = ("exposure", "decision", "track")
+
+
+def _iso8601(value: str) -> str:
+    datetime.fromisoformat(value)  # raises ValueError, which pydantic reports per field
+    return value
+
+
+Timestamp = Annotated[str, AfterValidator(_iso8601)]
+# A unit key is whatever the SDK hashed: "" (track default) or a number are both real.
+UnitKey = str | int | float
+Name = Annotated[str, Field(min_length=1)]
+
+OPEN = ConfigDict(extra="allow")
+
+
+class LayerAssignment(TypedDict):
+    __pydantic_config__ = OPEN  # type: ignore[misc]
+    layerId: str
+    bucket: int  # -1 means "layer skipped"; bucketCount is per project, so no upper bound
+    policyId: NotRequired[str | None]
+    allocationId: NotRequired[str | None]
+    allocationName: NotRequired[str | None]
+    probability: NotRequired[float | None]
+    attributionOnly: NotRequired[bool | None]
+
+
+class _Common(TypedDict):
+    __pydantic_config__ = OPEN  # type: ignore[misc]
+    orgId: str
+    projectId: str
+    env: str
+    unitKey: UnitKey
+    timestamp: Timestamp
+    id: NotRequired[str | None]
+    context: NotRequired[dict[str, Any] | None]
+
+
+class Exposure(_Common):
+    type: Literal["exposure"]
+    layers: list[LayerAssignment]
+    decisionId: NotRequired[str | None]
+
+
+class Decision(_Common):
+    type: Literal["decision"]
+    layers: list[LayerAssignment]
+
+
+class Track(_Common):
+    type: Literal["track"]
+    event: Name
+    value: NotRequired[float | None]
+    values: NotRequired[dict[str, Any] | None]
+    properties: NotRequired[dict[str, Any] | None]
+    decisionId: NotRequired[str | None]
+    eventTimestamp: NotRequired[Timestamp | None]
+
+
+Event = Annotated[Exposure | Decision | Track, Field(discriminator="type")]
+_EVENTS = TypeAdapter(list[Event])
+
+
+def invalid_events(events: list[Any]) -> dict[int, str]:
+    """Index -> first error, for each event of `events` that is not valid."""
+    try:
+        _EVENTS.validate_python(events)
+    except ValidationError as exc:
+        return _by_index(exc)
+    return {}
+
+
+def _by_index(exc: ValidationError) -> dict[int, str]:
+    errors: dict[int, str] = {}
+    for error in exc.errors(include_url=False, include_input=False):
+        index, *path = error["loc"]
+        if not isinstance(index, int) or index in errors:
+            continue
+        if path and path[0] in EVENT_TYPES:  # the discriminator's tag, not a field
+            path = path[1:]
+        message = error["msg"]
+        errors[index] = f"{'.'.join(map(str, path))}: {message}" if path else message
+    return errors

@@ -1,0 +1,155 @@
+"""One events request, from body bytes to committed events: no HTTP framework types here.
+
+Steps, in order: decompress (with a cap on the decompressed size), parse, check the
+envelope, validate each event (`events.py`), check the key's project/environment limits,
+encode each valid event as the client's own JSON, and commit (`commit.py`). Invalid
+events are reported by index and never stop the valid ones.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from collector.auth import ApiKey
+from collector.commit import Committer
+from collector.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from collector.events import invalid_events
+from collector.spool import EncodedEvent
+
+# The browser SDK flushes its whole queue in one request, so a request may hold a few
+# more events than the documented maximum; refusing it would make the SDK drop them all.
+# Requests up to 10% over the maximum are taken; the body byte limit bounds the rest.
+OVERFLOW_ALLOWANCE = 0.10
+# zlib's window bits for "gzip header and trailer".
+GZIP_WBITS = 16 + zlib.MAX_WBITS
+
+
+@dataclass
+class Outcome:
+    accepted: int
+    written: int
+    errors: dict[int, str] = field(default_factory=dict)
+
+    def answer(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"accepted": self.accepted, "written": self.written}
+        if self.errors:
+            body["validationErrors"] = _error_list(self.errors)
+        return body
+
+
+def require_json(content_type: str | None) -> None:
+    media_type = (content_type or "").split(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise UnsupportedMediaType(
+            f"Content-Type must be application/json, not {media_type or 'missing'}"
+        )
+
+
+def decode_body(raw: bytes, content_encoding: str | None, max_bytes: int) -> bytes:
+    """The body as sent before compression; PayloadTooLarge past `max_bytes`."""
+    encoding = (content_encoding or "identity").strip().lower()
+    if encoding == "identity":
+        body = raw
+    elif encoding in ("gzip", "x-gzip"):
+        body = _gunzip(raw, max_bytes)
+    else:
+        raise UnsupportedMediaType(f"Content-Encoding {encoding} is not supported (use gzip)")
+    if len(body) > max_bytes:
+        raise PayloadTooLarge(f"body is larger than {max_bytes} bytes")
+    return body
+
+
+def _gunzip(raw: bytes, max_bytes: int) -> bytes:
+    inflater = zlib.decompressobj(GZIP_WBITS)
+    try:
+        # Never inflate more than the cap (plus one byte to notice), so a gzip bomb costs
+        # at most max_bytes of memory.
+        body = inflater.decompress(raw, max_bytes + 1)
+    except zlib.error as exc:
+        raise BadRequest(f"body is not valid gzip: {exc}") from exc
+    if len(body) > max_bytes:
+        raise PayloadTooLarge(f"body is larger than {max_bytes} bytes after decompression")
+    if not inflater.eof:
+        raise BadRequest("gzip body is truncated")
+    return body
+
+
+def parse(body: bytes) -> Any:
+    """JSON, accepting the bare NaN/Infinity tokens some SDKs emit (they become null)."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        pass  # maybe NaN/Infinity, a huge number, or deep nesting: let the slow parser judge
+    try:
+        return json.loads(body.decode("utf-8"), parse_constant=_null, parse_float=_finite)
+    except (ValueError, RecursionError) as exc:
+        raise BadRequest(f"body is not valid JSON: {_short(exc)}") from exc
+
+
+def envelope_events(document: Any, max_events: int) -> list[Any]:
+    """The `events` array of a request, or BadRequest."""
+    events = document.get("events") if isinstance(document, dict) else None
+    limit = int(max_events * (1 + OVERFLOW_ALLOWANCE))
+    if not isinstance(events, list) or not events or len(events) > limit:
+        raise BadRequest(f"events must be a non-empty array (max {max_events})")
+    return events
+
+
+def encode(events: list[dict[str, Any]]) -> list[EncodedEvent]:
+    """Each event as compact JSON of the client's own values, with its id for de-dup."""
+    encoded: list[EncodedEvent] = []
+    for event in events:
+        event_id = event.get("id")
+        encoded.append((event_id if isinstance(event_id, str) else None, _dumps(event)))
+    return encoded
+
+
+class Ingest:
+    """Handles the body of one events request for an authenticated key."""
+
+    def __init__(self, committer: Committer, max_events: int) -> None:
+        self._committer = committer
+        self._max_events = max_events
+
+    async def handle(self, body: bytes, key: ApiKey) -> Outcome:
+        events = envelope_events(parse(body), self._max_events)
+        errors = invalid_events(events)
+        valid = [event for i, event in enumerate(events) if i not in errors]
+        if not valid:
+            raise BadRequest(
+                "no event in the request is valid", validationErrors=_error_list(errors)
+            )
+        for event in valid:
+            key.require_target(event["projectId"], event["env"])
+        written = await self._committer.write(encode(valid))
+        return Outcome(accepted=len(valid), written=written, errors=errors)
+
+
+def _dumps(event: dict[str, Any]) -> bytes:
+    try:
+        return orjson.dumps(event)
+    except TypeError:  # an integer beyond 64 bits, kept exactly by the slow encoder
+        return json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _error_list(errors: dict[int, str]) -> list[dict[str, Any]]:
+    return [{"index": index, "error": error} for index, error in sorted(errors.items())]
+
+
+def _null(_token: str) -> None:
+    return None
+
+
+def _finite(text: str) -> float | None:
+    number = float(text)
+    return number if math.isfinite(number) else None
+
+
+def _short(exc: BaseException) -> str:
+    return "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]

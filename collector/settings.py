@@ -1,0 +1,122 @@
+"""Every setting of the collector: its name, default and meaning, in one place.
+
+Settings come from, in rising precedence: a TOML file (`--config FILE`, or
+`/etc/collector/collector.toml` when it exists), environment variables named
+`COLLECTOR_<NAME>`, and command-line flags. The README's settings table mirrors this class.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+DEFAULT_CONFIG_FILE = Path("/etc/collector/collector.toml")
+
+GIB = 1024**3
+MIB = 1024**2
+
+
+def default_data_dir() -> Path:
+    """`$STATE_DIRECTORY` under systemd (its first entry), else `./collector-data`."""
+    state = os.environ.get("STATE_DIRECTORY", "")
+    first = state.split(":")[0]
+    return Path(first) if first else Path("collector-data")
+
+
+class Settings(BaseSettings):
+    """The collector's settings; see the README table for each one's meaning."""
+
+    model_config = SettingsConfigDict(env_prefix="COLLECTOR_", extra="forbid")
+
+    data_dir: Path = Field(
+        default_factory=default_data_dir,
+        description="Directory holding the queue, the key store and the counts.",
+    )
+    host: str = Field("127.0.0.1", description="Address the server binds; loopback by default.")
+    port: int = Field(8787, ge=0, le=65535, description="TCP port the server listens on.")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Browser origins allowed to call the API (comma separated); none by default.",
+    )
+    upstream_url: str | None = Field(None, description="Base URL of the upstream events API.")
+    upstream_key: SecretStr | None = Field(None, description="API key sent to the upstream.")
+    sync: Literal["full", "normal"] = Field(
+        "full",
+        description="full: fsync every commit (survives power loss); "
+        "normal: no fsync per commit (survives a process crash only).",
+    )
+    disk_budget_bytes: int = Field(
+        GIB, gt=0, description="Queue size past which the server answers 503 and stores nothing."
+    )
+    dedup_window_seconds: float = Field(
+        24 * 3600, ge=0, description="How long an event id is remembered to drop client retries."
+    )
+    max_events_per_request: int = Field(
+        1000, ge=1, description="Documented maximum number of events in one request."
+    )
+    max_body_bytes: int = Field(
+        10 * MIB, gt=0, description="Largest request body accepted, after decompression."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Least severe log level written."
+    )
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Flags (init) beat the environment, which beats the TOML file.
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+    @property
+    def queue_dir(self) -> Path:
+        return self.data_dir / "queue"
+
+    @property
+    def keys_file(self) -> Path:
+        return self.data_dir / "keys.json"
+
+
+class ConfigFileError(Exception):
+    """The TOML file named by `--config` is missing or is not valid TOML."""
+
+
+def load_settings(config_file: Path | None = None, **flags: Any) -> Settings:
+    """Settings from the TOML file, the environment and `flags` (None values are unset flags)."""
+    path = config_file
+    if path is None and DEFAULT_CONFIG_FILE.exists():
+        path = DEFAULT_CONFIG_FILE
+    if path is not None and not path.is_file():
+        raise ConfigFileError(f"config file not found: {path}")
+
+    class FromFile(Settings):
+        model_config = SettingsConfigDict(toml_file=path)
+
+    try:
+        return FromFile(**{name: value for name, value in flags.items() if value is not None})
+    except ValueError as exc:
+        if exc.__class__.__name__ == "TOMLDecodeError":
+            raise ConfigFileError(f"{path}: {exc}") from exc
+        raise
