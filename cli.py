@@ -1,13 +1,12 @@
 """`collector`: the command line, a thin shell over the `collector` package.
 
-    collector serve                 run the events server on the embedded defaults
-    collector keys create|list|revoke   manage the API keys clients use
+collector serve                 run the events server on the embedded defaults
+collector keys create|list|revoke   manage the API keys clients use
 """
 
 from __future__ import annotations
 
 import logging
-import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -127,7 +126,7 @@ def keys_list(config: ConfigOption = None, data_dir: DataDirOption = None) -> No
     settings = settings_or_exit(config, data_dir=data_dir)
     table = Table("name", "prefix", "scopes", "project", "env", "expires", "status")
     now = now_utc()
-    for key in KeyStore(settings.keys_file).keys():
+    for key in KeyStore(settings.keys_file).list_keys():
         table.add_row(
             key.name,
             key.prefix + "…",
@@ -161,4 +160,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

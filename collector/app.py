@@ -24,6 +24,7 @@ from litestar.exceptions import HTTPException
 
 from collector.auth import KeyStore
 from collector.commit import Committer
+from collector.dedup import SeenIds
 from collector.errors import (
     BadRequest,
     CollectorError,
@@ -66,11 +67,13 @@ CORS_MAX_AGE_S = 600
 def status_for(exc: CollectorError) -> HTTPStatus:
     for kind in type(exc).__mro__:
         if kind in STATUS_FOR:
-            return STATUS_FOR[kind]  # type: ignore[index]
+            return STATUS_FOR[kind]
     return HTTPStatus.INTERNAL_SERVER_ERROR
 
 
-def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response[bytes]:
+def json_response(
+    body: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> Response[bytes]:
     return Response(
         content=orjson.dumps(body), status_code=status, media_type=MediaType.JSON, headers=headers
     )
@@ -141,10 +144,10 @@ def create_app(settings: Settings) -> Litestar:
             settings.data_dir,
             sync=settings.sync,
             budget_bytes=settings.disk_budget_bytes,
-            dedup_window_s=settings.dedup_window_seconds,
             resume_in_flight=False,  # only the forwarder may resume its in-flight rows
         )
-        committer = Committer(spool)
+        seen = SeenIds(settings.data_dir, settings.dedup_window_seconds)
+        committer = Committer(spool, seen)
         committer.start()
         app.state.spool = spool
         app.state.ingest = Ingest(committer, settings.max_events_per_request)
@@ -153,6 +156,7 @@ def create_app(settings: Settings) -> Litestar:
         finally:
             await committer.stop()
             spool.close()
+            seen.close()
 
     cors = None
     if settings.cors_origins:

@@ -136,7 +136,7 @@ class KeyStore:
 
     # --- editing keys (the CLI's side) --------------------------------------------------
 
-    def keys(self) -> list[ApiKey]:
+    def list_keys(self) -> list[ApiKey]:
         if not self.path.exists():
             return []
         return self._read()
@@ -159,7 +159,7 @@ class KeyStore:
         secret = kind + secrets.token_urlsafe(SECRET_BYTES)
         prefix = secret[: len(kind) + SHOWN_CHARS]
         with self._locked() as keys:
-            name = name or f"key-{prefix[len(kind):]}"
+            name = name or f"key-{prefix[len(kind) :]}"
             if any(key.name == name for key in keys):
                 raise ValueError(f"a key named '{name}' already exists")
             key = ApiKey(
@@ -197,7 +197,7 @@ class KeyStore:
         lock_path = self.path.with_suffix(".lock")
         with open(lock_path, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            keys = self.keys()
+            keys = self.list_keys()
             yield keys
             self._write(keys)
 
@@ -214,7 +214,7 @@ class KeyStore:
 
 def ensure_first_key(store: KeyStore) -> str | None:
     """On a first start with no key at all, make one and return its secret (else None)."""
-    if store.keys():
+    if store.list_keys():
         return None
     _, secret = store.create(list(SCOPES), name="default")
     return secret

@@ -1,5 +1,9 @@
 """Group commit: concurrent requests share one spool transaction, and so one fsync.
 
+It is also where de-duplication happens, since both work on a whole group at once: ids
+already stored (or repeated within the group) are dropped before the commit, and the new
+ids are remembered only after it.
+
 A commit costs an fsync (a few milliseconds), which caps one-commit-per-request at a few
 thousand requests per second. Instead each request hands its events to the `Committer`
 and waits; one writer task takes everything that arrived while the previous commit ran
@@ -13,8 +17,11 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from collector.dedup import SeenIds
 from collector.errors import CollectorError, QueueBusy
-from collector.spool import EncodedEvent, Spool
+from collector.spool import Spool
+
+EncodedEvent = tuple[str | None, bytes]  # (the client's id or None, the event's JSON)
 
 # Upper bound on the events of one group, so one commit (and the latency of the requests
 # in it) stays bounded when many large requests arrive at once: 20 requests of 1000.
@@ -24,14 +31,17 @@ MAX_GROUP_EVENTS = 20_000
 @dataclass
 class _Pending:
     events: list[EncodedEvent]
-    done: asyncio.Future[int] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    done: asyncio.Future[int] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
 
 
 class Committer:
     """Takes requests' events on the event loop, commits them in groups on one thread."""
 
-    def __init__(self, spool: Spool) -> None:
+    def __init__(self, spool: Spool, seen: SeenIds) -> None:
         self._spool = spool
+        self._seen = seen
         self._pending: list[_Pending] = []
         self._wake = asyncio.Event()
         # One thread: SQLite writes are serial anyway, and the thread never blocks the loop.
@@ -68,7 +78,7 @@ class Committer:
                 group = self._take_group()
                 try:
                     results = await loop.run_in_executor(
-                        self._thread, self._spool.write, [p.events for p in group]
+                        self._thread, self._commit, [p.events for p in group]
                     )
                 except CollectorError as exc:
                     results = [exc] * len(group)
@@ -81,6 +91,33 @@ class Committer:
                         pending.done.set_result(result)
             if self._closing:
                 return
+
+    def _commit(self, requests: list[list[EncodedEvent]]) -> list[int | CollectorError]:
+        """On the writer thread: drop known ids, append the rest, then remember their ids."""
+        known = self._seen.seen(eid for events in requests for eid, _ in events if eid)
+        fresh: list[list[bytes]] = []
+        fresh_ids: list[list[str]] = []
+        for events in requests:
+            rows, ids = [], []
+            for eid, raw in events:
+                if eid is not None:
+                    if eid in known:
+                        continue
+                    known.add(eid)
+                    ids.append(eid)
+                rows.append(raw)
+            fresh.append(rows)
+            fresh_ids.append(ids)
+        results = self._spool.append(fresh)
+        committed = [
+            eid
+            for ids, result in zip(fresh_ids, results, strict=True)
+            if not isinstance(result, CollectorError)
+            for eid in ids
+        ]
+        if committed:
+            self._seen.remember(committed)
+        return results
 
     def _take_group(self) -> list[_Pending]:
         size = 0

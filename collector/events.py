@@ -12,10 +12,10 @@ layers without policy fields, timestamps with or without milliseconds and with o
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NotRequired
 
 from pydantic import AfterValidator, ConfigDict, Field, TypeAdapter, ValidationError
-from typing_extensions import NotRequired, TypedDict
+from typing_extensions import TypedDict
 
 EVENT_TYPES = ("exposure", "decision", "track")
 

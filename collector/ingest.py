@@ -17,10 +17,9 @@ from typing import Any
 import orjson
 
 from collector.auth import ApiKey
-from collector.commit import Committer
+from collector.commit import Committer, EncodedEvent
 from collector.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 from collector.events import invalid_events
-from collector.spool import EncodedEvent
 
 # The browser SDK flushes its whole queue in one request, so a request may hold a few
 # more events than the documented maximum; refusing it would make the SDK drop them all.

@@ -1,14 +1,12 @@
 """The durable local queue: the only module that touches persist-queue.
 
 One SQLite file (`queue.db` in the data directory) holds persist-queue's `SQLiteAckQueue`
-table and, beside it, the ids of events already stored (`seen_ids`). Facts that shape it
-(measured on the reference machine, see design.md):
+table. Facts that shape its use (measured on the reference machine, see design.md):
 
 - a commit costs an fsync, so one queue row holds a *group* of events (one or several
   requests' worth, gathered by `commit.py`), stored as a JSON array of the clients' own
   event objects: raw bytes, no pickle;
-- the row and the ids of its events are inserted in one transaction, so an id is never
-  remembered for an event that was not committed, and a crash loses neither or both;
+- acknowledged rows are deleted (`remove_acked`), never left for `get` to scan past;
 - only the forwarder may turn in-flight rows back to ready, so the server opens the queue
   with `auto_resume=False`.
 
@@ -20,13 +18,13 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import orjson
 from persistqueue import SQLiteAckQueue
+from persistqueue.exceptions import Empty
 
 from collector.errors import CollectorError, QueueBusy, QueueFull
 
@@ -36,15 +34,8 @@ QUEUE_NAME = "events"
 # forwarder's acks) before the client is told 503: long enough to ride out a checkpoint,
 # short enough that the SDK's own timeout (10 s in the Python SDK) does not fire first.
 BUSY_TIMEOUT_S = 2.0
-# How often expired ids are deleted from `seen_ids`, and at most how many per pass, so
-# pruning never holds the write lock long enough to be felt by a request.
-PRUNE_EVERY_S = 60.0
-PRUNE_BATCH = 20_000
-# SQLite's limit on bound parameters is 32766; look ids up in chunks well below it.
-LOOKUP_CHUNK = 900
 
 Sync = Literal["full", "normal"]
-EncodedEvent = tuple[str | None, bytes]  # (client id or None, the event's JSON)
 
 
 class _RawBytes:
@@ -59,18 +50,12 @@ class _RawBytes:
         return value
 
 
-class _Queue(SQLiteAckQueue):  # type: ignore[misc]
+class _Queue(SQLiteAckQueue):
     """SQLiteAckQueue with our pragmas and the `seen_ids` table in the same file."""
 
     def __init__(self, path: str, sync: Sync, **kwargs: Any) -> None:
         self._sync = sync
         super().__init__(path, **kwargs)
-        with self.tran_lock, self._putter as conn:
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS seen_ids (id TEXT PRIMARY KEY, seen REAL NOT NULL)"
-                " WITHOUT ROWID"
-            )
-            conn.execute("CREATE INDEX IF NOT EXISTS seen_ids_by_time ON seen_ids (seen)")
 
     def _new_db_connection(self, path: str, multithreading: bool, timeout: float) -> Any:
         conn = super()._new_db_connection(path, multithreading, timeout)
@@ -89,12 +74,10 @@ class Spool:
         *,
         sync: Sync = "full",
         budget_bytes: int,
-        dedup_window_s: float = 24 * 3600,
         resume_in_flight: bool = False,
     ) -> None:
         self.path = data_dir / DB_FILE
         self.budget_bytes = budget_bytes
-        self.dedup_window_s = dedup_window_s
         self._queue = _Queue(
             str(data_dir),
             sync,
@@ -106,51 +89,43 @@ class Spool:
             auto_resume=resume_in_flight,
         )
         self._table = self._queue._table_name
+        # persist-queue's writing connection: we read sizes and run checks on it too.
+        self._conn = cast(sqlite3.Connection, self._queue._putter)
         self._lock = threading.Lock()
-        self._last_prune = 0.0
 
     def close(self) -> None:
         self._queue.close()
 
     # --- the server's side ----------------------------------------------------------
 
-    def write(self, requests: Sequence[Sequence[EncodedEvent]]) -> list[int | CollectorError]:
-        """Commit the new events of several requests as one row, in one transaction.
+    def append(self, requests: Sequence[list[bytes]]) -> list[int | CollectorError]:
+        """Commit the events of several requests as one row, in one transaction.
 
-        Returns, per request, how many events it wrote (events whose id is already stored
-        are not written again), or the error that kept it out (`QueueFull` when its events
-        would take the queue past the disk budget). Raises `QueueFull`/`QueueBusy` when the
-        transaction itself fails, in which case nothing was written.
+        Returns, per request, how many events it wrote, or the `QueueFull` that kept it out
+        because its events would take the queue past the disk budget. Raises
+        `QueueFull`/`QueueBusy` when the transaction itself fails; then nothing was written.
         """
         with self._lock, _sqlite_errors():
-            conn = self._queue._putter
-            now = time.time()
-            seen = self._already_seen(conn, requests, now)
+            conn = self._conn
             used = self._used_bytes(conn)
             results: list[int | CollectorError] = []
             rows: list[bytes] = []
-            new_ids: list[tuple[str, float]] = []
             for events in requests:
-                fresh = [(eid, raw) for eid, raw in events if eid is None or eid not in seen]
-                seen.update(eid for eid, _ in fresh if eid is not None)
-                size = sum(len(raw) for _, raw in fresh)
-                if fresh and used + size > self.budget_bytes:
+                size = sum(map(len, events))
+                if events and used + size > self.budget_bytes:
                     results.append(QueueFull("disk budget reached; retry later"))
                     continue
                 used += size
-                rows.extend(raw for _, raw in fresh)
-                new_ids.extend((eid, now) for eid, _ in fresh if eid is not None)
-                results.append(len(fresh))
+                rows.extend(events)
+                results.append(len(events))
             if rows:
-                self._insert(conn, b"[" + b",".join(rows) + b"]", new_ids, now)
-            if now - self._last_prune > PRUNE_EVERY_S:
-                self._prune_ids(conn, now)
+                self._queue.put(b"[" + b",".join(rows) + b"]")
             return results
 
     def check_writable(self) -> None:
         """Raise QueueFull or QueueBusy unless a write could be committed now."""
         with self._lock, _sqlite_errors():
-            conn = self._queue._putter
+            conn = self._conn
             if self._used_bytes(conn) >= self.budget_bytes:
                 raise QueueFull("disk budget reached")
             conn.execute("BEGIN IMMEDIATE")
@@ -158,42 +133,7 @@ class Spool:
 
     def used_bytes(self) -> int:
         with self._lock, _sqlite_errors():
-            return self._used_bytes(self._queue._putter)
-
-    def _insert(
-        self, conn: sqlite3.Connection, row: bytes, ids: list[tuple[str, float]], now: float
-    ) -> None:
-        with self._queue.tran_lock, conn:
-            conn.executemany("INSERT OR REPLACE INTO seen_ids (id, seen) VALUES (?, ?)", ids)
-            conn.execute(self._queue._sql_insert, (row, now))
-        self._queue.total += 1
-
-    def _already_seen(
-        self, conn: sqlite3.Connection, requests: Sequence[Sequence[EncodedEvent]], now: float
-    ) -> set[str]:
-        ids = list({eid for events in requests for eid, _ in events if eid is not None})
-        found: set[str] = set()
-        since = now - self.dedup_window_s
-        for start in range(0, len(ids), LOOKUP_CHUNK):
-            chunk = ids[start : start + LOOKUP_CHUNK]
-            marks = ",".join("?" * len(chunk))
-            found.update(
-                eid
-                for (eid,) in conn.execute(
-                    f"SELECT id FROM seen_ids WHERE seen >= ? AND id IN ({marks})",
-                    (since, *chunk),
-                )
-            )
-        return found
-
-    def _prune_ids(self, conn: sqlite3.Connection, now: float) -> None:
-        with self._queue.tran_lock, conn:
-            conn.execute(
-                "DELETE FROM seen_ids WHERE id IN"
-                " (SELECT id FROM seen_ids WHERE seen < ? LIMIT ?)",
-                (now - self.dedup_window_s, PRUNE_BATCH),
-            )
-        self._last_prune = now
+            return self._used_bytes(self._conn)
 
     @staticmethod
     def _used_bytes(conn: sqlite3.Connection) -> int:
@@ -203,12 +143,38 @@ class Spool:
         size = conn.execute("PRAGMA page_size").fetchone()[0]
         return int((pages - free) * size)
 
+    # --- the forwarder's side -------------------------------------------------------
+
+    def take(self) -> tuple[int, list[dict[str, Any]]] | None:
+        """The oldest ready row, marked in flight: (row id, its events), or None if empty."""
+        with self._lock, _sqlite_errors():
+            try:
+                row = self._queue.get(block=False, raw=True)
+            except Empty:
+                return None
+        return int(row["pqid"]), orjson.loads(row["data"])
+
+    def ack(self, row_id: int) -> None:
+        """The row was delivered: mark it done (removed by `remove_acked`)."""
+        with self._lock, _sqlite_errors():
+            self._queue.ack(id=row_id)
+
+    def nack(self, row_id: int) -> None:
+        """The row was not delivered: make it ready again."""
+        with self._lock, _sqlite_errors():
+            self._queue.nack(id=row_id)
+
+    def remove_acked(self) -> None:
+        """Delete every acknowledged row; their pages are reused by later writes."""
+        with self._lock, _sqlite_errors():
+            self._queue.clear_acked_data(max_delete=None, keep_latest=None)
+
     # --- reading what is stored (forwarder, status, tests) --------------------------
 
     def stored_events(self) -> Iterator[dict[str, Any]]:
         """Every event in rows not yet acknowledged, oldest first."""
         with self._lock, _sqlite_errors():
-            rows = self._queue._putter.execute(
+            rows = self._conn.execute(
                 f"SELECT data FROM {self._table} WHERE status < 5 ORDER BY _id"
             ).fetchall()
         for (data,) in rows:
@@ -221,7 +187,9 @@ class _sqlite_errors:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any
+    ) -> None:
         if not isinstance(exc, sqlite3.Error):
             return
         text = str(exc)

@@ -1,0 +1,183 @@
+"""Shared fixtures: a real `collector serve` subprocess on 127.0.0.1 with its own data dir.
+
+Tests talk to it over real HTTP and read what it committed from the real SQLite file
+through `Spool`, the same module the forwarder uses. Nothing of ours is mocked.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from collector.spool import Spool
+
+COLLECTOR = [sys.executable, "-m", "cli"]
+ROOT = Path(__file__).resolve().parent.parent
+START_TIMEOUT_S = 20.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def run_cli(
+    *args: str, data_dir: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run `collector ARGS` to completion against `data_dir`."""
+    full_env = {**os.environ, "COLLECTOR_DATA_DIR": str(data_dir), **(env or {})}
+    return subprocess.run(
+        [*COLLECTOR, *args], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=60
+    )
+
+
+def create_key(data_dir: Path, *args: str) -> str:
+    """A new key made with `collector keys create ARGS` (the secret is the last line)."""
+    done = run_cli("keys", "create", *args, data_dir=data_dir)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().splitlines()[-1]
+
+
+def stored_events(data_dir: Path) -> list[dict[str, Any]]:
+    spool = Spool(data_dir, budget_bytes=1 << 40)
+    try:
+        return list(spool.stored_events())
+    finally:
+        spool.close()
+
+
+@dataclass
+class Server:
+    """A running `collector serve` process."""
+
+    data_dir: Path
+    port: int
+    env: dict[str, str]
+    key: str = ""
+    process: subprocess.Popen[bytes] | None = None
+    log_path: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.log_path = self.data_dir.parent / f"server-{self.port}.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Server:
+        env = {
+            **os.environ,
+            "COLLECTOR_DATA_DIR": str(self.data_dir),
+            "COLLECTOR_PORT": str(self.port),
+            **self.env,
+        }
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [*COLLECTOR, "serve"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+        self.wait_until_up()
+        return self
+
+    def wait_until_up(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise AssertionError(f"server exited early:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.05)
+        raise AssertionError(f"server did not start:\n{self.log()}")
+
+    def kill(self) -> None:
+        """SIGKILL: no clean-up, as in a crash."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def post(
+        self,
+        body: Any = None,
+        *,
+        key: str | None = None,
+        path: str = "/v1/events/batch",
+        headers: dict[str, str] | None = None,
+        content: bytes | None = None,
+    ) -> httpx.Response:
+        """POST JSON `body` (or raw `content`) with this server's key unless told otherwise."""
+        sent = {"Authorization": f"Bearer {self.key if key is None else key}"}
+        if content is None:
+            sent["Content-Type"] = "application/json"
+        sent.update(headers or {})
+        return httpx.post(f"{self.url}{path}", json=body, content=content, headers=sent, timeout=30)
+
+    def stored(self) -> list[dict[str, Any]]:
+        return stored_events(self.data_dir)
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
+    """Factory: start_server(**env) starts a server with its own data dir and a write key."""
+    servers: list[Server] = []
+
+    def start(data_dir: Path | None = None, **env: str) -> Server:
+        directory = data_dir or tmp_path / f"data{len(servers)}"
+        server = Server(directory, free_port(), env)
+        server.key = create_key(directory, "--scope", "sdk:write", "--name", f"test{len(servers)}")
+        servers.append(server.start())
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def server(start_server: Callable[..., Server]) -> Server:
+    """One running server on the embedded defaults, with a write key in `server.key`."""
+    return start_server()
+
+
+def event(kind: str = "track", **fields: Any) -> dict[str, Any]:
+    """A valid event of `kind`, as a real SDK sends it; `fields` override or add."""
+    base: dict[str, Any] = {
+        "type": kind,
+        "orgId": "org_test",
+        "projectId": "proj_test",
+        "env": "production",
+        "unitKey": "user-1",
+        "timestamp": "2026-05-21T10:30:00.123Z",
+    }
+    if kind == "track":
+        base["event"] = "purchase"
+    else:
+        base["layers"] = [
+            {"layerId": "layer_1", "bucket": 42, "policyId": "pol_1", "allocationName": "treatment"}
+        ]
+    base.update(fields)
+    return base
