@@ -58,6 +58,22 @@ def stored_events(data_dir: Path) -> list[dict[str, Any]]:
         spool.close()
 
 
+def wait_until_serving(
+    url: str, process: subprocess.Popen[Any], log: Callable[[], str] = lambda: ""
+) -> None:
+    """Return once `url`/healthz answers 200; fail if `process` exits or time runs out."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited early:\n{log()}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.05)  # not listening yet: poll again shortly
+    raise AssertionError(f"server did not start:\n{log()}")
+
+
 @dataclass
 class Server:
     """A running `collector serve` process."""
@@ -91,17 +107,8 @@ class Server:
         return self
 
     def wait_until_up(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            assert self.process is not None
-            if self.process.poll() is not None:
-                raise AssertionError(f"server exited early:\n{self.log()}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.05)
-        raise AssertionError(f"server did not start:\n{self.log()}")
+        assert self.process is not None
+        wait_until_serving(self.url, self.process, self.log)
 
     def kill(self) -> None:
         """SIGKILL: no clean-up, as in a crash."""
