@@ -130,7 +130,8 @@ async def healthz() -> Response[bytes]:
 
 @get("/readyz")
 async def readyz(request: Request[Any, Any, Any]) -> Response[bytes]:
-    """The queue can take a write now and the disk budget is not reached."""
+    """Keys can be judged, the queue can take a write now, and the disk budget is not reached."""
+    request.app.state.key_store.check_readable()
     await asyncio.to_thread(request.app.state.spool.check_writable)
     return json_response({"status": "ready"})
 

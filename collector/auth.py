@@ -113,6 +113,10 @@ class KeyStore:
             raise Unauthorized()
         return key
 
+    def check_readable(self) -> None:
+        """Raise KeyStoreUnavailable unless keys can be judged now (for /readyz)."""
+        self._refresh()
+
     def _refresh(self) -> None:
         try:
             st = os.stat(self.path)
@@ -176,6 +180,8 @@ class KeyStore:
 
     def revoke(self, name_or_prefix: str) -> ApiKey:
         """Revoke the one key with this name or prefix; ValueError if none or several match."""
+        if not name_or_prefix:
+            raise ValueError("name a key (or give the start of one) to revoke")
         with self._locked() as keys:
             matches = [
                 i
@@ -216,7 +222,10 @@ def ensure_first_key(store: KeyStore) -> str | None:
     """On a first start with no key at all, make one and return its secret (else None)."""
     if store.list_keys():
         return None
-    _, secret = store.create(list(SCOPES), name="default")
+    try:
+        _, secret = store.create(list(SCOPES), name="default")
+    except ValueError:  # another process made it first
+        return None
     return secret
 
 

@@ -14,12 +14,16 @@ committed at once, under heavy load groups grow by themselves.
 from __future__ import annotations
 
 import asyncio
+import logging
+import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from collector.dedup import SeenIds
 from collector.errors import CollectorError, QueueBusy
 from collector.spool import Spool
+
+log = logging.getLogger("collector.commit")
 
 EncodedEvent = tuple[str | None, bytes]  # (the client's id or None, the event's JSON)
 
@@ -76,29 +80,43 @@ class Committer:
             self._wake.clear()
             while self._pending:
                 group = self._take_group()
+                outcome: list[int] | CollectorError
                 try:
-                    results = await loop.run_in_executor(
+                    outcome = await loop.run_in_executor(
                         self._thread, self._commit, [p.events for p in group]
                     )
                 except CollectorError as exc:
-                    results = [exc] * len(group)
-                for pending, result in zip(group, results, strict=True):
+                    outcome = exc
+                except Exception as exc:
+                    # Never let the writer task die: every later request would wait forever.
+                    log.exception("group commit failed", exc_info=exc)
+                    outcome = QueueBusy("queue write failed; retry later")
+                for index, pending in enumerate(group):
                     if pending.done.done():  # the client went away; the write still stands
                         continue
-                    if isinstance(result, CollectorError):
-                        pending.done.set_exception(result)
+                    if isinstance(outcome, CollectorError):
+                        pending.done.set_exception(outcome)
                     else:
-                        pending.done.set_result(result)
+                        pending.done.set_result(outcome[index])
             if self._closing:
                 return
 
-    def _commit(self, requests: list[list[EncodedEvent]]) -> list[int | CollectorError]:
-        """On the writer thread: drop known ids, append the rest, then remember their ids."""
-        known = self._seen.seen(eid for events in requests for eid, _ in events if eid)
-        fresh: list[list[bytes]] = []
-        fresh_ids: list[list[str]] = []
+    def _commit(self, requests: list[list[EncodedEvent]]) -> list[int]:
+        """On the writer thread: drop known ids, append the rest, then remember their ids.
+
+        Returns how many events each request wrote. The group is committed, or refused
+        (QueueFull, QueueBusy), as a whole, so no request is answered "already held" on the
+        strength of another request's events that were refused.
+        """
+        try:
+            known = self._seen.seen(eid for events in requests for eid, _ in events if eid)
+        except sqlite3.Error as exc:
+            raise QueueBusy(f"seen ids unavailable ({exc}); retry later") from exc
+        rows: list[bytes] = []
+        ids: list[str] = []
+        written: list[int] = []
         for events in requests:
-            rows, ids = [], []
+            count = 0
             for eid, raw in events:
                 if eid is not None:
                     if eid in known:
@@ -106,18 +124,18 @@ class Committer:
                     known.add(eid)
                     ids.append(eid)
                 rows.append(raw)
-            fresh.append(rows)
-            fresh_ids.append(ids)
-        results = self._spool.append(fresh)
-        committed = [
-            eid
-            for ids, result in zip(fresh_ids, results, strict=True)
-            if not isinstance(result, CollectorError)
-            for eid in ids
-        ]
-        if committed:
-            self._seen.remember(committed)
-        return results
+                count += 1
+            written.append(count)
+        if rows:
+            self._spool.append(rows)
+        if ids:
+            try:
+                self._seen.remember(ids)
+            except sqlite3.Error as exc:
+                # The events are committed, so the answer stays 200; only their ids are
+                # forgotten, and a retry may be stored twice (at-least-once).
+                log.warning("could not remember %d event ids: %s", len(ids), exc)
+        return written
 
     def _take_group(self) -> list[_Pending]:
         size = 0

@@ -25,12 +25,20 @@ def _iso8601(value: str) -> str:
     return value
 
 
+def _string_or_number(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ValueError("must be a string or a number")
+    return value
+
+
 Timestamp = Annotated[str, AfterValidator(_iso8601)]
 # A unit key is whatever the SDK hashed: "" (track default) or a number are both real.
-UnitKey = str | int | float
+UnitKey = Annotated[Any, AfterValidator(_string_or_number)]
 Name = Annotated[str, Field(min_length=1)]
 
-OPEN = ConfigDict(extra="allow")
+# Open (unknown fields kept) and strict: "7" is not a bucket and true is not a value, since
+# the event is forwarded as sent and the upstream would refuse what we let through.
+OPEN = ConfigDict(extra="allow", strict=True)
 
 
 class LayerAssignment(TypedDict):

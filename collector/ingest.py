@@ -100,12 +100,24 @@ def envelope_events(document: Any, max_events: int) -> list[Any]:
     return events
 
 
-def encode(events: list[dict[str, Any]]) -> list[EncodedEvent]:
-    """Each event as compact JSON of the client's own values, with its id for de-dup."""
+def encode(events: list[Any], errors: dict[int, str]) -> list[EncodedEvent]:
+    """Each valid event as compact JSON of the client's own values, with its id for de-dup.
+
+    `errors` holds the invalid events' indexes; an event that cannot be stored as UTF-8
+    JSON (a string with a lone surrogate escape such as "\\ud800") is added to it.
+    An empty id is no id: it must not make distinct events look like retries.
+    """
     encoded: list[EncodedEvent] = []
-    for event in events:
+    for index, event in enumerate(events):
+        if index in errors:
+            continue
+        try:
+            raw = _dumps(event)
+        except UnicodeEncodeError:
+            errors[index] = "strings must be valid Unicode (a lone surrogate escape was sent)"
+            continue
         event_id = event.get("id")
-        encoded.append((event_id if isinstance(event_id, str) else None, _dumps(event)))
+        encoded.append((event_id if isinstance(event_id, str) and event_id else None, raw))
     return encoded
 
 
@@ -119,21 +131,22 @@ class Ingest:
     async def handle(self, body: bytes, key: ApiKey) -> Outcome:
         events = envelope_events(parse(body), self._max_events)
         errors = invalid_events(events)
-        valid = [event for i, event in enumerate(events) if i not in errors]
-        if not valid:
+        encoded = encode(events, errors)
+        if not encoded:
             raise BadRequest(
                 "no event in the request is valid", validationErrors=_error_list(errors)
             )
-        for event in valid:
-            key.require_target(event["projectId"], event["env"])
-        written = await self._committer.write(encode(valid))
-        return Outcome(accepted=len(valid), written=written, errors=errors)
+        for i, event in enumerate(events):
+            if i not in errors:
+                key.require_target(event["projectId"], event["env"])
+        written = await self._committer.write(encoded)
+        return Outcome(accepted=len(encoded), written=written, errors=errors)
 
 
 def _dumps(event: dict[str, Any]) -> bytes:
     try:
         return orjson.dumps(event)
-    except TypeError:  # an integer beyond 64 bits, kept exactly by the slow encoder
+    except TypeError:  # an integer beyond 64 bits (from the slow parser): keep it exact
         return json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode()
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -26,7 +26,7 @@ import orjson
 from persistqueue import SQLiteAckQueue
 from persistqueue.exceptions import Empty
 
-from collector.errors import CollectorError, QueueBusy, QueueFull
+from collector.errors import QueueBusy, QueueFull
 
 DB_FILE = "queue.db"
 QUEUE_NAME = "events"
@@ -92,41 +92,37 @@ class Spool:
         # persist-queue's writing connection: we read sizes and run checks on it too.
         self._conn = cast(sqlite3.Connection, self._queue._putter)
         self._lock = threading.Lock()
+        # Bytes in use when a request was last refused for the disk budget. Until the
+        # forwarder frees space below that, `check_writable` says the budget is reached, so
+        # /readyz agrees with the 503s even though a smaller request might still fit.
+        self._refused_at: int | None = None
 
     def close(self) -> None:
         self._queue.close()
 
     # --- the server's side ----------------------------------------------------------
 
-    def append(self, requests: Sequence[list[bytes]]) -> list[int | CollectorError]:
-        """Commit the events of several requests as one row, in one transaction.
+    def append(self, events: list[bytes]) -> None:
+        """Commit `events` (each one event's JSON) as one row, in one transaction.
 
-        Returns, per request, how many events it wrote, or the `QueueFull` that kept it out
-        because its events would take the queue past the disk budget. Raises
-        `QueueFull`/`QueueBusy` when the transaction itself fails; then nothing was written.
+        Raises `QueueFull` when they would take the queue past the disk budget (nothing is
+        written), and `QueueFull`/`QueueBusy` when SQLite fails.
         """
         with self._lock, _sqlite_errors():
-            conn = self._conn
-            used = self._used_bytes(conn)
-            results: list[int | CollectorError] = []
-            rows: list[bytes] = []
-            for events in requests:
-                size = sum(map(len, events))
-                if events and used + size > self.budget_bytes:
-                    results.append(QueueFull("disk budget reached; retry later"))
-                    continue
-                used += size
-                rows.extend(events)
-                results.append(len(events))
-            if rows:
-                self._queue.put(b"[" + b",".join(rows) + b"]")
-            return results
+            used = self._used_bytes(self._conn)
+            if used + sum(map(len, events)) > self.budget_bytes:
+                self._refused_at = used
+                raise QueueFull("disk budget reached; retry later")
+            self._queue.put(b"[" + b",".join(events) + b"]")
 
     def check_writable(self) -> None:
         """Raise QueueFull or QueueBusy unless a write could be committed now."""
         with self._lock, _sqlite_errors():
             conn = self._conn
-            if self._used_bytes(conn) >= self.budget_bytes:
+            used = self._used_bytes(conn)
+            if self._refused_at is not None and used < self._refused_at:
+                self._refused_at = None  # space was freed since the last refusal
+            if used >= self.budget_bytes or self._refused_at is not None:
                 raise QueueFull("disk budget reached")
             conn.execute("BEGIN IMMEDIATE")
             conn.rollback()

@@ -1,0 +1,404 @@
+"""What a 200 promises: stored once, kept across restarts and crashes, never dropped.
+
+Each test runs the real `collector serve` in a subprocess on 127.0.0.1 and reads what it
+committed from the real SQLite files; the crash test kills it with SIGKILL mid-stream. The
+forwarder's side of the queue is played by `collector.spool.Spool` in the test process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from collector.commit import Committer
+from collector.dedup import DB_FILE as SEEN_IDS_FILE
+from collector.dedup import SeenIds
+from collector.errors import QueueFull
+from collector.spool import DB_FILE as QUEUE_FILE
+from collector.spool import Spool
+
+from conftest import Server, event, free_port, run_cli, stored_events
+
+QUEUE_TABLE = "ack_queue_events"  # persist-queue's table for the queue named "events"
+IN_FLIGHT = 2  # persist-queue's status of a row taken but not yet acked
+CRASH_ROUNDS = 3
+BATCH = 50
+
+
+def ids(events: list[dict[str, Any]]) -> list[str]:
+    return [e["id"] for e in events]
+
+
+def batch(prefix: str, size: int = BATCH) -> dict[str, Any]:
+    return {"events": [event(id=f"{prefix}-{i}") for i in range(size)]}
+
+
+def query(db: Path, sql: str) -> list[tuple[Any, ...]]:
+    """Rows of `sql` on the SQLite file `db`, opened read-only."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+def post_all_at_once(server: Server, bodies: list[Any]) -> list[httpx.Response]:
+    """POST each body from its own thread and connection, all released at the same moment."""
+    barrier = threading.Barrier(len(bodies))
+
+    def send(body: Any) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {server.key}"}
+        with httpx.Client(base_url=server.url, headers=headers, timeout=30) as client:
+            try:
+                client.get("/healthz")  # connect first, so only the POSTs race
+                barrier.wait(timeout=30)
+            except BaseException:
+                barrier.abort()
+                raise
+            return client.post("/v1/events/batch", json=body)
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        return list(pool.map(send, bodies))
+
+
+def assert_unavailable(answer: httpx.Response) -> None:
+    """A 503 in the documented error shape, with a usable Retry-After."""
+    assert answer.status_code == 503, answer.text
+    body = answer.json()
+    assert set(body) == {"error", "message"}
+    assert body["error"] == "Service Unavailable"
+    assert body["message"]
+    assert int(answer.headers["Retry-After"]) > 0
+
+
+# --- de-duplication -----------------------------------------------------------------------
+
+
+def test_a_retried_event_is_accepted_again_but_stored_once(server: Server) -> None:
+    body = {"events": [event(id="trk_retry")]}
+
+    first = server.post(body)
+    retry = server.post(body)
+
+    assert first.json() == {"accepted": 1, "written": 1}
+    assert retry.status_code == 200, retry.text
+    assert retry.json() == {"accepted": 1, "written": 0}
+    assert ids(server.stored()) == ["trk_retry"]
+
+
+def test_an_id_repeated_within_one_request_is_stored_once(server: Server) -> None:
+    answer = server.post({"events": [event(id="dup"), event(id="other"), event(id="dup")]})
+
+    assert answer.json() == {"accepted": 3, "written": 2}
+    assert sorted(ids(server.stored())) == ["dup", "other"]
+
+
+def test_events_without_an_id_are_never_deduplicated(server: Server) -> None:
+    body = {"events": [event(), event()]}
+
+    first = server.post(body)
+    second = server.post(body)
+
+    assert first.json() == {"accepted": 2, "written": 2}
+    assert second.json() == {"accepted": 2, "written": 2}
+    assert len(server.stored()) == 4
+
+
+@pytest.mark.parametrize("restart", ["stop", "kill"])
+def test_deduplication_survives_a_server_restart(server: Server, restart: str) -> None:
+    body = {"events": [event(id="exp_before_restart")]}
+    assert server.post(body).json() == {"accepted": 1, "written": 1}
+
+    server.stop() if restart == "stop" else server.kill()
+    server.start()
+
+    assert server.post(body).json() == {"accepted": 1, "written": 0}
+    assert ids(server.stored()) == ["exp_before_restart"]
+
+
+def test_an_id_is_written_again_once_the_dedup_window_has_passed(
+    start_server: Callable[..., Server],
+) -> None:
+    window_s = 1.0
+    server = start_server(COLLECTOR_DEDUP_WINDOW_SECONDS=str(window_s))
+    body = {"events": [event(id="trk_windowed")]}
+
+    assert server.post(body).json() == {"accepted": 1, "written": 1}
+    remembered_by = time.monotonic()  # the id is remembered before the answer is sent
+    assert server.post(body).json() == {"accepted": 1, "written": 0}
+
+    # The one wait that cannot be a condition: the window is a span of time.
+    time.sleep(max(0.0, remembered_by + window_s + 0.2 - time.monotonic()))
+    assert server.post(body).json() == {"accepted": 1, "written": 1}
+    assert ids(server.stored()) == ["trk_windowed", "trk_windowed"]
+
+
+def test_concurrent_requests_with_the_same_id_store_it_once(server: Server) -> None:
+    body = {"events": [event(id="trk_raced")]}
+
+    answers = post_all_at_once(server, [body] * 20)
+
+    assert [a.status_code for a in answers] == [200] * 20
+    assert [a.json()["accepted"] for a in answers] == [1] * 20
+    assert sum(a.json()["written"] for a in answers) == 1
+    assert ids(server.stored()) == ["trk_raced"]
+
+
+def test_a_repeat_of_a_refused_request_in_the_same_group_is_refused_too(tmp_path: Path) -> None:
+    """Two requests carrying one id are committed in one group and the first is over budget.
+
+    The second must not be told its event is already held (written 0) while nothing holds
+    it: it is refused too, or its event is stored. Run in-process with the real spool and
+    seen-ids files, because only here can two requests be put in one group for certain.
+    """
+    big = event(id="trk_shared", properties={"padding": "x" * 4000})
+    small = event(id="trk_shared")
+
+    async def commit_both() -> tuple[int | BaseException, int | BaseException]:
+        spool = Spool(tmp_path, budget_bytes=1 << 30)
+        spool.budget_bytes = spool.used_bytes() + 1000  # room for `small`, not for `big`
+        seen = SeenIds(tmp_path, window_s=3600)
+        committer = Committer(spool, seen)
+        committer.start()
+        try:
+            return await asyncio.gather(
+                committer.write([("trk_shared", orjson.dumps(big))]),
+                committer.write([("trk_shared", orjson.dumps(small))]),
+                return_exceptions=True,
+            )
+        finally:
+            await committer.stop()
+            spool.close()
+            seen.close()
+
+    first, second = asyncio.run(commit_both())
+
+    assert isinstance(first, QueueFull)
+    stored = ids(stored_events(tmp_path))
+    assert isinstance(second, QueueFull) or stored == ["trk_shared"], (second, stored)
+
+
+def test_a_failed_write_of_seen_ids_still_answers_and_the_server_keeps_serving(
+    server: Server,
+) -> None:
+    """The events are committed before their ids are remembered; if remembering fails the
+    answer is still 200 (they are durable), and the next requests are served as usual."""
+    seen_ids = sqlite3.connect(server.data_dir / SEEN_IDS_FILE, isolation_level=None)
+    seen_ids.execute(
+        "CREATE TRIGGER refuse_ids BEFORE INSERT ON seen_ids"
+        " BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"
+    )
+    try:
+        answer = httpx.post(
+            f"{server.url}/v1/events",
+            json={"events": [event(id="trk_unremembered")]},
+            headers={"Authorization": f"Bearer {server.key}"},
+            timeout=10,
+        )
+        assert answer.json() == {"accepted": 1, "written": 1}
+    finally:
+        seen_ids.execute("DROP TRIGGER refuse_ids")
+        seen_ids.close()
+
+    assert server.post({"events": [event(id="trk_after")]}).json() == {
+        "accepted": 1,
+        "written": 1,
+    }
+    assert ids(server.stored()) == ["trk_unremembered", "trk_after"]
+
+
+def test_an_unreadable_seen_ids_store_answers_503_and_the_server_recovers(
+    server: Server,
+) -> None:
+    seen_ids = sqlite3.connect(server.data_dir / SEEN_IDS_FILE, isolation_level=None)
+    seen_ids.execute("ALTER TABLE seen_ids RENAME TO seen_ids_away")
+    try:
+        refused = httpx.post(
+            f"{server.url}/v1/events",
+            json={"events": [event(id="trk_during")]},
+            headers={"Authorization": f"Bearer {server.key}"},
+            timeout=10,
+        )
+        assert_unavailable(refused)
+    finally:
+        seen_ids.execute("ALTER TABLE seen_ids_away RENAME TO seen_ids")
+        seen_ids.close()
+
+    assert server.post({"events": [event(id="trk_during")]}).json() == {
+        "accepted": 1,
+        "written": 1,
+    }
+    assert ids(server.stored()) == ["trk_during"]
+
+
+# --- disk budget --------------------------------------------------------------------------
+
+
+def test_a_full_disk_budget_answers_503_drops_nothing_and_recovers_when_space_is_freed(
+    start_server: Callable[..., Server],
+) -> None:
+    budget = 200_000
+    server = start_server(COLLECTOR_DISK_BUDGET_BYTES=str(budget))
+    answered: list[str] = []
+    for n in range(1000):  # ~20 batches fill the budget; the bound only stops a broken test
+        body = batch(f"b{n}")
+        answer = server.post(body)
+        if answer.status_code != 200:
+            break
+        assert answer.json() == {"accepted": BATCH, "written": BATCH}
+        answered += ids(body["events"])
+    else:
+        pytest.fail("the disk budget was never reached")
+    refused = ids(body["events"])
+
+    assert answered, "the budget refused the very first batch"
+    assert_unavailable(answer)
+    stored = ids(server.stored())
+    assert sorted(stored) == sorted(answered)  # everything answered 200 is kept ...
+    assert not set(refused) & set(stored)  # ... and nothing of the refused request
+    assert_unavailable(httpx.get(f"{server.url}/readyz"))
+
+    # The forwarder delivers everything and frees the space, while the server runs.
+    forwarder = Spool(server.data_dir, budget_bytes=budget, resume_in_flight=True)
+    try:
+        while (taken := forwarder.take()) is not None:
+            forwarder.ack(taken[0])
+        forwarder.remove_acked()
+    finally:
+        forwarder.close()
+
+    assert httpx.get(f"{server.url}/readyz").status_code == 200
+    retried = server.post(body)  # the SDK's retry of the refused request
+    assert retried.status_code == 200, retried.text
+    assert retried.json() == {"accepted": BATCH, "written": BATCH}
+    assert sorted(ids(server.stored())) == sorted(refused)
+
+
+# --- crashes ------------------------------------------------------------------------------
+
+
+def post_until_the_server_dies(
+    server: Server, prefix: str, answered: list[str], unexpected: list[str], first: threading.Event
+) -> None:
+    """Post unique batches back to back; record the ids of every batch answered 200."""
+    headers = {"Authorization": f"Bearer {server.key}"}
+    with httpx.Client(base_url=server.url, headers=headers, timeout=10) as client:
+        for n in range(1_000_000):
+            body = batch(f"{prefix}-{n}")
+            try:
+                answer = client.post("/v1/events/batch", json=body)
+            except httpx.TransportError:
+                return  # killed
+            if answer.status_code == 200:
+                answered.extend(ids(body["events"]))
+                first.set()
+            else:
+                unexpected.append(f"{answer.status_code} {answer.text}")
+
+
+def test_every_answered_event_survives_sigkill(server: Server) -> None:
+    clients = 4  # several requests in flight, so the kill can land inside a group commit
+    answered: list[str] = []
+    for round_ in range(CRASH_ROUNDS):
+        unexpected: list[str] = []
+        first = threading.Event()
+        threads = [
+            threading.Thread(
+                target=post_until_the_server_dies,
+                args=(server, f"r{round_}c{c}", answered, unexpected, first),
+            )
+            for c in range(clients)
+        ]
+        for thread in threads:
+            thread.start()
+        assert first.wait(timeout=20), "no batch was answered"
+        time.sleep(random.uniform(0.0, 0.3))  # the kill lands at a random point of the stream
+        server.kill()
+        for thread in threads:
+            thread.join(timeout=20)
+        assert not unexpected
+
+        queue = sqlite3.connect(server.data_dir / QUEUE_FILE)
+        try:
+            assert queue.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        finally:
+            queue.close()
+        server.start()
+        stored = set(ids(server.stored()))
+        missing = [eid for eid in answered if eid not in stored]
+        assert not missing, f"round {round_}: {len(missing)} answered events lost"
+
+
+# --- group commit, sync, in-flight rows ---------------------------------------------------
+
+
+def test_concurrent_requests_share_commits(server: Server) -> None:
+    requests = 64
+    bodies = [{"events": [event(id=f"trk_group_{n}")]} for n in range(requests)]
+
+    answers = post_all_at_once(server, bodies)
+
+    assert [a.status_code for a in answers] == [200] * requests
+    assert all(a.json() == {"accepted": 1, "written": 1} for a in answers)
+    assert sorted(ids(server.stored())) == sorted(b["events"][0]["id"] for b in bodies)
+    [(rows,)] = query(server.data_dir / QUEUE_FILE, f"SELECT COUNT(*) FROM {QUEUE_TABLE}")
+    assert rows < requests
+
+
+def test_sync_normal_accepts_and_stores(start_server: Callable[..., Server]) -> None:
+    server = start_server(COLLECTOR_SYNC="normal")
+
+    assert server.post({"events": [event(id="trk_normal")]}).json() == {
+        "accepted": 1,
+        "written": 1,
+    }
+    assert ids(server.stored()) == ["trk_normal"]
+    assert "sync=normal" in server.log()
+
+
+def test_an_invalid_sync_setting_stops_serve_with_a_message_naming_it(tmp_path: Path) -> None:
+    done = run_cli(
+        "serve",
+        data_dir=tmp_path / "data",
+        env={"COLLECTOR_SYNC": "bogus", "COLLECTOR_PORT": str(free_port())},
+    )
+
+    assert done.returncode != 0
+    assert "sync" in done.stderr
+    assert "bogus" in done.stderr or "'full' or 'normal'" in done.stderr
+
+
+def test_server_restart_does_not_resume_in_flight_rows(server: Server) -> None:
+    assert server.post({"events": [event(id="trk_in_flight")]}).status_code == 200
+    forwarder = Spool(server.data_dir, budget_bytes=1 << 30, resume_in_flight=True)
+    try:
+        taken = forwarder.take()
+        assert taken is not None
+        row_id, events = taken
+        assert ids(events) == ["trk_in_flight"]
+
+        server.stop()
+        server.start()
+
+        [(status,)] = query(
+            server.data_dir / QUEUE_FILE, f"SELECT status FROM {QUEUE_TABLE} WHERE _id = {row_id}"
+        )
+        assert status == IN_FLIGHT
+        assert server.post({"events": [event(id="trk_after_restart")]}).status_code == 200
+        again = forwarder.take()
+        assert again is not None
+        assert again[0] != row_id
+        assert ids(again[1]) == ["trk_after_restart"]
+    finally:
+        forwarder.close()
