@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -33,6 +33,23 @@ def default_data_dir() -> Path:
     return Path(first) if first else Path("collector-data")
 
 
+class ProjectKey(BaseModel):
+    """An upstream key for one project (and optionally one environment), from the TOML file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    project: str
+    env: str | None = None
+    key: SecretStr | None = None
+    key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ProjectKey:
+        if (self.key is None) == (self.key_file is None):
+            raise ValueError("give exactly one of key or key_file")
+        return self
+
+
 class Settings(BaseSettings):
     """The collector's settings; see the README table for each one's meaning."""
 
@@ -50,6 +67,32 @@ class Settings(BaseSettings):
     )
     upstream_url: str | None = Field(None, description="Base URL of the upstream events API.")
     upstream_key: SecretStr | None = Field(None, description="API key sent to the upstream.")
+    upstream_key_file: Path | None = Field(
+        None,
+        description="File holding the upstream key; relative paths are looked up in "
+        "$CREDENTIALS_DIRECTORY (systemd credentials) when it is set.",
+    )
+    upstream_keys: list[ProjectKey] = Field(
+        default_factory=list,
+        description="Per project/environment upstream keys (TOML file only).",
+    )
+    forward_in_flight: int = Field(2, ge=1, le=64, description="Upstream requests at once.")
+    forward_batch_bytes: int = Field(
+        4 * MIB, gt=0, description="Largest upstream request body, before compression."
+    )
+    forward_timeout_seconds: float = Field(
+        30.0, gt=0, description="Time allowed for one upstream request."
+    )
+    retry_initial_seconds: float = Field(
+        0.5, gt=0, description="First retry delay (grows exponentially, with full jitter)."
+    )
+    retry_max_seconds: float = Field(60.0, gt=0, description="Longest delay between retries.")
+    max_event_age_seconds: float = Field(
+        7 * 24 * 3600, gt=0, description="Events queued longer than this are dead-lettered."
+    )
+    stop_timeout_seconds: float = Field(
+        10.0, ge=0, description="On stop, how long in-flight upstream requests may finish."
+    )
     sync: Literal["full", "normal"] = Field(
         "full",
         description="full: fsync every commit (survives power loss); "
@@ -97,6 +140,38 @@ class Settings(BaseSettings):
     @property
     def keys_file(self) -> Path:
         return self.data_dir / "keys.json"
+
+    def upstream_key_value(self) -> str | None:
+        """The default upstream key, from `upstream_key` or `upstream_key_file`."""
+        if self.upstream_key is not None:
+            return self.upstream_key.get_secret_value()
+        if self.upstream_key_file is not None:
+            return read_secret(self.upstream_key_file)
+        return None
+
+    def project_key_values(self) -> dict[tuple[str, str | None], str]:
+        """(project, env or None for any) -> upstream key, from `upstream_keys`."""
+        keys = {}
+        for entry in self.upstream_keys:
+            if entry.key is not None:
+                keys[(entry.project, entry.env)] = entry.key.get_secret_value()
+            elif entry.key_file is not None:
+                keys[(entry.project, entry.env)] = read_secret(entry.key_file)
+        return keys
+
+
+def read_secret(path: Path) -> str:
+    """A secret from a file, stripped; relative paths resolve in $CREDENTIALS_DIRECTORY."""
+    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not path.is_absolute() and credentials:
+        path = Path(credentials) / path
+    try:
+        secret = path.read_text().strip()
+    except OSError as exc:
+        raise ConfigFileError(f"cannot read secret file {path}: {exc.strerror}") from exc
+    if not secret:
+        raise ConfigFileError(f"secret file {path} is empty")
+    return secret
 
 
 class ConfigFileError(Exception):

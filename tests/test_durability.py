@@ -273,8 +273,7 @@ def test_a_full_disk_budget_answers_503_drops_nothing_and_recovers_when_space_is
     forwarder = Spool(server.data_dir, budget_bytes=budget, resume_in_flight=True)
     try:
         while (taken := forwarder.take()) is not None:
-            forwarder.ack(taken[0])
-        forwarder.remove_acked()
+            forwarder.ack([taken.id])
     finally:
         forwarder.close()
 
@@ -385,8 +384,8 @@ def test_server_restart_does_not_resume_in_flight_rows(server: Server) -> None:
     try:
         taken = forwarder.take()
         assert taken is not None
-        row_id, events = taken
-        assert ids(events) == ["trk_in_flight"]
+        row_id = taken.id
+        assert ids(taken.events()) == ["trk_in_flight"]
 
         server.stop()
         server.start()
@@ -398,7 +397,7 @@ def test_server_restart_does_not_resume_in_flight_rows(server: Server) -> None:
         assert server.post({"events": [event(id="trk_after_restart")]}).status_code == 200
         again = forwarder.take()
         assert again is not None
-        assert again[0] != row_id
-        assert ids(again[1]) == ["trk_after_restart"]
+        assert again.id != row_id
+        assert ids(again.events()) == ["trk_after_restart"]
     finally:
         forwarder.close()
