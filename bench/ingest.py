@@ -1,0 +1,885 @@
+"""Ingest throughput and latency of the collector, next to a bare Litestar endpoint.
+
+What it measures: requests/s, events/s, p50 and p99 latency and non-200 answers of
+`POST /v1/events/batch` on the real collector (its own `collector serve` process, a fresh
+data directory in a temporary directory, the default `sync=full`, a key made with
+`collector keys create --scope sdk:write`), and of a bare Litestar app on the same uvicorn
+options (uvloop, httptools, no access log) whose handler only reads the body and answers
+`{"accepted": N, "written": N}`. The bare app is the ceiling the framework and the server
+leave; the ratio collector/bare is what validation, de-duplication and the durable commit
+cost. Each scenario gets fresh server processes:
+
+    batch   1000-event requests over 4 connections   (an SDK or relay flushing big batches)
+    single  1-event requests over 64 connections     (many small clients)
+
+Events look like the ones the Python SDK (traffical 0.3.2) sends: decisions, exposures and
+track events (purchase, page_view) with layers, assignments, context and attribution,
+mixed 40/30/30, and every event carries an id that is unique over the run (a request
+number is spliced into prebuilt bodies, so the collector's de-duplication never drops
+one; the bench checks `written` in every answer).
+
+The load generator is a raw HTTP/1.1 keep-alive client on uvloop, written here: it sends
+prebuilt request bytes and reads `Content-Length` answers, one request in flight per
+connection. By default each connection sends its next request as soon as the last is
+answered (closed loop, like wrk: it finds the maximum throughput, and latency is then
+connections / throughput). `--batch-rate` / `--single-rate` offer a fixed number of
+requests per second instead (open loop, like wrk2: latency counts from when a request was
+due, so a slow server cannot hide its backlog); use them to check latency at a target
+load. The generator runs in this process, the servers in their own, so on a 2-core
+machine each gets about one core; `gen CPU` shows how near the generator came to
+saturating its core, `other` how much of the machine something else used.
+
+Run it by hand (it is not part of the test suite; pytest only collects `tests/`):
+
+    python bench/ingest.py [--duration S] [--warmup S] [--scenarios batch,single]
+                           [--servers collector,bare] [--batch-rate R] [--single-rate R]
+
+It stops by itself after about (warm-up + duration + a few seconds of start-up) per
+scenario and server, and removes its servers and temporary directories on exit, Ctrl-C
+included. Load only ever targets 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, cast
+
+import orjson
+import uvloop
+from litestar import Litestar, MediaType, Request, Response, get, post
+
+ROOT = Path(__file__).resolve().parent.parent
+HOST = "127.0.0.1"
+PATH = "/v1/events/batch"
+MIB = 1024 * 1024
+
+# Stand-in for the request number inside prebuilt bodies; each request replaces every
+# occurrence with its own fixed-width number, so event ids never repeat within a run.
+MARKER = b"~REQ~"
+REQ_DIGITS = 10
+# Distinct prebuilt bodies per scenario (different units, buckets, kinds, values).
+BATCH_POOL = 8
+SINGLE_POOL = 256
+# Event kinds and their share: a decide() gives a decision and mostly an exposure; tracks
+# follow. Proportions chosen to resemble an SDK's queue, not measured from real traffic.
+KINDS = ("decision", "exposure", "purchase", "page_view")
+WEIGHTS = (40, 30, 10, 20)
+SDK_NAME = "python"
+SDK_VERSION = "0.3.2"
+
+# Seconds to wait for a server to answer /healthz, for in-flight answers once the measured
+# window has closed, and for a server to exit after SIGTERM before it is killed.
+READY_TIMEOUT_S = 30.0
+DRAIN_TIMEOUT_S = 10.0
+STOP_TIMEOUT_S = 15.0
+# Pause before a lost connection is opened again (a dead server must not spin the client).
+RECONNECT_DELAY_S = 0.1
+
+# Targets for the collector on the 2-core reference machine.
+TARGET_BATCH_EVENTS_S = 60_000
+TARGET_SINGLE_REQUESTS_S = 5_000
+TARGET_P99_MS = 50.0
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    events_per_request: int
+    connections: int
+    pool: int
+    rate: float = 0.0  # requests/s offered; 0: each connection sends as soon as answered
+
+    def pace(self) -> str:
+        return f"{self.rate:g} req/s offered" if self.rate else "as fast as answered"
+
+    def label(self) -> str:
+        at = f" @{self.rate:g}/s" if self.rate else ""
+        return f"{self.name} ({self.events_per_request} ev x {self.connections} conn{at})"
+
+
+@dataclass
+class Result:
+    scenario: str
+    server: str
+    seconds: float
+    requests: int = 0
+    events: int = 0
+    written: int = 0
+    errors: int = 0
+    statuses: Counter[int | str] = field(default_factory=Counter)
+    latencies_ns: list[int] = field(default_factory=list)
+    server_cpu: float = 0.0
+    gen_cpu: float = 0.0
+    other_cpu: float = 0.0
+    server_died: bool = False
+
+    def percentile_ms(self, q: float) -> float:
+        if not self.latencies_ns:
+            return float("nan")
+        ordered = sorted(self.latencies_ns)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] / 1e6
+
+    @property
+    def requests_s(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+    @property
+    def cpu_ms_per_request(self) -> float:
+        return self.server_cpu * self.seconds / self.requests * 1e3 if self.requests else 0.0
+
+    @property
+    def events_s(self) -> float:
+        return self.events / self.seconds if self.seconds else 0.0
+
+
+# --- realistic events, as the Python SDK builds them ------------------------------------
+
+
+def _crockford(value: int, length: int) -> str:
+    alphabet = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+    return "".join(alphabet[(value >> (5 * i)) & 31] for i in reversed(range(length)))
+
+
+def _iso_ms(ms: int) -> str:
+    moment = datetime.fromtimestamp(ms / 1000, UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+
+
+class EventFactory:
+    """Events shaped like traffical 0.3.2's build_*_event, with ids holding MARKER.
+
+    An id is `prefix_` + 26 characters like a ULID: 10 of the run's start time, then the
+    request number (MARKER, REQ_DIGITS wide once replaced), then the event's index.
+    """
+
+    def __init__(self, seed: int = 1) -> None:
+        self.rng = random.Random(seed)
+        self.start_ms = int(time.time() * 1000)
+        self.time_part = _crockford(self.start_ms, 10)
+
+    def _id(self, prefix: str, index: int) -> str:
+        return f"{prefix}_{self.time_part}{MARKER.decode()}{index:06d}"
+
+    def _layer(self, bucket: int) -> dict[str, Any]:
+        arm = "control" if bucket < 500 else "treatment"
+        return {
+            "layerId": "layer_checkout",
+            "bucket": bucket,
+            "policyId": "pol_checkout_button",
+            "policyKey": "checkout-button",
+            "allocationId": f"alloc_{arm}",
+            "allocationName": arm,
+            "allocationKey": arm,
+        }
+
+    def events(self, count: int) -> list[dict[str, Any]]:
+        """`count` events of mixed kinds; exposures and purchases cite an earlier decision."""
+        rng = self.rng
+        out: list[dict[str, Any]] = []
+        decision_id = self._id("dec", 999_999)  # for a first event that is not a decision
+        for index in range(count):
+            kind = rng.choices(KINDS, WEIGHTS)[0]
+            unit = f"user-{rng.randrange(1_000_000)}"
+            bucket = rng.randrange(1000)
+            color = "blue" if bucket < 500 else "green"
+            common = {
+                "orgId": "org_bench",
+                "projectId": "proj_bench",
+                "env": "production",
+                "unitKey": unit,
+                "timestamp": _iso_ms(self.start_ms + index),
+            }
+            if kind == "decision":
+                decision_id = self._id("dec", index)
+                event = {
+                    "type": "decision",
+                    "id": decision_id,
+                    **common,
+                    "requestedParameters": ["checkout.button_color"],
+                    "assignments": {"checkout.button_color": color},
+                    "layers": [self._layer(bucket)],
+                    "latencyMs": rng.randrange(3),
+                    "sdkName": SDK_NAME,
+                    "sdkVersion": SDK_VERSION,
+                    "configVersion": "2024-01-01T00:00:00.000Z",
+                    "context": {"country": rng.choice(("DE", "FR", "US", "JP"))},
+                }
+            elif kind == "exposure":
+                event = {
+                    "type": "exposure",
+                    "id": self._id("exp", index),
+                    "decisionId": decision_id,
+                    **common,
+                    "assignments": {"checkout.button_color": color},
+                    "layers": [self._layer(bucket)],
+                    "sdkName": SDK_NAME,
+                    "sdkVersion": SDK_VERSION,
+                    "configVersion": "2024-01-01T00:00:00.000Z",
+                    "context": {"country": rng.choice(("DE", "FR", "US", "JP"))},
+                }
+            elif kind == "purchase":
+                price = round(rng.uniform(5, 200), 2)
+                quantity = rng.randrange(1, 4)
+                arm = "control" if bucket < 500 else "treatment"
+                event = {
+                    "type": "track",
+                    "id": self._id("trk", index),
+                    **common,
+                    "event": "purchase",
+                    "sdkName": SDK_NAME,
+                    "sdkVersion": SDK_VERSION,
+                    "value": price,
+                    "values": {"revenue": price, "items": quantity},
+                    "properties": {"sku": f"SKU-{rng.randrange(100)}", "quantity": quantity},
+                    "decisionId": decision_id,
+                    "attribution": [
+                        {
+                            "layerId": "layer_checkout",
+                            "policyId": "pol_checkout_button",
+                            "allocationName": arm,
+                        }
+                    ],
+                }
+            else:
+                event = {
+                    "type": "track",
+                    "id": self._id("trk", index),
+                    **common,
+                    "event": "page_view",
+                    "sdkName": SDK_NAME,
+                    "sdkVersion": SDK_VERSION,
+                    "properties": {"path": rng.choice(("/", "/cart", "/checkout", "/p/42"))},
+                }
+            out.append(event)
+        return out
+
+
+@dataclass(frozen=True)
+class Template:
+    """A whole HTTP request split at MARKER: `number.join(parts)` is one request."""
+
+    parts: tuple[bytes, ...]
+    events: int
+
+
+def build_pool(scenario: Scenario, port: int, api_key: str, seed: int) -> list[Template]:
+    factory = EventFactory(seed)
+    pool = []
+    for _ in range(scenario.pool):
+        events = factory.events(scenario.events_per_request)
+        # The SDK's encoder: json.dumps(..., separators=(",", ":")).
+        body = json.dumps({"events": events}, separators=(",", ":")).encode()
+        length = len(body) + body.count(MARKER) * (REQ_DIGITS - len(MARKER))
+        head = (
+            f"POST {PATH} HTTP/1.1\r\n"
+            f"Host: {HOST}:{port}\r\n"
+            "Accept: */*\r\n"
+            "Accept-Encoding: gzip, deflate\r\n"
+            "Connection: keep-alive\r\n"
+            "User-Agent: python-httpx/0.28.1\r\n"
+            "Content-Type: application/json\r\n"
+            f"Authorization: Bearer {api_key}\r\n"
+            f"Content-Length: {length}\r\n\r\n"
+        ).encode()
+        pool.append(Template(tuple((head + body).split(MARKER)), len(events)))
+    return pool
+
+
+# --- the load generator: raw HTTP/1.1 keep-alive on uvloop ------------------------------
+
+
+class Load:
+    """Shared state of all connections of one run: the next request, and the tallies."""
+
+    def __init__(self, pool: list[Template], port: int, rate: float, result: Result) -> None:
+        self.pool = pool
+        self.port = port
+        # Fixed-rate (open loop) runs: one request is due every interval_ns, whichever
+        # connection is free takes it, and a late send counts against the server.
+        self.interval_ns = int(1e9 / rate) if rate > 0 else 0
+        self.next_slot_ns = time.perf_counter_ns()
+        self.result = result
+        self.seq = 0
+        self.recording = False
+        self.stopping = False
+        self.busy: set[Connection] = set()
+        self.drained: asyncio.Future[None] | None = None
+
+    def request_bytes(self) -> tuple[bytes, int]:
+        seq = self.seq
+        self.seq = seq + 1
+        template = self.pool[seq % len(self.pool)]
+        return (b"%0*d" % (REQ_DIGITS, seq)).join(template.parts), template.events
+
+    def answered(self, status: int, body: bytes, latency_ns: int, events: int) -> None:
+        if not self.recording:
+            return
+        result = self.result
+        result.requests += 1
+        result.latencies_ns.append(latency_ns)
+        if status == 200:
+            result.events += events
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                result.written += orjson.loads(body).get("written", 0)
+        else:
+            result.errors += 1
+            result.statuses[status] += 1
+
+    def failed(self, reason: str) -> None:
+        if self.recording:
+            self.result.errors += 1
+            self.result.statuses[reason] += 1
+
+    def idle(self, conn: Connection) -> None:
+        self.busy.discard(conn)
+        if self.stopping and not self.busy and self.drained and not self.drained.done():
+            self.drained.set_result(None)
+
+
+class Connection(asyncio.Protocol):
+    """One keep-alive connection: send a request, read its answer, send the next."""
+
+    def __init__(self, load: Load) -> None:
+        self.load = load
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.need = -1  # bytes of the whole answer once its head is parsed
+        self.body_at = 0
+        self.status = 0
+        self.started = 0
+        self.events = 0
+        self.in_flight = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.send()
+
+    def send(self) -> None:
+        """Send the next request now, or at the next free slot of a fixed-rate run."""
+        load = self.load
+        if load.interval_ns:
+            slot = load.next_slot_ns
+            load.next_slot_ns = slot + load.interval_ns
+            delay = (slot - time.perf_counter_ns()) / 1e9
+            if delay > 0:
+                load.busy.add(self)  # waiting for its slot counts as busy until stopped
+                asyncio.get_running_loop().call_later(delay, self.fire, slot)
+                return
+            self.fire(slot)
+        else:
+            self.fire(time.perf_counter_ns())
+
+    def fire(self, slot_ns: int) -> None:
+        """Write one request; its latency counts from `slot_ns`, when it was due."""
+        load = self.load
+        if load.stopping or self.transport is None or self.transport.is_closing():
+            self.in_flight = False
+            load.idle(self)
+            return
+        data, self.events = load.request_bytes()
+        self.in_flight = True
+        load.busy.add(self)
+        self.started = slot_ns
+        self.transport.write(data)
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self.buffer
+        buffer += data
+        if self.need < 0:
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = bytes(buffer[:end]).lower()
+            self.status = int(head[9:12])
+            at = head.find(b"\r\ncontent-length:")
+            if at < 0:
+                self.load.failed("no content-length")
+                assert self.transport is not None
+                self.transport.close()
+                return
+            stop = head.find(b"\r\n", at + 2)
+            length = int(head[at + 17 : stop if stop > 0 else len(head)])
+            self.body_at = end + 4
+            self.need = self.body_at + length
+        if len(buffer) < self.need:
+            return
+        latency = time.perf_counter_ns() - self.started
+        body = bytes(buffer[self.body_at : self.need])
+        del buffer[: self.need]
+        self.need = -1
+        self.in_flight = False
+        self.load.answered(self.status, body, latency, self.events)
+        self.send()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        load = self.load
+        if self.in_flight:
+            load.failed("connection lost")
+        self.in_flight = False
+        self.transport = None
+        load.idle(self)
+        if not load.stopping:
+            asyncio.get_running_loop().create_task(reconnect(load))
+
+
+async def connect(load: Load, port: int) -> None:
+    loop = asyncio.get_running_loop()
+    await loop.create_connection(lambda: Connection(load), HOST, port)
+
+
+async def reconnect(load: Load) -> None:
+    while not load.stopping:
+        await asyncio.sleep(RECONNECT_DELAY_S)
+        try:
+            await connect(load, load.port)
+            return
+        except OSError:
+            load.failed("connect refused")
+
+
+async def drive(
+    pool: list[Template], port: int, scenario: Scenario, server: Server, args: argparse.Namespace
+) -> Result:
+    """Warm up, then measure for the duration, with the scenario's connections to `port`."""
+    result = Result(scenario=scenario.name, server=server.name, seconds=0.0)
+    load = Load(pool, port, scenario.rate, result)
+    load.drained = asyncio.get_running_loop().create_future()
+    await asyncio.gather(*(connect(load, port) for _ in range(scenario.connections)))
+    await asyncio.sleep(args.warmup)
+
+    cpu_server = server.cpu_seconds()
+    cpu_gen = time.process_time()
+    cpu_machine = machine_busy_seconds()
+    started = time.perf_counter()
+    load.recording = True
+    await asyncio.sleep(args.duration)
+    load.recording = False
+    result.seconds = time.perf_counter() - started
+    result.server_cpu = (server.cpu_seconds() - cpu_server) / result.seconds
+    result.gen_cpu = (time.process_time() - cpu_gen) / result.seconds
+    machine = (machine_busy_seconds() - cpu_machine) / result.seconds
+    result.other_cpu = max(0.0, machine - result.server_cpu - result.gen_cpu)
+
+    load.stopping = True
+    if load.busy:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(load.drained), DRAIN_TIMEOUT_S)
+    if load.busy:  # sent but never answered: a stuck server
+        result.errors += len(load.busy)
+        result.statuses["no answer"] += len(load.busy)
+    for conn in list(load.busy):
+        if conn.transport is not None:
+            conn.transport.abort()
+    return result
+
+
+# --- the servers ----------------------------------------------------------------------
+
+
+@post(PATH, status_code=200)
+async def bare_events(request: Request[Any, Any, Any]) -> Response[bytes]:
+    """The baseline: read the body, answer counts (one byte search, no parsing)."""
+    body = await request.body()
+    count = body.count(b'"type":"')
+    return Response(
+        content=b'{"accepted":%d,"written":%d}' % (count, count), media_type=MediaType.JSON
+    )
+
+
+@get("/healthz")
+async def bare_healthz() -> Response[bytes]:
+    return Response(content=b'{"status":"ok"}', media_type=MediaType.JSON)
+
+
+def bare_app() -> Litestar:
+    return Litestar(
+        route_handlers=[bare_events, bare_healthz],
+        request_max_body_size=10 * MIB,  # the collector's default max_body_bytes
+    )
+
+
+def serve_bare(port: int) -> None:
+    import uvicorn
+
+    uvicorn.run(
+        bare_app(),
+        host=HOST,
+        port=port,
+        log_level="info",
+        access_log=False,
+        loop="uvloop",
+        http="httptools",
+        timeout_keep_alive=30,
+    )
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM if the bench dies, even by SIGKILL (Linux only)."""
+    with contextlib.suppress(Exception):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores spent not idle since boot (from /proc/stat)."""
+    try:
+        ticks = [int(n) for n in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0.0
+    idle = ticks[3] + ticks[4]  # idle, iowait
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # without guest time
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+class Server:
+    """A server subprocess on 127.0.0.1, its log in the run's temporary directory."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], workdir: Path) -> None:
+        self.name = name
+        self.argv = argv
+        self.env = env
+        self.port = free_port()
+        self.argv += ["--port", str(self.port)]
+        self.log_path = workdir / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                self.argv,
+                cwd=ROOT,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # Ctrl-C reaches the bench only; it stops us in order
+                preexec_fn=_die_with_parent,
+            )
+        self.wait_ready()
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        request = f"GET /healthz HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode()
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited at start:\n{self.log_tail()}")
+            with contextlib.suppress(OSError), socket.create_connection((HOST, self.port), 1) as s:
+                s.sendall(request)
+                if s.recv(64).startswith(b"HTTP/1.1 200"):
+                    return
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.name} not ready after {READY_TIMEOUT_S} s:\n{self.log_tail()}")
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the server process (all its threads)."""
+        assert self.proc is not None
+        try:
+            stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
+        except OSError:
+            return 0.0
+        fields = stat.rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def log_tail(self, lines: int = 20) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+
+def child_env() -> dict[str, str]:
+    """The environment without COLLECTOR_* settings, so the collector runs on defaults."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("COLLECTOR_")}
+
+
+def collector_server(workdir: Path) -> tuple[Server, str]:
+    """A collector on a fresh data dir, default settings, and a new sdk:write key."""
+    data_dir = workdir / "data"
+    config = workdir / "collector.toml"
+    config.write_text("")  # an empty file: /etc/collector/collector.toml is never read
+    common = ["--config", str(config), "--data-dir", str(data_dir)]
+    created = subprocess.run(
+        [sys.executable, "-m", "cli", "keys", "create", "--scope", "sdk:write", *common],
+        cwd=ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    api_key = created.stdout.strip().splitlines()[-1]
+    server = Server(
+        "collector", [sys.executable, "-m", "cli", "serve", *common], child_env(), workdir
+    )
+    return server, api_key
+
+
+def bare_server(workdir: Path) -> tuple[Server, str]:
+    argv = [sys.executable, str(Path(__file__).resolve()), "--serve-bare"]
+    return Server("bare litestar", argv, child_env(), workdir), "traffical_sk_bench"
+
+
+# --- running and reporting --------------------------------------------------------------
+
+
+def run_one(scenario: Scenario, kind: str, tmp_root: Path, args: argparse.Namespace) -> Result:
+    workdir = Path(tempfile.mkdtemp(prefix=f"{scenario.name}-{kind}-", dir=tmp_root))
+    server, api_key = (collector_server if kind == "collector" else bare_server)(workdir)
+    try:
+        server.start()
+        assert server.proc is not None
+        note(
+            f"{scenario.name}: {server.name} (pid {server.proc.pid}, port {server.port}), "
+            f"{scenario.connections} connections, {scenario.pace()}, warm-up {args.warmup:g} s, "
+            f"measuring {args.duration:g} s"
+        )
+        pool = build_pool(scenario, server.port, api_key, seed=args.seed)
+        result = uvloop.run(drive(pool, server.port, scenario, server, args))
+        if not server.alive():
+            result.server_died = True
+            note(f"{server.name} died during the run:\n{server.log_tail()}")
+        return result
+    finally:
+        server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def note(text: str) -> None:
+    print(f"[bench] {text}", file=sys.stderr, flush=True)
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def filesystem_of(path: Path) -> str:
+    """The type of the filesystem holding `path` (fsync cost depends on it)."""
+    best, kind = "", "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/mounts").read_text().splitlines():
+            _, mount, fstype, *_ = line.split()
+            if str(path).startswith(mount) and len(mount) > len(best):
+                best, kind = mount, fstype
+    return kind
+
+
+def version_of(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "?"
+
+
+def report(results: list[Result], args: argparse.Namespace, tmp_root: Path) -> None:
+    print()
+    print(f"machine: {os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}), {cpu_model()}")
+    print(
+        f"python {platform.python_version()} ({sys.executable}); litestar "
+        f"{version_of('litestar')}, uvicorn {version_of('uvicorn')}, uvloop "
+        f"{version_of('uvloop')}, httptools {version_of('httptools')}"
+    )
+    print(
+        f"data dir on {filesystem_of(tmp_root)} ({tmp_root}); collector settings: defaults "
+        f"(sync=full); warm-up {args.warmup:g} s, measured {args.duration:g} s per row"
+    )
+    print()
+    width = max([len("scenario")] + [len(SCENARIOS[r.scenario].label()) for r in results])
+    header = (
+        f"{'scenario':<{width}} {'server':<14} {'req/s':>9} {'events/s':>10} {'p50 ms':>8} "
+        f"{'p99 ms':>8} {'errors':>7} {'srv CPU':>8} {'ms/req':>7} {'gen CPU':>8} {'other':>6} "
+        f"{'coll/bare':>9}"
+    )
+    print(header)
+    print("-" * len(header))
+    bare = {r.scenario: r for r in results if r.server == "bare litestar"}
+    for r in results:
+        scenario = SCENARIOS[r.scenario]
+        label = scenario.label()
+        ratio = ""
+        base = bare.get(r.scenario)
+        if r.server == "collector" and base is not None and base.requests_s:
+            ratio = f"{r.requests_s / base.requests_s:.2f}"
+        print(
+            f"{label:<{width}} {r.server:<14} {r.requests_s:>9,.0f} {r.events_s:>10,.0f} "
+            f"{r.percentile_ms(0.50):>8.2f} {r.percentile_ms(0.99):>8.2f} {r.errors:>7} "
+            f"{r.server_cpu:>8.0%} {r.cpu_ms_per_request:>7.3f} {r.gen_cpu:>8.0%} "
+            f"{r.other_cpu:>6.0%} {ratio:>9}"
+        )
+    print()
+    print("srv CPU, gen CPU: CPU time of the server process (all threads) and of this load")
+    print("generator per wall second, 100% = one core; ms/req: server CPU time per request")
+    print("(steadier than req/s on a busy machine); other: the rest of the machine's busy")
+    print("time (kernel, other programs; high values mean a noisy run). coll/bare: collector")
+    print("requests/s (and so events/s) divided by the bare endpoint's in the same scenario.")
+    for r in results:
+        if r.statuses:
+            detail = ", ".join(f"{k}: {v}" for k, v in r.statuses.most_common())
+            print(f"errors of {r.scenario} on {r.server}: {detail}")
+        if r.server_died:
+            print(f"{r.server} died during {r.scenario}")
+        if r.server == "collector" and r.written != r.events:
+            print(
+                f"warning: {r.scenario} on the collector wrote {r.written} of {r.events} "
+                f"accepted events (duplicates?)"
+            )
+    checks = []
+    for r in results:
+        if r.server != "collector":
+            continue
+        p99 = r.percentile_ms(0.99)
+        if r.scenario == "batch":
+            ok = r.events_s >= TARGET_BATCH_EVENTS_S and p99 < TARGET_P99_MS and not r.errors
+            checks.append(
+                f"batch:  >= {TARGET_BATCH_EVENTS_S:,} events/s, p99 < {TARGET_P99_MS:g} ms, "
+                f"no errors: {'PASS' if ok else 'FAIL'} ({r.events_s:,.0f} events/s, "
+                f"p99 {p99:.1f} ms)"
+            )
+        elif r.scenario == "single":
+            ok = r.requests_s >= TARGET_SINGLE_REQUESTS_S and p99 < TARGET_P99_MS and not r.errors
+            checks.append(
+                f"single: >= {TARGET_SINGLE_REQUESTS_S:,} requests/s, p99 < {TARGET_P99_MS:g} "
+                f"ms, no errors: {'PASS' if ok else 'FAIL'} ({r.requests_s:,.0f} requests/s, "
+                f"p99 {p99:.1f} ms)"
+            )
+    if checks:
+        print()
+        print("collector targets (2-core reference machine):")
+        for line in checks:
+            print("  " + line)
+
+
+SCENARIOS: dict[str, Scenario] = {}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Collector ingest throughput and latency against a bare Litestar endpoint.",
+    )
+    parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per row")
+    parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds first")
+    parser.add_argument(
+        "--scenarios", default="batch,single", help="comma separated: batch, single"
+    )
+    parser.add_argument(
+        "--servers", default="collector,bare", help="comma separated: collector, bare"
+    )
+    parser.add_argument("--batch-events", type=int, default=1000, help="events per batch request")
+    parser.add_argument("--batch-connections", type=int, default=4)
+    parser.add_argument("--single-connections", type=int, default=64)
+    parser.add_argument(
+        "--batch-rate",
+        type=float,
+        default=0.0,
+        help="offer this many batch requests/s (open loop; latency counts from when each "
+        "request was due); default 0: closed loop, as fast as the server answers",
+    )
+    parser.add_argument(
+        "--single-rate", type=float, default=0.0, help="the same for single-event requests"
+    )
+    parser.add_argument("--seed", type=int, default=1, help="seed of the generated events")
+    parser.add_argument(
+        "--tmp-dir", type=Path, default=None, help="where data dirs go (default: system tmp)"
+    )
+    parser.add_argument("--serve-bare", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.duration <= 0 or args.warmup < 0:
+        parser.error("--duration must be > 0 and --warmup >= 0")
+    SCENARIOS["batch"] = Scenario(
+        "batch", args.batch_events, args.batch_connections, BATCH_POOL, args.batch_rate
+    )
+    SCENARIOS["single"] = Scenario(
+        "single", 1, args.single_connections, SINGLE_POOL, args.single_rate
+    )
+    args.scenario_list = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    args.server_list = [s.strip() for s in args.servers.split(",") if s.strip()]
+    for name in args.scenario_list:
+        if name not in SCENARIOS:
+            parser.error(f"unknown scenario {name!r}")
+    for name in args.server_list:
+        if name not in ("collector", "bare"):
+            parser.error(f"unknown server {name!r}")
+    return args
+
+
+@contextlib.contextmanager
+def stopped_by_signals() -> Iterator[None]:
+    """SIGTERM and SIGHUP end the bench like Ctrl-C, so `finally` blocks clean up."""
+
+    def interrupt(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.serve_bare:
+        serve_bare(args.port)
+        return 0
+    tmp_root = Path(tempfile.mkdtemp(prefix="collector-bench-", dir=args.tmp_dir))
+    results: list[Result] = []
+    try:
+        with stopped_by_signals():
+            for name in args.scenario_list:
+                for kind in args.server_list:
+                    results.append(run_one(SCENARIOS[name], kind, tmp_root, args))
+    except KeyboardInterrupt:
+        note("interrupted; servers stopped and temporary files removed")
+        return 130
+    finally:
+        shutil.rmtree(tmp_root, ignore_errors=True)
+    report(results, args, tmp_root)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
