@@ -11,6 +11,7 @@ that says which HTTP status each becomes, and every error answer has the documen
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -136,6 +137,18 @@ async def readyz(request: Request[Any, Any, Any]) -> Response[bytes]:
     return json_response({"status": "ready"})
 
 
+def tune_garbage_collector() -> None:
+    """Make Python's cyclic collector run far less often on the request path.
+
+    A 1000-event body parses into ~30,000 objects, which with the default threshold (700)
+    sets off a collection every few requests: a quarter of the server's time in the bench.
+    The request path makes no reference cycles worth collecting quickly, so: freeze what
+    start-up allocated (never scanned again) and collect young objects every 100,000.
+    """
+    gc.freeze()
+    gc.set_threshold(100_000, 50, 100)
+
+
 def create_app(settings: Settings) -> Litestar:
     """The collector's app for `settings`; the queue is opened when the app starts."""
 
@@ -152,6 +165,7 @@ def create_app(settings: Settings) -> Litestar:
         committer.start()
         app.state.spool = spool
         app.state.ingest = Ingest(committer, settings.max_events_per_request)
+        tune_garbage_collector()
         try:
             yield
         finally:

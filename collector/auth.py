@@ -20,6 +20,7 @@ import hmac
 import json
 import os
 import secrets
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
@@ -66,6 +67,9 @@ class ApiKey:
             return "expired"
         return "active"
 
+    def expires_at(self) -> float | None:
+        return datetime.fromisoformat(self.expires).timestamp() if self.expires else None
+
     def require(self, scope: str) -> None:
         if scope not in self.scopes:
             raise Forbidden(f"API key '{self.name}' lacks the {scope} scope")
@@ -95,7 +99,8 @@ class KeyStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._signature: tuple[int, int, int] | None = None
-        self._by_hash: dict[str, ApiKey] = {}
+        # digest -> (key, its expiry as Unix time or None), parsed once per file change
+        self._by_hash: dict[str, tuple[ApiKey, float | None]] = {}
 
     # --- judging keys (the server's side) ---------------------------------------------
 
@@ -104,12 +109,12 @@ class KeyStore:
         token = bearer_token(header)
         self._refresh()
         wanted = digest(token)
-        key = self._by_hash.get(wanted)
+        key, expires_at = self._by_hash.get(wanted, (None, None))
         # The dict lookup finds the candidate; compare_digest makes the final comparison
         # constant-time, so timing says nothing about how much of a guess was right.
-        if key is None or not hmac.compare_digest(key.hash, wanted):
+        if key is None or not hmac.compare_digest(key.hash, wanted) or key.revoked:
             raise Unauthorized()
-        if key.status(now_utc()) != "active":
+        if expires_at is not None and expires_at <= time.time():
             raise Unauthorized()
         return key
 
@@ -126,7 +131,13 @@ class KeyStore:
         if signature == self._signature:
             return
         keys = self._read()
-        self._by_hash = {key.hash: key for key in keys}
+        self._by_hash = {
+            key.hash: (
+                key,
+                datetime.fromisoformat(key.expires).timestamp() if key.expires else None,
+            )
+            for key in keys
+        }
         self._signature = signature
 
     def _read(self) -> list[ApiKey]:

@@ -109,7 +109,7 @@ class Committer:
         strength of another request's events that were refused.
         """
         try:
-            known = self._seen.seen(eid for events in requests for eid, _ in events if eid)
+            known = self._seen.seen([eid for events in requests for eid, _ in events if eid])
         except sqlite3.Error as exc:
             raise QueueBusy(f"seen ids unavailable ({exc}); retry later") from exc
         rows: list[bytes] = []

@@ -14,12 +14,11 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
 from pathlib import Path
 
+import orjson
+
 DB_FILE = "seen-ids.db"
-# SQLite's limit on bound parameters is 32766; look ids up in chunks well below it.
-LOOKUP_CHUNK = 900
 # How often expired ids are deleted, and at most how many per pass, so pruning never holds
 # the write lock long enough to be felt by a request.
 PRUNE_EVERY_S = 60.0
@@ -46,29 +45,28 @@ class SeenIds:
     def close(self) -> None:
         self._conn.close()
 
-    def seen(self, ids: Iterable[str]) -> set[str]:
+    def seen(self, ids: list[str]) -> set[str]:
         """Those of `ids` stored within the window."""
-        wanted = list(set(ids))
+        if not ids:
+            return set()
         since = time.time() - self.window_s
-        found: set[str] = set()
+        # One statement over a JSON array, not one bound parameter or call per id: each
+        # SQLite call must retake the GIL, which the event loop holds in long stretches.
         with self._lock:
-            for start in range(0, len(wanted), LOOKUP_CHUNK):
-                chunk = wanted[start : start + LOOKUP_CHUNK]
-                marks = ",".join("?" * len(chunk))
-                rows = self._conn.execute(
-                    f"SELECT id FROM seen_ids WHERE seen >= ? AND id IN ({marks})",
-                    (since, *chunk),
-                )
-                found.update(eid for (eid,) in rows)
-        return found
+            rows = self._conn.execute(
+                "SELECT id FROM seen_ids WHERE seen >= ? AND id IN"
+                " (SELECT value FROM json_each(?))",
+                (since, orjson.dumps(ids)),
+            )
+            return {eid for (eid,) in rows}
 
     def remember(self, ids: list[str]) -> None:
         """Record `ids` as stored now (call only after their events are committed)."""
         now = time.time()
         with self._lock, self._conn:
-            self._conn.executemany(
-                "INSERT OR REPLACE INTO seen_ids (id, seen) VALUES (?, ?)",
-                ((eid, now) for eid in ids),
+            self._conn.execute(
+                "INSERT OR REPLACE INTO seen_ids (id, seen) SELECT value, ? FROM json_each(?)",
+                (now, orjson.dumps(ids)),
             )
             if now - self._last_prune > PRUNE_EVERY_S:
                 self._conn.execute(

@@ -36,9 +36,11 @@ Timestamp = Annotated[str, AfterValidator(_iso8601)]
 UnitKey = Annotated[Any, AfterValidator(_string_or_number)]
 Name = Annotated[str, Field(min_length=1)]
 
-# Open (unknown fields kept) and strict: "7" is not a bucket and true is not a value, since
-# the event is forwarded as sent and the upstream would refuse what we let through.
-OPEN = ConfigDict(extra="allow", strict=True)
+# Unknown fields are ignored by validation (the client's own JSON is what is stored, so the
+# validated copy is thrown away, and not copying extras saves a third of the time), and
+# types are strict: "7" is not a bucket and true is not a value, since the event is
+# forwarded as sent and the upstream would refuse what we let through.
+OPEN = ConfigDict(extra="ignore", strict=True)
 
 
 class LayerAssignment(TypedDict):

@@ -150,10 +150,11 @@ class Spool:
     @staticmethod
     def _used_bytes(conn: sqlite3.Connection) -> int:
         """Bytes of the file in use: SQLite reuses freed pages, so free ones do not count."""
-        pages = conn.execute("PRAGMA page_count").fetchone()[0]
-        free = conn.execute("PRAGMA freelist_count").fetchone()[0]
-        size = conn.execute("PRAGMA page_size").fetchone()[0]
-        return int((pages - free) * size)
+        (used,) = conn.execute(
+            "SELECT (p.page_count - f.freelist_count) * s.page_size"
+            " FROM pragma_page_count() p, pragma_freelist_count() f, pragma_page_size() s"
+        ).fetchone()
+        return int(used)
 
     # --- the forwarder's side -------------------------------------------------------
 
