@@ -10,7 +10,6 @@ that says which HTTP status each becomes, and every error answer has the documen
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import logging
 from collections.abc import AsyncIterator
@@ -24,8 +23,7 @@ from litestar.config.cors import CORSConfig
 from litestar.exceptions import HTTPException
 
 from collector.auth import KeyStore
-from collector.commit import Committer
-from collector.dedup import SeenIds
+from collector.commit import Committer, WriterConfig
 from collector.errors import (
     BadRequest,
     CollectorError,
@@ -37,7 +35,6 @@ from collector.errors import (
 )
 from collector.ingest import Ingest, decode_body, require_json
 from collector.settings import Settings
-from collector.spool import Spool
 
 log = logging.getLogger("collector.server")
 
@@ -133,7 +130,7 @@ async def healthz() -> Response[bytes]:
 async def readyz(request: Request[Any, Any, Any]) -> Response[bytes]:
     """Keys can be judged, the queue can take a write now, and the disk budget is not reached."""
     request.app.state.key_store.check_readable()
-    await asyncio.to_thread(request.app.state.spool.check_writable)
+    await request.app.state.committer.check_writable()
     return json_response({"status": "ready"})
 
 
@@ -154,24 +151,22 @@ def create_app(settings: Settings) -> Litestar:
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        spool = Spool(
-            settings.data_dir,
-            sync=settings.sync,
-            budget_bytes=settings.disk_budget_bytes,
-            resume_in_flight=False,  # only the forwarder may resume its in-flight rows
+        committer = Committer(
+            WriterConfig(
+                data_dir=settings.data_dir,
+                sync=settings.sync,
+                budget_bytes=settings.disk_budget_bytes,
+                dedup_window_s=settings.dedup_window_seconds,
+            )
         )
-        seen = SeenIds(settings.data_dir, settings.dedup_window_seconds)
-        committer = Committer(spool, seen)
-        committer.start()
-        app.state.spool = spool
+        await committer.start()
+        app.state.committer = committer
         app.state.ingest = Ingest(committer, settings.max_events_per_request)
         tune_garbage_collector()
         try:
             yield
         finally:
             await committer.stop()
-            spool.close()
-            seen.close()
 
     cors = None
     if settings.cors_origins:

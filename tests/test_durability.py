@@ -7,7 +7,6 @@ forwarder's side of the queue is played by `collector.spool.Spool` in the test p
 
 from __future__ import annotations
 
-import asyncio
 import random
 import sqlite3
 import threading
@@ -21,9 +20,8 @@ import httpx
 import orjson
 import pytest
 
-from collector.commit import Committer
+from collector.commit import GroupWriter, WriterConfig
 from collector.dedup import DB_FILE as SEEN_IDS_FILE
-from collector.dedup import SeenIds
 from collector.errors import QueueFull
 from collector.spool import DB_FILE as QUEUE_FILE
 from collector.spool import Spool
@@ -159,34 +157,26 @@ def test_a_repeat_of_a_refused_request_in_the_same_group_is_refused_too(tmp_path
     """Two requests carrying one id are committed in one group and the first is over budget.
 
     The second must not be told its event is already held (written 0) while nothing holds
-    it: it is refused too, or its event is stored. Run in-process with the real spool and
-    seen-ids files, because only here can two requests be put in one group for certain.
+    it. Run with the real spool and seen-ids files, without the server, because only here
+    can two requests be put in one group for certain.
     """
     big = event(id="trk_shared", properties={"padding": "x" * 4000})
     small = event(id="trk_shared")
 
-    async def commit_both() -> tuple[int | BaseException, int | BaseException]:
-        spool = Spool(tmp_path, budget_bytes=1 << 30)
-        spool.budget_bytes = spool.used_bytes() + 1000  # room for `small`, not for `big`
-        seen = SeenIds(tmp_path, window_s=3600)
-        committer = Committer(spool, seen)
-        committer.start()
-        try:
-            return await asyncio.gather(
-                committer.write([("trk_shared", orjson.dumps(big))]),
-                committer.write([("trk_shared", orjson.dumps(small))]),
-                return_exceptions=True,
-            )
-        finally:
-            await committer.stop()
-            spool.close()
-            seen.close()
+    writer = GroupWriter(WriterConfig(tmp_path, "full", 1 << 30, 3600))
+    writer.spool.budget_bytes = writer.spool.used_bytes() + 1000  # room for small, not big
+    try:
+        writer.commit([[("trk_shared", orjson.dumps(big))], [("trk_shared", orjson.dumps(small))]])
+        outcome: list[int] | QueueFull = []
+    except QueueFull as exc:
+        outcome = exc
+    finally:
+        writer.close()
 
-    first, second = asyncio.run(commit_both())
-
-    assert isinstance(first, QueueFull)
     stored = ids(stored_events(tmp_path))
-    assert isinstance(second, QueueFull) or stored == ["trk_shared"], (second, stored)
+    # The group is refused as a whole: nothing stored, both requests told 503.
+    assert isinstance(outcome, QueueFull), outcome
+    assert stored == []
 
 
 def test_a_failed_write_of_seen_ids_still_answers_and_the_server_keeps_serving(

@@ -1,0 +1,68 @@
+"""`collector run`'s child: the forwarder as a subprocess, restarted if it dies.
+
+The server and the forwarder are separate processes (each survives the other being down;
+the forwarder's lock allows one per data directory). `collector run` starts the server in
+its own process and the forwarder as this child; a child that exits while the server runs
+is started again after a delay that doubles up to a minute, so a persistent fault (say,
+another forwarder holding the lock) is logged but does not spin.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+import threading
+
+log = logging.getLogger("collector.run")
+
+# First and longest delay before restarting a forwarder that exited.
+RESTART_FIRST_S = 1.0
+RESTART_MAX_S = 60.0
+
+
+def self_command(*args: str) -> list[str]:
+    """The command line that runs this program with `args` (installed, or one executable)."""
+    if getattr(sys, "frozen", False):  # a single-file build: the executable is the program
+        return [sys.executable, *args]
+    return [sys.executable, "-m", "cli", *args]
+
+
+class ForwarderChild:
+    def __init__(self, args: list[str], stop_timeout_s: float) -> None:
+        self._command = self_command("forward", *args)
+        self._stop_timeout_s = stop_timeout_s
+        self._process: subprocess.Popen[bytes] | None = None
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._keep_running, name="forwarder", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """SIGTERM the forwarder and wait for its clean stop (SIGKILL past the deadline)."""
+        self._stopping.set()
+        process = self._process
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=self._stop_timeout_s + 5)
+        except subprocess.TimeoutExpired:
+            log.error("forwarder did not stop in time; killing it")
+            process.kill()
+            process.wait()
+        self._thread.join(timeout=5)
+
+    def _keep_running(self) -> None:
+        delay = RESTART_FIRST_S
+        while not self._stopping.is_set():
+            self._process = subprocess.Popen(self._command)
+            code = self._process.wait()
+            if self._stopping.is_set():
+                return
+            log.error("forwarder exited with status %s; restarting in %.0f s", code, delay)
+            if self._stopping.wait(delay):
+                return
+            delay = min(delay * 2, RESTART_MAX_S)
