@@ -6,8 +6,10 @@ collector keys create|list|revoke   manage the API keys clients use
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,11 +19,20 @@ from rich.console import Console
 from rich.table import Table
 
 from collector.auth import SCOPES, KeyStore, ensure_first_key, now_utc
+from collector.deadletters import DeadLetters
+from collector.errors import CollectorError
 from collector.settings import ConfigFileError, Settings, load_settings
+from collector.spool import Spool
+from collector.supervisor import ForwarderChild
 
 app = typer.Typer(help="Edge collector for Traffical experiment events.", no_args_is_help=True)
 keys_app = typer.Typer(help="Manage the API keys clients use.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+dlq_app = typer.Typer(help="Inspect, replay and purge dead-lettered events.", no_args_is_help=True)
+app.add_typer(dlq_app, name="dlq")
+
+# Dead letters replayed per queue row (and per transaction).
+REPLAY_CHUNK = 500
 
 ConfigOption = Annotated[
     Path | None,
@@ -45,22 +56,75 @@ def settings_or_exit(config: Path | None, **flags: Any) -> Settings:
     raise typer.Exit(2)
 
 
+HostOption = Annotated[str | None, typer.Option(help="Address to bind (COLLECTOR_HOST).")]
+PortOption = Annotated[int | None, typer.Option(help="Port to listen on (COLLECTOR_PORT).")]
+
+
+def setup_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    # httpx logs every request at INFO; the forwarder says what matters itself.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+@app.command()
+def run(
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+    host: HostOption = None,
+    port: PortOption = None,
+) -> None:
+    """Run the server and the forwarder together (the usual way). Example: collector run"""
+    settings = settings_or_exit(config, data_dir=data_dir, host=host, port=port)
+    setup_logging(settings)
+    child = ForwarderChild(
+        [*_path_flag("--config", config), *_path_flag("--data-dir", data_dir)],
+        settings.stop_timeout_seconds,
+    )
+    child.start()
+    try:
+        serve_until_stopped(settings)
+    finally:
+        child.stop()
+
+
 @app.command()
 def serve(
     config: ConfigOption = None,
     data_dir: DataDirOption = None,
-    host: Annotated[str | None, typer.Option(help="Address to bind (COLLECTOR_HOST).")] = None,
-    port: Annotated[int | None, typer.Option(help="Port to listen on (COLLECTOR_PORT).")] = None,
+    host: HostOption = None,
+    port: PortOption = None,
 ) -> None:
-    """Run the events server. Example: collector serve --port 8787"""
+    """Run the events server alone. Example: collector serve --port 8787"""
+    settings = settings_or_exit(config, data_dir=data_dir, host=host, port=port)
+    setup_logging(settings)
+    serve_until_stopped(settings)
+
+
+@app.command()
+def forward(config: ConfigOption = None, data_dir: DataDirOption = None) -> None:
+    """Run the forwarder alone: drain the queue to the upstream. Example: collector forward"""
+    from forwarder import loop
+
+    settings = settings_or_exit(config, data_dir=data_dir)
+    setup_logging(settings)
+    try:
+        asyncio.run(loop.run(settings, lambda: load_settings(config, data_dir=data_dir)))
+    except loop.AlreadyRunning as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    except ConfigFileError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
+def serve_until_stopped(settings: Settings) -> None:
+    """Serve HTTP until SIGTERM or Ctrl-C (uvicorn stops cleanly on both)."""
     import uvicorn
 
     from collector.app import create_app
 
-    settings = settings_or_exit(config, data_dir=data_dir, host=host, port=port)
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     first = ensure_first_key(KeyStore(settings.keys_file))
     if first is not None:
@@ -84,6 +148,10 @@ def serve(
         # A client that trickles its body or sits idle is dropped after this many seconds.
         timeout_keep_alive=30,
     )
+
+
+def _path_flag(flag: str, value: Path | None) -> list[str]:
+    return [flag, str(value.resolve())] if value is not None else []
 
 
 @keys_app.command("create")
@@ -153,6 +221,111 @@ def keys_revoke(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     typer.echo(f"Revoked key '{key.name}' ({key.prefix}…).")
+
+
+def open_dead_letters(config: Path | None, data_dir: Path | None) -> DeadLetters:
+    return DeadLetters(settings_or_exit(config, data_dir=data_dir).data_dir)
+
+
+@dlq_app.command("list")
+def dlq_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines instead.")] = False,
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """List dead-lettered events, oldest first. Example: collector dlq list --json"""
+    letters = open_dead_letters(config, data_dir).letters()
+    if as_json:
+        typer.echo(json.dumps([letter.summary() for letter in letters]))
+        return
+    table = Table("id", "dead at", "type", "event id", "project", "env", "reason")
+    for letter in letters:
+        row = letter.summary()
+        table.add_row(
+            str(row["id"]),
+            _iso(row["dead_at"]),
+            str(row["type"]),
+            str(row["event_id"]),
+            str(row["project"]),
+            str(row["env"]),
+            row["reason"][:80],
+        )
+    Console(width=200).print(table)
+    typer.echo(f"{len(letters)} dead-lettered events")
+
+
+@dlq_app.command("show")
+def dlq_show(
+    letter_id: Annotated[int, typer.Argument(metavar="ID", help="The id from dlq list.")],
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Print one dead letter: its reason and the whole event. Example: collector dlq show 3"""
+    letters = open_dead_letters(config, data_dir).letters([letter_id])
+    if not letters:
+        typer.echo(f"error: no dead letter with id {letter_id}", err=True)
+        raise typer.Exit(1)
+    letter = letters[0]
+    document = {**letter.summary(), "dead_at": _iso(letter.dead_at), "event": letter.event}
+    typer.echo(json.dumps(document, indent=2))
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    ids: Annotated[list[int] | None, typer.Argument(metavar="ID...", help="Ids to replay.")] = None,
+    replay_all: Annotated[bool, typer.Option("--all", help="Replay every dead letter.")] = False,
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Put dead letters back into the queue, to be forwarded again.
+
+    Example: collector dlq replay 3 4   (or: collector dlq replay --all)
+    """
+    if bool(ids) == replay_all:
+        typer.echo("error: give the ids to replay, or --all (not both)", err=True)
+        raise typer.Exit(2)
+    settings = settings_or_exit(config, data_dir=data_dir)
+    dead = DeadLetters(settings.data_dir)
+    wanted = dead.all_ids() if replay_all else list(ids or [])
+    spool = Spool(settings.data_dir, sync=settings.sync, budget_bytes=settings.disk_budget_bytes)
+    replayed = 0
+    try:
+        for start in range(0, len(wanted), REPLAY_CHUNK):
+            letters = dead.raw(wanted[start : start + REPLAY_CHUNK])
+            if not letters:
+                continue
+            # Into the queue first, then out of the store: a crash between the two leaves
+            # the event in both (sent twice), never in neither.
+            spool.append([raw for _, raw in letters])
+            replayed += dead.remove([letter_id for letter_id, _ in letters])
+    except CollectorError as exc:
+        typer.echo(f"error after replaying {replayed}: {exc.message}", err=True)
+        raise typer.Exit(1) from exc
+    finally:
+        spool.close()
+    missing = len(wanted) - replayed
+    typer.echo(f"Replayed {replayed} dead letters into the queue.")
+    if missing:
+        typer.echo(f"error: {missing} of the ids given were not found", err=True)
+        raise typer.Exit(1)
+
+
+@dlq_app.command("purge")
+def dlq_purge(
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Delete every dead letter for good. Example: collector dlq purge --yes"""
+    dead = open_dead_letters(config, data_dir)
+    count = dead.count()
+    if not yes and not typer.confirm(f"Delete {count} dead-lettered events for good?"):
+        raise typer.Exit(1)
+    typer.echo(f"Purged {dead.purge()} dead letters.")
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")
 
 
 def main() -> None:
