@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -103,14 +104,20 @@ def serve(
 
 
 @app.command()
-def forward(config: ConfigOption = None, data_dir: DataDirOption = None) -> None:
+def forward(
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+    parent_pid: Annotated[int | None, typer.Option(hidden=True)] = None,
+) -> None:
     """Run the forwarder alone: drain the queue to the upstream. Example: collector forward"""
     from forwarder import loop
 
     settings = settings_or_exit(config, data_dir=data_dir)
     setup_logging(settings)
     try:
-        asyncio.run(loop.run(settings, lambda: load_settings(config, data_dir=data_dir)))
+        asyncio.run(
+            loop.run(settings, lambda: load_settings(config, data_dir=data_dir), parent_pid)
+        )
     except loop.AlreadyRunning as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
@@ -137,6 +144,11 @@ def serve_until_stopped(settings: Settings) -> None:
         settings.data_dir,
         settings.sync,
     )
+    # uvicorn re-raises the signal that stopped it once it has shut down; a handler of our
+    # own receives it, so a SIGTERM ends the command normally (exit 0, `run` stops its
+    # forwarder) instead of killing the process on the spot.
+    for stop_signal in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop_signal, lambda received, frame: None)
     uvicorn.run(
         create_app(settings),
         host=settings.host,

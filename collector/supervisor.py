@@ -10,6 +10,7 @@ another forwarder holding the lock) is logged but does not spin.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -31,7 +32,8 @@ def self_command(*args: str) -> list[str]:
 
 class ForwarderChild:
     def __init__(self, args: list[str], stop_timeout_s: float) -> None:
-        self._command = self_command("forward", *args)
+        # --parent-pid: the forwarder stops by itself if `run` is killed without a word.
+        self._command = self_command("forward", *args, "--parent-pid", str(os.getpid()))
         self._stop_timeout_s = stop_timeout_s
         self._process: subprocess.Popen[bytes] | None = None
         self._stopping = threading.Event()

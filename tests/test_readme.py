@@ -6,12 +6,15 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import typer.main
 
 from cli import app
+from collector import heartbeat
 
 from conftest import ROOT, event, stored_events, wait_until_serving
 
@@ -25,7 +28,7 @@ def code_blocks() -> list[str]:
 
 def test_readme_opens_with_install_and_run_then_the_test_command() -> None:
     run, tests = code_blocks()[:2]
-    assert run.strip().endswith("&& .venv/bin/collector serve")
+    assert run.strip().endswith("&& .venv/bin/collector run")
     assert ".venv/bin/pip install ." in run
     assert tests.strip().endswith("&& .venv/bin/python -m pytest")
     assert "'.[dev]'" in tests
@@ -33,13 +36,14 @@ def test_readme_opens_with_install_and_run_then_the_test_command() -> None:
     assert "n==3{print; exit}" in (ROOT / ".ci" / "run").read_text()
 
 
-def test_collector_serve_runs_on_embedded_defaults(tmp_path: Path) -> None:
-    """`collector serve` with no settings: ./collector-data, 127.0.0.1:8787, a first key."""
+def test_collector_run_works_on_embedded_defaults(tmp_path: Path) -> None:
+    """`collector run` with no settings: ./collector-data, 127.0.0.1:8787, a first key, and
+    a forwarder that keeps events queued because no upstream is configured."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("COLLECTOR_")}
     env.pop("STATE_DIRECTORY", None)
     script = Path(sys.executable).parent / "collector"
     process = subprocess.Popen(
-        [str(script), "serve"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True
+        [str(script), "run"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True
     )
     try:
         assert process.stdout is not None
@@ -56,10 +60,23 @@ def test_collector_serve_runs_on_embedded_defaults(tmp_path: Path) -> None:
             headers={"Authorization": f"Bearer {key}"},
         )
         assert answer.status_code == 200, answer.text
-        assert [e["id"] for e in stored_events(tmp_path / "collector-data")] == ["readme-1"]
+        data_dir = tmp_path / "collector-data"
+        assert [e["id"] for e in stored_events(data_dir)] == ["readme-1"]
+        forwarder = wait_for_state(data_dir / "forwarder.json")
+        assert forwarder["upstream"] == "not_configured"
     finally:
         process.terminate()
-        process.wait(timeout=10)
+        assert process.wait(timeout=30) == 0
+
+
+def wait_for_state(path: Path) -> dict[str, Any]:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        state = heartbeat.read(path)
+        if state is not None:
+            return state
+        time.sleep(0.05)  # the forwarder writes its state when it starts
+    raise AssertionError(f"{path} never written")
 
 
 def test_every_cli_command_is_documented() -> None:
