@@ -28,6 +28,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import signal
 import time
 import uuid
 import zlib
@@ -61,6 +62,8 @@ GZIP_LEVEL = 1
 # Events that the feeder may hold in partly built batches and the hand-off queue, past
 # which it stops taking rows: memory stays flat however large the backlog.
 MAX_BUFFERED_EVENTS = 20_000
+# How often a forwarder started by `collector run` checks that `run` is still there.
+PARENT_CHECK_S = 0.5
 LOCK_FILE = "forwarder.lock"
 STATE_NAME = "forwarder"
 
@@ -452,14 +455,25 @@ def key_chooser(settings_loader: Callable[[], Settings]) -> Callable[[], KeyChoo
     return load
 
 
-async def run(settings: Settings, load_settings: Callable[[], Settings]) -> None:
-    """Run the forwarder until SIGTERM or SIGINT; SIGHUP reloads the upstream keys."""
-    import signal
-
+async def run(
+    settings: Settings, load_settings: Callable[[], Settings], parent_pid: int | None = None
+) -> None:
+    """Run the forwarder until SIGTERM or SIGINT (or `parent_pid` is gone); SIGHUP reloads
+    the upstream keys."""
     with exclusive(settings.data_dir):
         forwarder = Forwarder(settings, key_chooser(load_settings))
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, forwarder.stop)
         loop.add_signal_handler(signal.SIGINT, forwarder.stop)
         loop.add_signal_handler(signal.SIGHUP, forwarder.reload)
+        watch = asyncio.create_task(_stop_without(parent_pid, forwarder)) if parent_pid else None
         await forwarder.run()
+        if watch is not None:
+            watch.cancel()
+
+
+async def _stop_without(parent_pid: int, forwarder: Forwarder) -> None:
+    while os.getppid() == parent_pid:
+        await asyncio.sleep(PARENT_CHECK_S)
+    log.warning("the collector that started this forwarder is gone; stopping")
+    forwarder.stop()
