@@ -7,9 +7,11 @@ collector keys create|list|revoke   manage the API keys clients use
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -17,6 +19,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.live import Live
 from rich.table import Table
 
 from collector.auth import SCOPES, KeyStore, ensure_first_key, now_utc
@@ -32,6 +35,8 @@ app.add_typer(keys_app, name="keys")
 dlq_app = typer.Typer(help="Inspect, replay and purge dead-lettered events.", no_args_is_help=True)
 app.add_typer(dlq_app, name="dlq")
 
+# How often `status --watch` refreshes: as often as the processes write their heartbeat.
+STATUS_REFRESH_S = 2.0
 # Dead letters replayed per queue row (and per transaction).
 REPLAY_CHUNK = 500
 
@@ -233,6 +238,41 @@ def keys_revoke(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     typer.echo(f"Revoked key '{key.name}' ({key.prefix}…).")
+
+
+@app.command()
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
+    watch: Annotated[bool, typer.Option("--watch", help="Refresh in place every 2 s.")] = False,
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Show what the collector is doing, from the data directory (works when it is down).
+
+    Exit status: 0 healthy; 1 unhealthy (server or forwarder down, upstream key refused,
+    upstream failing for over 5 minutes, disk budget 90% used); 2 no data directory or
+    bad settings. Example: collector status --json
+    """
+    from collector import status as status_document
+    from collector.statusview import render
+
+    settings = settings_or_exit(config, data_dir=data_dir)
+    if not (settings.data_dir / "queue.db").exists():
+        typer.echo(f"error: no collector data in {settings.data_dir}", err=True)
+        raise typer.Exit(2)
+    document = status_document.collect(settings)
+    if as_json:
+        typer.echo(json.dumps(document, indent=2))
+    elif watch:
+        live = Live(render(document), console=Console(), auto_refresh=False)
+        with live, contextlib.suppress(KeyboardInterrupt):
+            while True:
+                time.sleep(STATUS_REFRESH_S)
+                document = status_document.collect(settings)
+                live.update(render(document), refresh=True)
+    else:
+        Console().print(render(document))
+    raise typer.Exit(0 if document["healthy"] else 1)
 
 
 def open_dead_letters(config: Path | None, data_dir: Path | None) -> DeadLetters:

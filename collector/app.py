@@ -1,8 +1,9 @@
 """The HTTP face of the collector: the Litestar app, its routes, and errors mapped to HTTP.
 
-Routes: `POST /v1/events` and its alias `/v1/events/batch` (the events API), `GET /healthz`
-(the process answers) and `GET /readyz` (the queue can take a write and the disk budget is
-not reached). The queue, key store and group committer are opened in the lifespan and kept
+Routes: `POST /v1/events` and its alias `/v1/events/batch` (the events API), `GET /v1/stats`
+(the status document, for any valid key), `GET /metrics` (Prometheus), `GET /healthz` (the
+process answers) and `GET /readyz` (the queue can take a write and the disk budget is not
+reached). The queue, key store and group committer are opened in the lifespan and kept
 on `app.state`. Every failure is a `collector.errors` type; `STATUS_FOR` is the one place
 that says which HTTP status each becomes, and every error answer has the documented shape
 `{"error": <reason phrase>, "message": <what to fix>}`.
@@ -10,8 +11,11 @@ that says which HTTP status each becomes, and every error answer has the documen
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
+import sqlite3
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from http import HTTPStatus
@@ -20,10 +24,15 @@ from typing import Any
 import orjson
 from litestar import Litestar, MediaType, Request, Response, get, post
 from litestar.config.cors import CORSConfig
+from litestar.enums import ScopeType
 from litestar.exceptions import HTTPException
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from prometheus_client import CONTENT_TYPE_LATEST
 
+from collector import heartbeat, status
 from collector.auth import KeyStore
 from collector.commit import Committer, WriterConfig
+from collector.counts import Counts, EventCounter
 from collector.errors import (
     BadRequest,
     CollectorError,
@@ -34,6 +43,7 @@ from collector.errors import (
     UnsupportedMediaType,
 )
 from collector.ingest import Ingest, decode_body, require_json
+from collector.metrics import Metrics
 from collector.settings import Settings
 
 log = logging.getLogger("collector.server")
@@ -58,6 +68,9 @@ CORS_ALLOW_HEADERS = [
     "X-SDK-Version",
 ]
 CORS_EXPOSE_HEADERS = ["ETag"]
+EVENTS_PATHS = frozenset({"/v1/events", "/v1/events/batch"})
+# How often the server writes its counts to counts.db (and so how fresh status is).
+COUNTS_FLUSH_S = 1.0
 # Browsers may cache a preflight answer this many seconds (10 minutes: Chromium's cap).
 CORS_MAX_AGE_S = 600
 
@@ -120,6 +133,21 @@ async def post_events(request: Request[Any, Any, Any]) -> Response[bytes]:
     return json_response(outcome.answer())
 
 
+@get("/v1/stats")
+async def stats(request: Request[Any, Any, Any]) -> Response[bytes]:
+    """The status document of `collector status --json` (any valid key)."""
+    request.app.state.key_store.authenticate(request.headers.get("authorization"))
+    document = await asyncio.to_thread(status.collect, request.app.state.settings)
+    return json_response(document)
+
+
+@get("/metrics")
+async def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
+    """The server's and the forwarder's figures in Prometheus text format."""
+    body = await asyncio.to_thread(request.app.state.metrics.render)
+    return Response(content=body, media_type=CONTENT_TYPE_LATEST)
+
+
 @get("/healthz")
 async def healthz() -> Response[bytes]:
     """The process is alive and answering."""
@@ -146,6 +174,47 @@ def tune_garbage_collector() -> None:
     gc.set_threshold(100_000, 50, 100)
 
 
+def measured(app: ASGIApp, metrics: Metrics, counts: Counts) -> ASGIApp:
+    """Wrap `app` to time each events request and count it by status."""
+
+    async def wrapper(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != ScopeType.HTTP or scope["path"] not in EVENTS_PATHS:
+            await app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status_code = [500]
+
+        async def send_status(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status_code[0] = message["status"]
+            await send(message)
+
+        try:
+            await app(scope, receive, send_status)
+        finally:
+            metrics.latency.observe(time.perf_counter() - started)
+            counts.add("requests", (str(status_code[0]),))
+
+    return wrapper
+
+
+async def keep_house(settings: Settings, counts: Counts) -> None:
+    """Every second flush the counts; every few, tell the data directory we are alive."""
+    started = time.time()
+    path = heartbeat.state_path(settings.data_dir, "server")
+    beat = 0.0
+    while True:
+        await asyncio.sleep(COUNTS_FLUSH_S)
+        try:
+            await asyncio.to_thread(counts.flush)
+            if time.monotonic() - beat >= heartbeat.BEAT_EVERY_S:
+                beat = time.monotonic()
+                state = {"url": f"http://{settings.host}:{settings.port}", "started": started}
+                await asyncio.to_thread(heartbeat.write, path, state)
+        except (OSError, sqlite3.Error) as exc:
+            log.warning("could not write counts or heartbeat: %s", exc)
+
+
 def create_app(settings: Settings) -> Litestar:
     """The collector's app for `settings`; the queue is opened when the app starts."""
 
@@ -161,12 +230,16 @@ def create_app(settings: Settings) -> Litestar:
         )
         await committer.start()
         app.state.committer = committer
-        app.state.ingest = Ingest(committer, settings.max_events_per_request)
+        app.state.ingest = Ingest(committer, settings.max_events_per_request, EventCounter(counts))
+        house = asyncio.create_task(keep_house(settings, counts))
         tune_garbage_collector()
         try:
             yield
         finally:
             await committer.stop()
+            house.cancel()
+            counts.flush()
+            counts.close()
 
     cors = None
     if settings.cors_origins:
@@ -177,8 +250,10 @@ def create_app(settings: Settings) -> Litestar:
             expose_headers=CORS_EXPOSE_HEADERS,
             max_age=CORS_MAX_AGE_S,
         )
+    counts = Counts(settings.data_dir, settings.counts_window_minutes)
+    app_metrics = Metrics(settings)
     app = Litestar(
-        route_handlers=[post_events, healthz, readyz],
+        route_handlers=[post_events, stats, metrics, healthz, readyz],
         lifespan=[lifespan],
         cors_config=cors,
         request_max_body_size=settings.max_body_bytes,
@@ -190,4 +265,7 @@ def create_app(settings: Settings) -> Litestar:
     )
     app.state.key_store = KeyStore(settings.keys_file)
     app.state.max_body_bytes = settings.max_body_bytes
+    app.state.settings = settings
+    app.state.metrics = app_metrics
+    app.asgi_handler = measured(app.asgi_handler, app_metrics, counts)
     return app

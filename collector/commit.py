@@ -71,12 +71,13 @@ class GroupWriter:
         self.spool.close()
         self.seen.close()
 
-    def commit(self, requests: list[list[EncodedEvent]]) -> list[int]:
+    def commit(self, requests: list[list[EncodedEvent]]) -> list[list[int]]:
         """Drop known ids, append the rest, then remember their ids.
 
-        Returns how many events each request wrote. The group is committed, or refused
-        (QueueFull, QueueBusy), as a whole, so no request is answered "already held" on the
-        strength of another request's events that were refused.
+        Returns, per request, the indexes of its events not written (already stored). The
+        group is committed, or refused (QueueFull, QueueBusy), as a whole, so no request is
+        answered "already held" on the strength of another request's events that were
+        refused.
         """
         try:
             known = self.seen.seen([eid for events in requests for eid, _ in events if eid])
@@ -84,18 +85,18 @@ class GroupWriter:
             raise QueueBusy(f"seen ids unavailable ({exc}); retry later") from exc
         rows: list[bytes] = []
         ids: list[str] = []
-        written: list[int] = []
+        skipped: list[list[int]] = []
         for events in requests:
-            count = 0
-            for eid, raw in events:
+            dropped = []
+            for index, (eid, raw) in enumerate(events):
                 if eid is not None:
                     if eid in known:
+                        dropped.append(index)
                         continue
                     known.add(eid)
                     ids.append(eid)
                 rows.append(raw)
-                count += 1
-            written.append(count)
+            skipped.append(dropped)
         if rows:
             self.spool.append(rows)
         if ids:
@@ -105,7 +106,7 @@ class GroupWriter:
                 # The events are committed, so the answer stays 200; only their ids are
                 # forgotten, and a retry may be stored twice (at-least-once).
                 log.warning("could not remember %d event ids: %s", len(ids), exc)
-        return written
+        return skipped
 
 
 # --- the writer process's side: one GroupWriter per process ------------------------------
@@ -132,7 +133,7 @@ def _exit_with(server_pid: int) -> None:
     os._exit(0)
 
 
-def _commit(requests: list[list[EncodedEvent]]) -> list[int]:
+def _commit(requests: list[list[EncodedEvent]]) -> list[list[int]]:
     assert _writer is not None
     return _writer.commit(requests)
 
@@ -148,7 +149,7 @@ def _check_writable() -> None:
 @dataclass
 class _Pending:
     events: list[EncodedEvent]
-    done: asyncio.Future[int] = field(
+    done: asyncio.Future[list[int]] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
 
@@ -186,8 +187,9 @@ class Committer:
             await self._task
         self._writer.shutdown(wait=True)
 
-    async def write(self, events: list[EncodedEvent]) -> int:
-        """Commit `events`; returns how many were new. Raises QueueFull/QueueBusy."""
+    async def write(self, events: list[EncodedEvent]) -> list[int]:
+        """Commit `events`; returns the indexes of those not written because their id is
+        already stored. Raises QueueFull/QueueBusy."""
         if self._closing:
             raise QueueBusy("collector is shutting down; retry later")
         pending = _Pending(events)
@@ -211,7 +213,7 @@ class Committer:
             self._wake.clear()
             while self._pending:
                 group = self._take_group()
-                outcome: list[int] | CollectorError
+                outcome: list[list[int]] | CollectorError
                 try:
                     outcome = await loop.run_in_executor(
                         self._writer, _commit, [p.events for p in group]

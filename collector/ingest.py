@@ -18,7 +18,8 @@ import orjson
 
 from collector.auth import ApiKey
 from collector.commit import Committer, EncodedEvent
-from collector.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from collector.counts import EventCounter
+from collector.errors import BadRequest, CollectorError, PayloadTooLarge, UnsupportedMediaType
 from collector.events import invalid_events
 
 # The browser SDK flushes its whole queue in one request, so a request may hold a few
@@ -124,23 +125,32 @@ def encode(events: list[Any], errors: dict[int, str]) -> list[EncodedEvent]:
 class Ingest:
     """Handles the body of one events request for an authenticated key."""
 
-    def __init__(self, committer: Committer, max_events: int) -> None:
+    def __init__(self, committer: Committer, max_events: int, counter: EventCounter) -> None:
         self._committer = committer
         self._max_events = max_events
+        self._counter = counter
 
     async def handle(self, body: bytes, key: ApiKey) -> Outcome:
         events = envelope_events(parse(body), self._max_events)
+        self._counter.received(events)
         errors = invalid_events(events)
         encoded = encode(events, errors)
+        for error in errors.values():
+            self._counter.rejected(_reason(error))
         if not encoded:
             raise BadRequest(
                 "no event in the request is valid", validationErrors=_error_list(errors)
             )
-        for i, event in enumerate(events):
-            if i not in errors:
+        valid = [event for i, event in enumerate(events) if i not in errors]
+        try:
+            for event in valid:
                 key.require_target(event["projectId"], event["env"])
-        written = await self._committer.write(encoded)
-        return Outcome(accepted=len(encoded), written=written, errors=errors)
+            skipped = await self._committer.write(encoded)
+        except CollectorError as exc:
+            self._counter.rejected(type(exc).__name__, len(valid))
+            raise
+        self._counter.accepted(valid, set(skipped))
+        return Outcome(accepted=len(valid), written=len(valid) - len(skipped), errors=errors)
 
 
 def _dumps(event: dict[str, Any]) -> bytes:
@@ -148,6 +158,13 @@ def _dumps(event: dict[str, Any]) -> bytes:
         return orjson.dumps(event)
     except TypeError:  # an integer beyond 64 bits (from the slow parser): keep it exact
         return json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _reason(error: str) -> str:
+    """A low-cardinality reason for counts: the field at fault ("invalid layers"), or
+    "invalid event" when the event as a whole is (not an object, unknown type)."""
+    head, colon, _ = error.partition(": ")
+    return f"invalid {head.split('.')[0]}" if colon and " " not in head else "invalid event"
 
 
 def _error_list(errors: dict[int, str]) -> list[dict[str, Any]]:

@@ -110,6 +110,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         10 * MIB, gt=0, description="Largest request body accepted, after decompression."
     )
+    counts_window_minutes: int = Field(
+        60, ge=1, le=24 * 60, description="Minutes of per-minute counts kept for status."
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Least severe log level written."
     )

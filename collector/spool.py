@@ -196,6 +196,20 @@ class Spool:
             ).fetchone()
         return int(rows), int(size)
 
+    def summary(self) -> tuple[int, int, int, float | None]:
+        """(events, rows, bytes, when the oldest row was queued) of what is not delivered.
+
+        Counting events means reading every row's JSON array (in SQLite's C code, about a
+        second per gigabyte), which is why it is for status, not for the request path.
+        """
+        with self._lock, _sqlite_errors():
+            events, rows, size, oldest = self._conn.execute(
+                "SELECT COALESCE(SUM(json_array_length(data)), 0), COUNT(*),"
+                f" COALESCE(SUM(LENGTH(data)), 0), MIN(timestamp) FROM {self._table}"
+                " WHERE status < 5"
+            ).fetchone()
+        return int(events), int(rows), int(size), oldest
+
     # --- reading what is stored (forwarder, status, tests) --------------------------
 
     def stored_events(self) -> Iterator[dict[str, Any]]:

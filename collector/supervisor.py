@@ -3,8 +3,9 @@
 The server and the forwarder are separate processes (each survives the other being down;
 the forwarder's lock allows one per data directory). `collector run` starts the server in
 its own process and the forwarder as this child; a child that exits while the server runs
-is started again after a delay that doubles up to a minute, so a persistent fault (say,
-another forwarder holding the lock) is logged but does not spin.
+is started again after a delay that doubles up to a minute (and starts over once a child
+ran for a minute), so a persistent fault (say, another forwarder holding the lock) is
+logged but does not spin.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 log = logging.getLogger("collector.run")
 
@@ -37,6 +39,8 @@ class ForwarderChild:
         self._stop_timeout_s = stop_timeout_s
         self._process: subprocess.Popen[bytes] | None = None
         self._stopping = threading.Event()
+        # Held while a child is started, so `stop()` never misses one started as it stops.
+        self._starting = threading.Lock()
         self._thread = threading.Thread(target=self._keep_running, name="forwarder", daemon=True)
 
     def start(self) -> None:
@@ -44,9 +48,12 @@ class ForwarderChild:
 
     def stop(self) -> None:
         """SIGTERM the forwarder and wait for its clean stop (SIGKILL past the deadline)."""
-        self._stopping.set()
-        process = self._process
+        with self._starting:
+            self._stopping.set()
+            process = self._process
         if process is None or process.poll() is not None:
+            if self._thread.is_alive():
+                self._thread.join(timeout=5)
             return
         process.send_signal(signal.SIGTERM)
         try:
@@ -59,11 +66,19 @@ class ForwarderChild:
 
     def _keep_running(self) -> None:
         delay = RESTART_FIRST_S
-        while not self._stopping.is_set():
-            self._process = subprocess.Popen(self._command)
+        while True:
+            with self._starting:
+                if self._stopping.is_set():
+                    return
+                # Its own process group: a Ctrl-C at the terminal reaches `run` alone, which
+                # then stops the forwarder itself (rather than seeing it exit and restarting it).
+                self._process = subprocess.Popen(self._command, process_group=0)
+            started = time.monotonic()
             code = self._process.wait()
             if self._stopping.is_set():
                 return
+            if time.monotonic() - started > RESTART_MAX_S:
+                delay = RESTART_FIRST_S  # it ran well for a while: not a persistent fault
             log.error("forwarder exited with status %s; restarting in %.0f s", code, delay)
             if self._stopping.wait(delay):
                 return

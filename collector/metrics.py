@@ -1,0 +1,168 @@
+"""`GET /metrics`: the server's and the forwarder's figures in Prometheus text format.
+
+Counters come from the running totals in `counts.db` (both processes add to them, and they
+survive restarts, so they only ever go up); gauges from the status document (queue, age,
+budget, processes, upstream state, sample ratio); the request latency histogram from this
+server process. Names (all prefixed `collector_`) are listed in the README.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from collector import status
+from collector.counts import Counts, Labels
+from collector.settings import Settings
+
+# Seconds: from a lone event (~1 ms) to a big request waiting on a busy disk.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+UPSTREAM_STATES = ("ok", "retrying", "key_rejected", "not_configured")
+
+# (counts name, metric name, help, label names)
+COUNTERS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
+    ("requests", "collector_requests", "Events API requests answered, by status.", ("status",)),
+    (
+        "events_received",
+        "collector_events_received",
+        "Events received in well-formed requests.",
+        ("org", "project", "env", "type"),
+    ),
+    (
+        "events_accepted",
+        "collector_events_accepted",
+        "Events that passed validation.",
+        ("org", "project", "env", "type"),
+    ),
+    (
+        "events_written",
+        "collector_events_written",
+        "Events committed to the queue.",
+        ("org", "project", "env", "type"),
+    ),
+    (
+        "events_deduplicated",
+        "collector_events_deduplicated",
+        "Accepted events not written again because their id was already stored.",
+        ("org", "project", "env", "type"),
+    ),
+    ("events_rejected", "collector_events_rejected", "Events refused, by reason.", ("reason",)),
+    (
+        "forwarded",
+        "collector_events_forwarded",
+        "Events the upstream accepted.",
+        ("project", "env"),
+    ),
+    (
+        "upstream_requests",
+        "collector_upstream_requests",
+        "Upstream requests by outcome (delivered, retry, rejected, key_rejected).",
+        ("outcome",),
+    ),
+    (
+        "dead_lettered",
+        "collector_events_dead_lettered",
+        "Events moved to the dead-letter store, by reason.",
+        ("reason",),
+    ),
+)
+
+
+class Metrics:
+    """The server's metrics registry: its latency histogram and the collected figures."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.latency = Histogram(
+            "collector_request_duration_seconds",
+            "Time to answer an events API request.",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(_Figures(settings))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _Figures(Collector):
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+
+    def collect(self) -> Iterator[Metric]:
+        counts = Counts(self._settings.data_dir, self._settings.counts_window_minutes)
+        try:
+            totals = counts.all_totals()
+        finally:
+            counts.close()
+        for name, metric, text, labels in COUNTERS:
+            yield _counter(metric, text, labels, totals.get(name, {}))
+        yield from _gauges(status.collect(self._settings))
+
+
+def _counter(
+    name: str, text: str, labels: tuple[str, ...], values: dict[Labels, float]
+) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, text, labels=list(labels))
+    for key, value in sorted(values.items()):
+        family.add_metric(list(key), value)
+    return family
+
+
+def _gauges(document: dict[str, Any]) -> Iterator[Metric]:
+    queue = document["queue"]
+    yield _gauge(
+        "collector_queue_events", "Events in the queue, not yet forwarded.", queue["events"]
+    )
+    yield _gauge("collector_queue_bytes", "Bytes of events in the queue.", queue["bytes"])
+    yield _gauge(
+        "collector_queue_oldest_event_age_seconds",
+        "Age of the oldest event not yet forwarded (0 when the queue is empty).",
+        queue["oldest_event_age_seconds"] or 0,
+    )
+    yield _gauge(
+        "collector_disk_budget_used_ratio",
+        "Share of the disk budget in use.",
+        queue["disk_budget_used"],
+    )
+    yield _gauge(
+        "collector_dead_letters", "Events in the dead-letter store.", document["dead_letters"]
+    )
+    up = GaugeMetricFamily("collector_up", "1 when the process is up.", labels=["process"])
+    for process in ("server", "forwarder"):
+        up.add_metric([process], 1 if document[process]["up"] else 0)
+    yield up
+    state = GaugeMetricFamily(
+        "collector_upstream_state", "1 for the forwarder's upstream state.", labels=["state"]
+    )
+    for name in UPSTREAM_STATES:
+        state.add_metric([name], 1 if document["forwarder"].get("upstream") == name else 0)
+    yield state
+    mismatch = GaugeMetricFamily(
+        "collector_sample_ratio_mismatch",
+        "1 when a policy's exposures split unlike their declared shares (p < 0.001).",
+        labels=["project", "env", "policy"],
+    )
+    p_value = GaugeMetricFamily(
+        "collector_sample_ratio_p_value",
+        "Chi-square p value of a policy's exposures against their declared shares.",
+        labels=["project", "env", "policy"],
+    )
+    for verdict in document["sample_ratio"]:
+        if verdict["checked"]:
+            key = [verdict["project"], verdict["env"], verdict["policy"]]
+            mismatch.add_metric(key, 1 if verdict["mismatch"] else 0)
+            p_value.add_metric(key, verdict["p_value"])
+    yield mismatch
+    yield p_value
+    yield _gauge(
+        "collector_healthy", "1 when `collector status` would exit 0.", int(document["healthy"])
+    )
+
+
+def _gauge(name: str, text: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, text, value=value)

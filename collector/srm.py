@@ -1,0 +1,106 @@
+"""Sample-ratio check: do a policy's exposures split across allocations as declared?
+
+For each policy, the exposures counted per allocation (over the counts window) are compared
+with the shares the exposures themselves declare (the mean `probability` their layers
+carry for each allocation, normalised over the allocations seen) by Pearson's chi-square
+test. A mismatch is flagged when p < 0.001, and only with enough exposures for the test to
+mean something: at least 100 in all and an expected count of at least 5 per allocation.
+Policies whose exposures do not all declare a probability are reported as not checked:
+without declared shares there is nothing to compare with.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+P_THRESHOLD = 0.001
+MIN_EXPOSURES = 100
+MIN_EXPECTED = 5.0
+
+
+@dataclass
+class Verdict:
+    project: str
+    env: str
+    policy: str
+    exposures: dict[str, float] = field(default_factory=dict)
+    expected_shares: dict[str, float] = field(default_factory=dict)
+    checked: bool = False
+    p_value: float | None = None
+    mismatch: bool = False
+    reason: str = ""
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "project": self.project,
+            "env": self.env,
+            "policy": self.policy,
+            "exposures": self.exposures,
+            "expected_shares": self.expected_shares,
+            "checked": self.checked,
+            "p_value": self.p_value,
+            "mismatch": self.mismatch,
+            "reason": self.reason,
+        }
+
+
+def check(
+    exposures: dict[str, float], share_sums: dict[str, float], share_counts: dict[str, float]
+) -> tuple[bool, float | None, dict[str, float], str]:
+    """(checked, p value, expected shares, reason) for one policy's allocations."""
+    if len(exposures) < 2:
+        return False, None, {}, "fewer than two allocations exposed"
+    if any(share_counts.get(a, 0) < exposures[a] for a in exposures):
+        return False, None, {}, "exposures do not all declare a probability"
+    declared = {a: share_sums[a] / share_counts[a] for a in exposures}
+    total_share = sum(declared.values())
+    if total_share <= 0:
+        return False, None, {}, "declared probabilities are zero"
+    shares = {a: share / total_share for a, share in declared.items()}
+    total = sum(exposures.values())
+    expected = {a: total * shares[a] for a in exposures}
+    if total < MIN_EXPOSURES or min(expected.values()) < MIN_EXPECTED:
+        return False, None, shares, f"not enough exposures yet ({total:.0f})"
+    statistic = sum((exposures[a] - expected[a]) ** 2 / expected[a] for a in exposures)
+    p_value = chi_square_sf(statistic, len(exposures) - 1)
+    return True, p_value, shares, ""
+
+
+def chi_square_sf(statistic: float, dof: int) -> float:
+    """P(X >= statistic) for X ~ chi-square with `dof` degrees of freedom."""
+    if statistic <= 0:
+        return 1.0
+    return _upper_gamma_regularized(dof / 2.0, statistic / 2.0)
+
+
+def _upper_gamma_regularized(s: float, x: float) -> float:
+    """Q(s, x) = Γ(s, x) / Γ(s): a series below s + 1, a continued fraction above."""
+    log_prefix = s * math.log(x) - x - math.lgamma(s)
+    if x < s + 1:
+        term = total = 1.0 / s
+        n = s
+        while abs(term) > abs(total) * 1e-15:
+            n += 1
+            term *= x / n
+            total += term
+        return max(0.0, 1.0 - total * math.exp(log_prefix))
+    # Lentz's method for the continued fraction of Γ(s, x).
+    tiny = 1e-300
+    b = x + 1 - s
+    c = 1 / tiny
+    d = 1 / b
+    h = d
+    for i in range(1, 10_000):
+        a = -i * (i - s)
+        b += 2
+        d = a * d + b
+        d = tiny if abs(d) < tiny else d
+        c = b + a / c
+        c = tiny if abs(c) < tiny else c
+        d = 1 / d
+        delta = d * c
+        h *= delta
+        if abs(delta - 1) < 1e-15:
+            break
+    return min(1.0, math.exp(log_prefix) * h)

@@ -1,0 +1,137 @@
+"""`collector status` for a person: the status document as rich tables, read in seconds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+
+def render(document: dict[str, Any]) -> RenderableType:
+    return Group(
+        _headline(document),
+        _processes(document),
+        _queue(document),
+        _rates(document),
+        _allocations(document),
+        _top_events(document),
+    )
+
+
+def _headline(document: dict[str, Any]) -> Text:
+    if document["healthy"]:
+        text = Text("healthy", style="bold green")
+    else:
+        text = Text("UNHEALTHY: " + "; ".join(document["problems"]), style="bold red")
+    for warning in document["warnings"]:
+        text.append(f"\nwarning: {warning}", style="yellow")
+    text.append(f"\n{document['data_dir']} at {document['generated_at']}", style="dim")
+    return text
+
+
+def _processes(document: dict[str, Any]) -> Table:
+    table = Table("process", "state", "details", title="processes", title_justify="left")
+    server, forwarder = document["server"], document["forwarder"]
+    table.add_row("server", _up(server["up"]), server.get("url", "") if server["up"] else "")
+    upstream = forwarder.get("upstream", "")
+    details = f"upstream {upstream}"
+    if forwarder.get("since"):
+        details += f" since {forwarder['since']}"
+    if forwarder.get("message"):
+        details += f": {forwarder['message']}"
+    details += f"\nlast forward: {forwarder.get('last_success') or 'never'}"
+    table.add_row("forwarder", _up(forwarder["up"]), details)
+    return table
+
+
+def _queue(document: dict[str, Any]) -> Table:
+    queue = document["queue"]
+    table = Table(
+        "events",
+        "bytes",
+        "oldest event",
+        "disk budget",
+        "dead letters",
+        title="queue",
+        title_justify="left",
+    )
+    age = queue["oldest_event_age_seconds"]
+    table.add_row(
+        f"{queue['events']:,}",
+        _bytes(queue["bytes"]),
+        "-" if age is None else _duration(age),
+        f"{queue['disk_budget_used']:.1%} of {_bytes(queue['disk_budget_bytes'])}",
+        f"{document['dead_letters']:,}",
+    )
+    return table
+
+
+def _rates(document: dict[str, Any]) -> Table:
+    table = Table("events/s", "1 min", "5 min", "60 min", title="rates", title_justify="left")
+    for what, rates in document["rates"].items():
+        table.add_row(what, *(f"{rates[w]:,.2f}" for w in ("1m", "5m", "60m")))
+    return table
+
+
+def _allocations(document: dict[str, Any]) -> Table:
+    table = Table(
+        "project/env",
+        "policy",
+        "allocation",
+        "exposures",
+        "conversions",
+        "sample ratio",
+        title="exposures and conversions per allocation (window)",
+        title_justify="left",
+    )
+    verdicts = {(v["project"], v["env"], v["policy"]): v for v in document["sample_ratio"]}
+    for row in document["allocations"]:
+        verdict = verdicts.get((row["project"], row["env"], row["policy"]))
+        table.add_row(
+            f"{row['project']}/{row['env']}",
+            row["policy"],
+            row["allocation"],
+            f"{row['exposures']:,}",
+            f"{row['conversions']:,}",
+            _verdict(verdict),
+        )
+    return table
+
+
+def _top_events(document: dict[str, Any]) -> Table:
+    table = Table(
+        "project/env", "event", "count", title="top track events (window)", title_justify="left"
+    )
+    for row in document["top_events"]:
+        table.add_row(f"{row['project']}/{row['env']}", row["event"], f"{row['count']:,}")
+    return table
+
+
+def _verdict(verdict: dict[str, Any] | None) -> Text:
+    if verdict is None or not verdict["checked"]:
+        return Text(verdict["reason"] if verdict else "", style="dim")
+    if verdict["mismatch"]:
+        return Text(f"MISMATCH p={verdict['p_value']:.1e}", style="bold red")
+    return Text(f"ok p={verdict['p_value']:.2f}", style="green")
+
+
+def _up(up: bool) -> Text:
+    return Text("up", style="green") if up else Text("down", style="bold red")
+
+
+def _bytes(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:,.0f} {unit}" if unit == "B" else f"{size:,.1f} {unit}"
+        size /= 1024
+    return f"{size} B"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
