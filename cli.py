@@ -32,9 +32,13 @@ from collector.supervisor import ForwarderChild
 app = typer.Typer(help="Edge collector for Traffical experiment events.", no_args_is_help=True)
 keys_app = typer.Typer(help="Manage the API keys clients use.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+config_app = typer.Typer(help="Check and show the effective settings.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
 dlq_app = typer.Typer(help="Inspect, replay and purge dead-lettered events.", no_args_is_help=True)
 app.add_typer(dlq_app, name="dlq")
 
+# Settings whose values `config show` never prints.
+SECRET_SETTINGS = frozenset({"upstream_key"})
 # How often `status --watch` refreshes: as often as the processes write their heartbeat.
 STATUS_REFRESH_S = 2.0
 # Dead letters replayed per queue row (and per transaction).
@@ -273,6 +277,34 @@ def status(
     else:
         Console().print(render(document))
     raise typer.Exit(0 if document["healthy"] else 1)
+
+
+@config_app.command("check")
+def config_check(config: ConfigOption = None, data_dir: DataDirOption = None) -> None:
+    """Validate the settings and the secrets they name; exit 2 naming what is wrong.
+
+    Example: collector config check --config /etc/collector/collector.toml
+    """
+    settings = settings_or_exit(config, data_dir=data_dir)
+    try:
+        settings.upstream_key_value()
+        settings.project_key_values()
+    except ConfigFileError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(f"settings ok (data dir {settings.data_dir})")
+
+
+@config_app.command("show")
+def config_show(config: ConfigOption = None, data_dir: DataDirOption = None) -> None:
+    """Print the effective settings, secrets masked. Example: collector config show"""
+    settings = settings_or_exit(config, data_dir=data_dir)
+    for name, value in settings.model_dump(mode="json").items():
+        if name in SECRET_SETTINGS and value:
+            value = "********"
+        elif name == "upstream_keys":
+            value = [{**entry, "key": "********" if entry["key"] else None} for entry in value]
+        typer.echo(f"{name} = {json.dumps(value)}")
 
 
 def open_dead_letters(config: Path | None, data_dir: Path | None) -> DeadLetters:
