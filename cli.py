@@ -11,17 +11,20 @@ import contextlib
 import json
 import logging
 import signal
+import socket
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import uvicorn
 from pydantic import ValidationError
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from collector import logs, notify
 from collector.auth import SCOPES, KeyStore, ensure_first_key, now_utc
 from collector.deadletters import DeadLetters
 from collector.errors import CollectorError
@@ -71,11 +74,7 @@ PortOption = Annotated[int | None, typer.Option(help="Port to listen on (COLLECT
 
 
 def setup_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    # httpx logs every request at INFO; the forwarder says what matters itself.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logs.setup(settings.log_level)
 
 
 @app.command()
@@ -137,8 +136,6 @@ def forward(
 
 def serve_until_stopped(settings: Settings) -> None:
     """Serve HTTP until SIGTERM or Ctrl-C (uvicorn stops cleanly on both)."""
-    import uvicorn
-
     from collector.app import create_app
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -158,17 +155,32 @@ def serve_until_stopped(settings: Settings) -> None:
     # forwarder) instead of killing the process on the spot.
     for stop_signal in (signal.SIGTERM, signal.SIGINT):
         signal.signal(stop_signal, lambda received, frame: None)
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
         port=settings.port,
-        log_level=settings.log_level,
+        log_config=None,  # our handlers (collector.logs) carry uvicorn's records too
         access_log=False,
         loop="uvloop",
         http="httptools",
         # A client that trickles its body or sits idle is dropped after this many seconds.
         timeout_keep_alive=30,
     )
+    NotifyingServer(config).run()
+
+
+class NotifyingServer(uvicorn.Server):
+    """uvicorn's server, telling systemd when it serves and when it stops."""
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            notify.notify("READY=1")
+            self._watchdog = asyncio.create_task(notify.keep_watchdog_fed())
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        notify.notify("STOPPING=1")
+        await super().shutdown(sockets)
 
 
 def _path_flag(flag: str, value: Path | None) -> list[str]:
