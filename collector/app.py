@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import sqlite3
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -206,12 +205,12 @@ async def keep_house(settings: Settings, counts: Counts) -> None:
     while True:
         await asyncio.sleep(COUNTS_FLUSH_S)
         try:
-            await asyncio.to_thread(counts.flush)
+            await asyncio.to_thread(counts.write, counts.take())
             if time.monotonic() - beat >= heartbeat.BEAT_EVERY_S:
                 beat = time.monotonic()
                 state = {"url": f"http://{settings.host}:{settings.port}", "started": started}
                 await asyncio.to_thread(heartbeat.write, path, state)
-        except (OSError, sqlite3.Error) as exc:
+        except Exception as exc:  # never let this task die: status would call us down
             log.warning("could not write counts or heartbeat: %s", exc)
 
 

@@ -106,8 +106,17 @@ class Counts:
         return counter
 
     def flush(self) -> None:
-        """Write what was added since the last flush; forget minutes past the window."""
+        """Write what was added since the last flush (from the thread that adds)."""
+        self.write(self.take())
+
+    def take(self) -> dict[tuple[int, str], Counter[Labels]]:
+        """What was added since the last take; call it from the thread that adds, then
+        `write` it from any thread, so no increment is lost to a flush in progress."""
         pending, self._pending = self._pending, {}
+        return pending
+
+    def write(self, pending: dict[tuple[int, str], Counter[Labels]]) -> None:
+        """Add `pending` to the file; forget minutes past the window."""
         rows = [
             (minute, name, orjson.dumps(labels).decode(), value)
             for (minute, name), counter in pending.items()
@@ -179,12 +188,16 @@ class EventCounter:
         written.update(t for i, t in enumerate(targets) if i not in skipped)
         if skipped:
             self.counts.counter("events_deduplicated").update(targets[i] for i in skipped)
-        for event in events:
+        for index, event in enumerate(events):
             kind = event["type"]
+            # A duplicate (a client's retry) is the same event again: counted once above as
+            # de-duplicated, never twice as a track event, exposure or conversion.
             if kind == "track":
-                self._track(event)
+                if index not in skipped:
+                    self._track(event)
             elif kind == "exposure":
-                self._exposure(event)
+                if index not in skipped:
+                    self._exposure(event)
                 self._remember(event.get("decisionId"), event)
             else:
                 self._remember(event.get("id"), event)

@@ -76,15 +76,17 @@ def _rates(document: dict[str, Any]) -> Table:
 
 
 def _allocations(document: dict[str, Any]) -> Table:
-    table = Table(
-        "project/env",
-        "policy",
-        "allocation",
-        "exposures",
-        "conversions",
-        "sample ratio",
-        title="exposures and conversions per allocation (window)",
-        title_justify="left",
+    table = _folding(
+        Table(
+            "project/env",
+            "policy",
+            "allocation",
+            "exposures",
+            "conversions",
+            "sample ratio",
+            title="exposures and conversions per allocation (window)",
+            title_justify="left",
+        )
     )
     verdicts = {(v["project"], v["env"], v["policy"]): v for v in document["sample_ratio"]}
     for row in document["allocations"]:
@@ -101,11 +103,21 @@ def _allocations(document: dict[str, Any]) -> Table:
 
 
 def _top_events(document: dict[str, Any]) -> Table:
-    table = Table(
-        "project/env", "event", "count", title="top track events (window)", title_justify="left"
+    table = _folding(
+        Table(
+            "project/env", "event", "count", title="top track events (window)", title_justify="left"
+        )
     )
     for row in document["top_events"]:
         table.add_row(f"{row['project']}/{row['env']}", row["event"], f"{row['count']:,}")
+    return table
+
+
+def _folding(table: Table) -> Table:
+    """Names too long for a narrow terminal wrap onto more lines instead of being cut: two
+    policies cut to "pol_check…" could not be told apart."""
+    for column in table.columns:
+        column.overflow = "fold"
     return table
 
 
