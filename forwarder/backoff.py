@@ -28,7 +28,7 @@ class Backoff:
         self.failures += 1
         delay = self._rng.uniform(0, ceiling)
         if retry_after is not None:
-            delay = max(delay, min(retry_after, self.max_s))
+            delay = max(delay, retry_after)
         return delay
 
     def reset(self) -> None:

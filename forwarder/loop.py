@@ -40,7 +40,7 @@ from typing import IO, Any
 
 import orjson
 
-from collector import heartbeat
+from collector import heartbeat, notify
 from collector.deadletters import DeadLetters
 from collector.settings import Settings
 from collector.spool import Row, Spool
@@ -64,6 +64,9 @@ GZIP_LEVEL = 1
 MAX_BUFFERED_EVENTS = 20_000
 # How often a forwarder started by `collector run` checks that `run` is still there.
 PARENT_CHECK_S = 0.5
+# A batch's body is `{"events":[` + its events joined by commas + `]}`; `Batch.size` counts
+# one comma per event, one too many, so it starts at the envelope's length less one.
+BODY_OVERHEAD = len(b'{"events":[]}') - 1
 LOCK_FILE = "forwarder.lock"
 STATE_NAME = "forwarder"
 
@@ -85,7 +88,7 @@ class Batch:
     key: BatchKey
     events: list[bytes] = field(default_factory=list)
     rows: list[int] = field(default_factory=list)
-    size: int = 0
+    size: int = BODY_OVERHEAD  # the body's length in bytes
     started: float = field(default_factory=time.monotonic)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
@@ -189,6 +192,8 @@ class Forwarder:
             await self._close()
 
     def stop(self) -> None:
+        if not self._stopping.is_set():
+            notify.notify("STOPPING=1")
         self._stopping.set()
 
     def reload(self) -> None:
@@ -275,8 +280,12 @@ class Forwarder:
         return full
 
     async def _hand_off(self, batch: Batch) -> None:
+        """Queue `batch` for a sender; on stop, give up (its rows are made ready again)."""
         if batch.events:
-            await self._batches.put(batch)
+            putting = asyncio.ensure_future(self._batches.put(batch))
+            await self._wait_for(putting)
+            if not putting.done():
+                putting.cancel()
 
     async def _hand_off_all(self, building: dict[BatchKey, Batch]) -> None:
         for key in list(building):
@@ -466,10 +475,13 @@ async def run(
         loop.add_signal_handler(signal.SIGTERM, forwarder.stop)
         loop.add_signal_handler(signal.SIGINT, forwarder.stop)
         loop.add_signal_handler(signal.SIGHUP, forwarder.reload)
-        watch = asyncio.create_task(_stop_without(parent_pid, forwarder)) if parent_pid else None
+        helpers = [asyncio.create_task(notify.keep_watchdog_fed())]
+        if parent_pid:
+            helpers.append(asyncio.create_task(_stop_without(parent_pid, forwarder)))
+        notify.notify("READY=1")
         await forwarder.run()
-        if watch is not None:
-            watch.cancel()
+        for task in helpers:
+            task.cancel()
 
 
 async def _stop_without(parent_pid: int, forwarder: Forwarder) -> None:

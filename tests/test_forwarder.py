@@ -1,0 +1,844 @@
+"""The forwarder, end to end: a real `collector serve`, a real `collector forward` and a real
+HTTP upstream on 127.0.0.1 (`tests/upstream.py`), nothing mocked.
+
+Clients post to the server; the forwarder (a subprocess started per test with env vars
+pointing at the upstream) drains the queue; the tests read what the upstream received, what
+is left in the queue file, the dead-letter store (through `collector dlq`, or read directly
+where the command itself is not under test) and the forwarder's `forwarder.json` and log.
+Retry delays are shrunk (0.05 s, capped at 0.5 s) so a retry takes a fraction of a second;
+waits are on conditions, never blind.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import math
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from collector import heartbeat
+from collector.deadletters import DeadLetters
+from collector.spool import DB_FILE as QUEUE_FILE
+
+from conftest import COLLECTOR, ROOT, Server, event, run_cli
+from upstream import Received, Upstream
+
+QUEUE_TABLE = "ack_queue_events"  # persist-queue's table for the queue named "events"
+READY = 1  # persist-queue's status of a row waiting to be taken
+UPSTREAM_KEY = "traffical_sk_upstream"
+WAIT_S = 10.0
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# Fast retries and a short stop deadline, so the tests take seconds, not minutes.
+FAST = {
+    "COLLECTOR_RETRY_INITIAL_SECONDS": "0.05",
+    "COLLECTOR_RETRY_MAX_SECONDS": "0.5",
+    "COLLECTOR_STOP_TIMEOUT_SECONDS": "2",
+    "COLLECTOR_FORWARD_TIMEOUT_SECONDS": "5",
+}
+
+
+# --- helpers ----------------------------------------------------------------------------
+
+
+class RecordingUpstream(Upstream):
+    """`Upstream` that also notes when each request was decided and the most ever in flight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.times: list[float] = []  # time.monotonic() of each entry of `requests`
+        self.wall_times: list[float] = []  # and time.time()
+        self.max_in_flight = 0
+        self._handling = 0
+
+    def _handle(self, path: str, headers: dict[str, str], raw: bytes, closing: Any) -> Any:
+        with self._cond:
+            self._handling += 1
+            self.max_in_flight = max(self.max_in_flight, self._handling)
+        try:
+            return super()._handle(path, headers, raw, closing)
+        finally:
+            with self._cond:
+                self._handling -= 1
+
+    def _record(self, path: str, headers: dict[str, str], events: list[Any], status: int) -> None:
+        super()._record(path, headers, events, status)
+        self.times.append(time.monotonic())
+        self.wall_times.append(time.time())
+
+    def clear(self) -> None:
+        with self._cond:
+            super().clear()
+            self.times.clear()
+            self.wall_times.clear()
+
+    def timed(self) -> list[tuple[float, Received]]:
+        with self._cond:
+            return list(zip(self.times, self._requests, strict=True))
+
+
+@pytest.fixture
+def upstream() -> Iterator[RecordingUpstream]:
+    with RecordingUpstream() as running:
+        yield running
+
+
+def to(upstream: Upstream, key: str = UPSTREAM_KEY) -> dict[str, str]:
+    """The env vars that point a forwarder at `upstream` with `key`."""
+    return {"COLLECTOR_UPSTREAM_URL": upstream.url, "COLLECTOR_UPSTREAM_KEY": key}
+
+
+@dataclass
+class Forwarder:
+    """A running `collector forward` process; its stdout and stderr go to `log_path`."""
+
+    process: subprocess.Popen[bytes]
+    data_dir: Path
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def state(self) -> dict[str, Any]:
+        return heartbeat.read(heartbeat.state_path(self.data_dir, "forwarder")) or {}
+
+    def wait_for_state(
+        self, upstream: str, timeout: float = WAIT_S, **fields: Any
+    ) -> dict[str, Any]:
+        """The state file once this process wrote `upstream` there, and `fields` if given.
+
+        The state is written on each change of `upstream` and its counts every two seconds.
+        """
+        wanted = {"upstream": upstream, "pid": self.process.pid, **fields}
+        seen: dict[str, Any] = {}
+
+        def matches() -> bool:
+            seen.update(self.state())
+            return all(seen.get(name) == value for name, value in wanted.items())
+
+        wait_for(matches, f"forwarder state {wanted}", timeout, lambda: f"{seen}\n{self.log()}")
+        return seen
+
+    def levels_of(self, text: str) -> set[str]:
+        """The levels of the log lines holding `text` (JSON lines, or plain text ones)."""
+        levels = set()
+        for line in self.log().splitlines():
+            if text not in line:
+                continue
+            try:
+                levels.add(str(json.loads(line)["level"]).lower())
+            except (ValueError, KeyError, TypeError):
+                levels.update(word.lower() for word in line.split() if word in LEVELS)
+        return levels
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM, and the exit status once it stopped."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError(
+                f"forwarder did not stop within {timeout} s:\n{self.log()}"
+            ) from None
+
+
+@pytest.fixture
+def start_forwarder(tmp_path: Path) -> Iterator[Callable[..., Forwarder]]:
+    """Factory: start_forwarder(data_dir, *args, **env) runs `collector forward *args`."""
+    started: list[Forwarder] = []
+
+    def start(data_dir: Path, *args: str, **env: str) -> Forwarder:
+        log_path = tmp_path / f"forwarder{len(started)}.log"
+        full_env = {**os.environ, "COLLECTOR_DATA_DIR": str(data_dir), **FAST, **env}
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(
+                [*COLLECTOR, "forward", *args],
+                cwd=ROOT,
+                env=full_env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        forwarder = Forwarder(process, data_dir, log_path)
+        started.append(forwarder)
+        return forwarder
+
+    yield start
+    for forwarder in started:
+        if forwarder.process.poll() is None:
+            forwarder.process.send_signal(signal.SIGTERM)
+            try:
+                forwarder.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                forwarder.process.kill()
+                forwarder.process.wait()
+
+
+def wait_for(
+    condition: Callable[[], bool],
+    what: str,
+    timeout: float = WAIT_S,
+    detail: Callable[[], str] = lambda: "",
+) -> None:
+    """Poll `condition` (for state outside the test process: files, the queue) until true."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{detail()}")
+        time.sleep(0.02)
+
+
+def wait_until_drained(server: Server, forwarder: Forwarder) -> None:
+    wait_for(lambda: server.stored() == [], "an empty queue", detail=forwarder.log)
+
+
+def post(server: Server, events: list[dict[str, Any]]) -> None:
+    answer = server.post({"events": events})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["written"] == len(events), answer.text
+
+
+def numbered(prefix: str, count: int, **fields: Any) -> list[dict[str, Any]]:
+    return [event(id=f"{prefix}-{i:04d}", **fields) for i in range(count)]
+
+
+def ids(events: list[dict[str, Any]]) -> list[str]:
+    return [e["id"] for e in events]
+
+
+def dlq_list_json(data_dir: Path) -> list[dict[str, Any]]:
+    """What `collector dlq list --json` prints."""
+    done = run_cli("dlq", "list", "--json", data_dir=data_dir)
+    assert done.returncode == 0, done.stderr
+    letters: list[dict[str, Any]] = json.loads(done.stdout)
+    return letters
+
+
+def dead_letters(data_dir: Path) -> list[dict[str, Any]]:
+    """The same, read in this process (a CLI run costs a few tenths of a second)."""
+    store = DeadLetters(data_dir)
+    try:
+        return [letter.summary() for letter in store.letters()]
+    finally:
+        store.close()
+
+
+def same(sent: Any, received: Any) -> bool:
+    """Equal field by field, in order and in type (1.0 is not 1, true is not 1)."""
+    return json.dumps(sent) == json.dumps(received)
+
+
+def queue_statuses(data_dir: Path) -> list[int]:
+    conn = sqlite3.connect(f"file:{data_dir / QUEUE_FILE}?mode=ro", uri=True)
+    try:
+        return [status for (status,) in conn.execute(f"SELECT status FROM {QUEUE_TABLE}")]
+    finally:
+        conn.close()
+
+
+# --- events arrive unchanged, in well-formed batches ------------------------------------
+
+
+def test_events_arrive_field_by_field_as_the_client_sent_them(
+    server: Server, upstream: RecordingUpstream, start_forwarder: Callable[..., Forwarder]
+) -> None:
+    sent = [
+        event(id="plain"),
+        event(
+            "exposure",
+            id="rich",
+            unknownField={"nested": {"deeper": [1, 1.0, -0.0, 0.1, 1e300, None, True]}},
+            context={"page": "/ünïcødé", "emoji": "🎉 日本語", "escapes": 'q"b\\n\n\t\u2028'},
+            value=1.0,
+            count=1,
+            big=2**63 - 1,
+            negative=-(2**63),
+            newerSdkField=[{"a": []}, {}],
+        ),
+        event("decision", id="numbers", unitKey=42, value=0, values={"a": 1.5, "b": 2}),
+    ]
+    post(server, sent)
+    # Some SDKs emit bare NaN/Infinity; the server stores them as null, and so they arrive.
+    raw = (
+        b'{"events":[{"type":"track","orgId":"org_test","projectId":"proj_test",'
+        b'"env":"production","unitKey":"u","timestamp":"2026-05-21T10:30:00Z",'
+        b'"event":"e","id":"nan","value":NaN,"values":{"x":Infinity,"y":-Infinity,"z":1}}]}'
+    )
+    answer = server.post(content=raw, headers={"Content-Type": "application/json"})
+    assert answer.status_code == 200, answer.text
+    expected = [
+        *sent,
+        {
+            "type": "track",
+            "orgId": "org_test",
+            "projectId": "proj_test",
+            "env": "production",
+            "unitKey": "u",
+            "timestamp": "2026-05-21T10:30:00Z",
+            "event": "e",
+            "id": "nan",
+            "value": None,
+            "values": {"x": None, "y": None, "z": 1},
+        },
+    ]
+
+    forwarder = start_forwarder(server.data_dir, **to(upstream))
+    received = {e["id"]: e for e in upstream.wait_for_events(len(expected))}
+    wait_until_drained(server, forwarder)
+
+    assert sorted(received) == sorted(e["id"] for e in expected)
+    for original in expected:
+        assert same(original, received[original["id"]]), (original, received[original["id"]])
+    assert isinstance(received["rich"]["value"], float)
+    assert isinstance(received["rich"]["count"], int)
+    for request in upstream.requests:
+        assert request.accepted, request
+        assert request.headers["content-encoding"] == "gzip"
+        assert request.headers["content-type"] == "application/json"
+        assert request.key == UPSTREAM_KEY
+        assert request.batch_id
+        assert request.path == "/v1/events"
+    forwarder.wait_for_state("ok", forwarded=len(expected))
+
+
+def test_batches_hold_at_most_1000_events_of_one_project_and_env(
+    server: Server, upstream: RecordingUpstream, start_forwarder: Callable[..., Forwarder]
+) -> None:
+    scopes = [("proj_a", "production")] * 6 + [("proj_a", "staging"), ("proj_b", "production")]
+    sent: list[dict[str, Any]] = []
+    for round_ in range(3):
+        body = [
+            event(id=f"r{round_}-{i}", projectId=project, env=env)
+            for i, (project, env) in enumerate(scopes * 100)
+        ]
+        post(server, body)
+        sent += body
+
+    forwarder = start_forwarder(server.data_dir, **to(upstream))
+    upstream.wait_for_events(len(sent))
+    wait_until_drained(server, forwarder)
+
+    assert Counter(upstream.event_ids()) == Counter(ids(sent))  # each once, none lost
+    sizes = []
+    for request in upstream.requests:
+        assert request.accepted, request
+        assert len({(e["projectId"], e["env"]) for e in request.events}) == 1, request.batch_id
+        sizes.append(len(request.events))
+    assert max(sizes) == 1000  # rows are combined up to the limit, never past it
+    assert len({r.batch_id for r in upstream.requests}) == len(upstream.requests)
+
+
+def test_request_bodies_stay_within_forward_batch_bytes(
+    server: Server, upstream: RecordingUpstream, start_forwarder: Callable[..., Forwarder]
+) -> None:
+    sent = numbered("bytes", 95)
+    size = len(orjson.dumps(sent[0]))
+    assert {len(orjson.dumps(e)) for e in sent} == {size}
+    # Ten events and their commas fit with a few bytes to spare, but not with the envelope.
+    limit = 10 * (size + 1) + 5
+    post(server, sent)
+
+    forwarder = start_forwarder(
+        server.data_dir, **to(upstream), COLLECTOR_FORWARD_BATCH_BYTES=str(limit)
+    )
+    upstream.wait_for_events(len(sent))
+    wait_until_drained(server, forwarder)
+
+    bodies = [
+        b'{"events":[' + b",".join(orjson.dumps(e) for e in r.events) + b"]}"
+        for r in upstream.requests
+    ]
+    assert max(len(body) for body in bodies) <= limit
+    assert len(bodies) >= 10
+    assert Counter(upstream.event_ids()) == Counter(ids(sent))
+
+
+# --- retries ----------------------------------------------------------------------------
+
+
+def assert_one_batch_retried(upstream: RecordingUpstream, sent: list[dict[str, Any]]) -> None:
+    """Every request carried the same batch (id and events), and the last one was accepted."""
+    requests = upstream.requests
+    assert len(requests) >= 2, upstream.summary()
+    assert {r.batch_id for r in requests} == {requests[0].batch_id}
+    for request in requests:
+        assert ids(request.events) == ids(sent)
+    assert requests[-1].accepted
+    assert not any(r.accepted for r in requests[:-1])
+
+
+def test_retry_after_in_seconds_or_as_a_date_is_honoured_and_the_batch_id_kept(
+    server: Server, upstream: RecordingUpstream, start_forwarder: Callable[..., Forwarder]
+) -> None:
+    forwarder = start_forwarder(server.data_dir, **to(upstream))
+    forwarder.wait_for_state("ok")
+    for case, (status, retry_after) in enumerate([(503, "1"), (429, "1"), (503, "date")]):
+        upstream.clear()
+        not_before = 0.0
+        if retry_after == "date":  # an HTTP date has whole seconds: 2 to 3 s from now
+            not_before = math.ceil(time.time()) + 2
+            retry_after = email.utils.formatdate(not_before, usegmt=True)
+        upstream.fail(status, retry_after=retry_after, times=1)
+        sent = numbered(f"after{case}", 5)
+        post(server, sent)
+        upstream.wait_for_events(len(sent))
+        wait_until_drained(server, forwarder)
+
+        assert_one_batch_retried(upstream, sent)
+        (first, refused), (second, _) = upstream.timed()[:2]
+        assert refused.status == status
+        if not_before:  # not before the date (the backoff alone would retry within 0.05 s)
+            first_at, second_at = upstream.wall_times[:2]
+            assert first_at < not_before - 0.5, "the first attempt came too late to tell"
+            assert second_at >= not_before - 0.02, (first_at, not_before, second_at)
+        else:  # not before a second (the backoff alone would retry within 0.05 s)
+            assert second - first >= 0.95, (status, retry_after, second - first)
+
+
+def test_server_errors_and_timeouts_are_retried_with_the_same_batch_id(
+    server: Server, upstream: RecordingUpstream, start_forwarder: Callable[..., Forwarder]
+) -> None:
+    forwarder = start_forwarder(server.data_dir, **to(upstream))
+    forwarder.wait_for_state("ok")
+    for status in [500, 502, 504, 408]:
+        upstream.clear()
+        upstream.fail(status, times=3)
+        sent = numbered(f"status{status}", 20)
+        post(server, sent)
+        upstream.wait_for_events(len(sent))
+        wait_until_drained(server, forwarder)
+
+        assert_one_batch_retried(upstream, sent)
+        assert [r.status for r in upstream.requests] == [status, status, status, 200]
+    assert dead_letters(server.data_dir) == []
+    forwarder.wait_for_state("ok", retried=12)
+
+
+def test_an_unreachable_upstream_is_retried_until_it_is_back(
+    server: Server, upstream: RecordingUpstream, start_forwarder: Callable[..., Forwarder]
+) -> None:
+    sent = numbered("down", 30)
+    post(server, sent)
+    upstream.down()
+
+    forwarder = start_forwarder(server.data_dir, **to(upstream))
+    state = forwarder.wait_for_state("retrying")
+    assert "unreachable" in state["message"]
+    assert state["outage_since"] is not None
+    assert len(server.stored()) == len(sent)
+    upstream.up()
+
+    upstream.wait_for_events(len(sent))
+    wait_until_drained(server, forwarder)
+    assert Counter(upstream.event_ids()) == Counter(ids(sent))
+    state = forwarder.wait_for_state("ok")
+    assert state["outage_since"] is None
+    assert state["retried"] >= 1
+
+
+def test_a_slow_upstream_times_out_and_is_retried(
+    server: Server, upstream: RecordingUpstream, start_forwarder: Callable[..., Forwarder]
+) -> None:
+    sent = numbered("slow", 10)
+    post(server, sent)
+    upstream.slow(3)
+
+    forwarder = start_forwarder(
+        server.data_dir, **to(upstream), COLLECTOR_FORWARD_TIMEOUT_SECONDS="0.3"
+    )
+    state = forwarder.wait_for_state("retrying")
+    assert "timed out" in state["message"]
+    assert len(server.stored()) == len(sent)  # not acked while unanswered
+    upstream.ok()
+
+    wait_for(
+        lambda: any(r.accepted and ids(r.events) == ids(sent) for r in upstream.requests),
+        "a fast answer",
+        detail=upstream.summary,
+    )
+    wait_until_drained(server, forwarder)
+    assert "upstream timed out" in forwarder.log()
+    # Abandoned slow requests are still held by the upstream; each used the same batch id.
+    upstream.down()
+    assert {r.batch_id for r in upstream.requests} == {upstream.requests[0].batch_id}
+
+
+def test_during_an_outage_only_one_request_is_in_flight(
+    server: Server, upstream: RecordingUpstream, start_forwarder: Callable[..., Forwarder]
+) -> None:
+    upstream.fail(503)
+    upstream.slow(0.1)  # each refusal takes a while, so overlapping requests would show
+    post(server, numbered("first", 5))
+    forwarder = start_forwarder(server.data_dir, **to(upstream), COLLECTOR_FORWARD_IN_FLIGHT="4")
+    forwarder.wait_for_state("retrying")
+    # Five more batches (one per project), so each of the four senders holds one to retry.
+    more = [event(id=f"more-{p}-{i}", projectId=f"proj_{p}") for p in range(5) for i in range(5)]
+    post(server, more)
+    upstream.wait_until(
+        lambda up: len({r.batch_id for r in up._requests}) >= 4 and len(up._requests) >= 12,
+        WAIT_S,
+        "every sender retrying its batch",
+    )
+
+    assert upstream.max_in_flight == 1, upstream.summary()
+    assert len(server.stored()) == 30
+    upstream.ok()
+    upstream.wait_until(lambda up: {e["id"] for e in up._events} >= set(ids(more)), WAIT_S)
+    wait_until_drained(server, forwarder)
+
+
+# --- rejected events: split, and only the offending ones dead-lettered -----------------
+
+
+def test_rejected_batches_are_split_until_only_the_bad_events_are_dead_lettered(
+    server: Server, upstream: RecordingUpstream, start_forwarder: Callable[..., Forwarder]
+) -> None:
+    forwarder = start_forwarder(server.data_dir, **to(upstream))
+    forwarder.wait_for_state("ok")
+    bad: dict[str, int] = {}
+    for status in [400, 413]:
+        upstream.clear()
+        sent = numbered(f"split{status}", 100)
+        wrong = {f"split{status}-0013", f"split{status}-0077"}
+        bad.update(dict.fromkeys(wrong, status))
+        upstream.reject_ids(wrong, status=status)
+        post(server, sent)
+        upstream.wait_for_events(98)
+        wait_until_drained(server, forwarder)
+        assert Counter(upstream.event_ids()) == Counter(i for i in ids(sent) if i not in wrong)
+        assert len(upstream.requests) > 2  # halves of halves, not one event at a time
+        assert len(upstream.requests) < 40
+
+    letters = dlq_list_json(server.data_dir)
+    assert sorted(letter["event_id"] for letter in letters) == sorted(bad)
+    for letter in letters:
+        status = bad[letter["event_id"]]
+        assert letter["reason"].startswith(f"rejected by upstream: HTTP {status}")
+        assert f"event {letter['event_id']} is invalid" in letter["reason"]
+        assert (letter["project"], letter["env"], letter["type"]) == (
+            "proj_test",
+            "production",
+            "track",
+        )
+    forwarder.wait_for_state("ok", forwarded=196, dead_lettered=4)
+
+
+def test_an_event_too_large_for_the_upstream_alone_is_dead_lettered(
+    server: Server, upstream: RecordingUpstream, start_forwarder: Callable[..., Forwarder]
+) -> None:
+    sent = numbered("size", 40)
+    sent[17]["padding"] = "x" * 5000
+    post(server, sent)
+    upstream.too_large_over(4000)
+
+    forwarder = start_forwarder(server.data_dir, **to(upstream))
+    upstream.wait_for_events(39)
+    wait_until_drained(server, forwarder)
+
+    assert Counter(upstream.event_ids()) == Counter(i for i in ids(sent) if i != "size-0017")
+    letters = dead_letters(server.data_dir)
+    assert [letter["event_id"] for letter in letters] == ["size-0017"]
+    assert "HTTP 413" in letters[0]["reason"]
+
+
+# --- refused keys: stop, keep everything, resume once the key is fixed ------------------
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_refused_key_keeps_every_event_until_a_restart_with_a_good_key(
+    server: Server,
+    upstream: RecordingUpstream,
+    start_forwarder: Callable[..., Forwarder],
+    status: int,
+) -> None:
+    if status == 401:
+        upstream.accept_keys({"good"})
+    else:  # a valid key, for another project
+        upstream.require_keys({("proj_test", "production"): "good", ("proj_x", "dev"): "bad"})
+    sent = numbered("key", 50)
+    post(server, sent)
+
+    forwarder = start_forwarder(server.data_dir, **to(upstream, key="bad"))
+    state = forwarder.wait_for_state("key_rejected")
+    assert f"HTTP {status}" in state["message"]
+    # It stopped sending: retrying would send again within retry_max_seconds (0.5 s).
+    with pytest.raises(AssertionError, match="another request"):
+        upstream.wait_until(lambda up: len(up._requests) > 1, 0.6, "another request")
+    assert [r.status for r in upstream.requests] == [status]
+    assert upstream.events == []
+    assert dlq_list_json(server.data_dir) == []
+    assert ids(server.stored()) == ids(sent)
+    assert forwarder.levels_of("refused the key") == {"error"}
+    assert forwarder.stop() == 0
+    assert ids(server.stored()) == ids(sent)
+
+    fixed = start_forwarder(server.data_dir, **to(upstream, key="good"))
+    upstream.wait_for_events(len(sent))
+    wait_until_drained(server, fixed)
+    assert Counter(upstream.event_ids()) == Counter(ids(sent))
+
+
+def test_a_fixed_key_file_is_picked_up_on_sighup(
+    server: Server,
+    upstream: RecordingUpstream,
+    start_forwarder: Callable[..., Forwarder],
+    tmp_path: Path,
+) -> None:
+    upstream.accept_keys({"good"})
+    key_file = tmp_path / "upstream-key"
+    key_file.write_text("bad\n")
+    sent = numbered("hup", 20)
+    post(server, sent)
+
+    forwarder = start_forwarder(
+        server.data_dir,
+        COLLECTOR_UPSTREAM_URL=upstream.url,
+        COLLECTOR_UPSTREAM_KEY_FILE=str(key_file),
+    )
+    forwarder.wait_for_state("key_rejected")
+    assert upstream.events == []
+    key_file.write_text("good\n")
+    forwarder.process.send_signal(signal.SIGHUP)
+
+    upstream.wait_for_events(len(sent))
+    wait_until_drained(server, forwarder)
+    assert forwarder.process.poll() is None  # the same process, resumed
+    assert [r.key for r in upstream.requests] == ["bad", "good"]
+    assert "upstream keys reloaded" in forwarder.log()
+
+
+# --- per-project keys -------------------------------------------------------------------
+
+
+def test_each_project_and_env_is_sent_with_its_own_key(
+    server: Server,
+    upstream: RecordingUpstream,
+    start_forwarder: Callable[..., Forwarder],
+    tmp_path: Path,
+) -> None:
+    web_key_file = tmp_path / "web.key"
+    web_key_file.write_text("key-web\n")
+    config = tmp_path / "collector.toml"
+    config.write_text(
+        f'upstream_url = "{upstream.url}"\n'
+        'upstream_key = "key-default"\n'
+        "\n[[upstream_keys]]\n"
+        'project = "proj_api"\nkey = "key-api"\n'
+        "\n[[upstream_keys]]\n"
+        f'project = "proj_web"\nkey_file = "{web_key_file}"\n'
+        "\n[[upstream_keys]]\n"
+        'project = "proj_api"\nenv = "staging"\nkey = "key-api-staging"\n'
+    )
+    keys = {
+        ("proj_api", "production"): "key-api",
+        ("proj_api", "staging"): "key-api-staging",
+        ("proj_web", "production"): "key-web",
+        ("proj_web", "staging"): "key-web",
+        ("proj_other", "production"): "key-default",
+    }
+    upstream.require_keys(keys)
+    sent = [
+        event(id=f"{project}-{env}-{i}", projectId=project, env=env)
+        for i in range(10)
+        for project, env in keys
+    ]
+    post(server, sent)
+
+    forwarder = start_forwarder(server.data_dir, "--config", str(config))
+    upstream.wait_for_events(len(sent))
+    wait_until_drained(server, forwarder)
+
+    assert Counter(upstream.event_ids()) == Counter(ids(sent))
+    used = {}
+    for request in upstream.requests:
+        assert request.accepted, request
+        for e in request.events:
+            used[(e["projectId"], e["env"])] = request.key
+    assert used == keys
+
+
+# --- no upstream, old events ------------------------------------------------------------
+
+
+def test_without_an_upstream_events_stay_queued_and_the_forwarder_says_so(
+    server: Server, start_forwarder: Callable[..., Forwarder]
+) -> None:
+    sent = numbered("keep", 10)
+    post(server, sent)
+
+    forwarder = start_forwarder(server.data_dir)
+    state = forwarder.wait_for_state("not_configured")
+    assert "events stay queued" in state["message"]
+    assert forwarder.levels_of("events stay queued") == {"warning"}
+    assert forwarder.process.poll() is None
+    assert ids(server.stored()) == ids(sent)
+    assert forwarder.stop() == 0
+    assert ids(server.stored()) == ids(sent)
+    assert dead_letters(server.data_dir) == []
+
+
+def test_events_older_than_the_maximum_age_are_dead_lettered_not_sent(
+    server: Server, upstream: RecordingUpstream, start_forwarder: Callable[..., Forwarder]
+) -> None:
+    old = numbered("old", 10)
+    post(server, old)
+    posted = time.time()
+    time.sleep(max(0.0, posted + 1.2 - time.time()))  # the events must age past 1 s
+
+    forwarder = start_forwarder(
+        server.data_dir, **to(upstream), COLLECTOR_MAX_EVENT_AGE_SECONDS="1"
+    )
+    wait_until_drained(server, forwarder)
+    fresh = numbered("fresh", 3)
+    post(server, fresh)  # a fresh one still goes out: the upstream was never the problem
+    upstream.wait_for_events(len(fresh))
+    wait_until_drained(server, forwarder)
+
+    assert upstream.event_ids() == ids(fresh)
+    letters = dead_letters(server.data_dir)
+    assert sorted(letter["event_id"] for letter in letters) == ids(old)
+    assert {letter["reason"] for letter in letters} == {"older than the maximum age (1 s)"}
+
+
+# --- the dead-letter commands -----------------------------------------------------------
+
+
+def test_dead_letter_commands_list_show_replay_and_purge(
+    server: Server, upstream: RecordingUpstream, start_forwarder: Callable[..., Forwarder]
+) -> None:
+    sent = numbered("dlq", 10, extra={"nested": ["ü", 1.0]})
+    bad = ["dlq-0002", "dlq-0005", "dlq-0008"]
+    upstream.reject_ids(bad)
+    post(server, sent)
+    forwarder = start_forwarder(server.data_dir, **to(upstream))
+    upstream.wait_for_events(7)
+    wait_until_drained(server, forwarder)
+    data_dir = server.data_dir
+
+    letters = dlq_list_json(data_dir)
+    assert [letter["event_id"] for letter in letters] == bad
+    assert letters == dead_letters(data_dir)
+    table = run_cli("dlq", "list", data_dir=data_dir)
+    assert table.returncode == 0, table.stderr
+    assert all(event_id in table.stdout for event_id in bad)
+    assert "HTTP 400" in table.stdout
+    assert "3 dead-lettered events" in table.stdout
+
+    shown = run_cli("dlq", "show", str(letters[1]["id"]), data_dir=data_dir)
+    assert shown.returncode == 0, shown.stderr
+    document = json.loads(shown.stdout)
+    assert same(document["event"], sent[5])
+    assert document["reason"] == letters[1]["reason"]
+    missing = run_cli("dlq", "show", "999999", data_dir=data_dir)
+    assert missing.returncode != 0
+    assert "no dead letter with id 999999" in missing.stderr
+
+    for wrong in [("dlq", "replay"), ("dlq", "replay", "--all", str(letters[0]["id"]))]:
+        refused = run_cli(*wrong, data_dir=data_dir)
+        assert refused.returncode != 0, wrong
+        assert "give the ids to replay, or --all" in refused.stderr
+    unknown = run_cli("dlq", "replay", "999999", data_dir=data_dir)
+    assert unknown.returncode != 0
+    assert "not found" in unknown.stderr
+    assert len(dead_letters(data_dir)) == 3
+
+    # Replayed events go back into the queue and out to the upstream, which now takes them.
+    upstream.reject_ids([])
+    one = run_cli("dlq", "replay", str(letters[0]["id"]), data_dir=data_dir)
+    assert one.returncode == 0, one.stderr
+    assert "Replayed 1 " in one.stdout
+    upstream.wait_for_events(8)
+    assert [letter["event_id"] for letter in dead_letters(data_dir)] == bad[1:]
+    every = run_cli("dlq", "replay", "--all", data_dir=data_dir)
+    assert every.returncode == 0, every.stderr
+    assert "Replayed 2 " in every.stdout
+    upstream.wait_for_events(10)
+    wait_until_drained(server, forwarder)
+    assert dead_letters(data_dir) == []
+    assert Counter(upstream.event_ids()) == Counter(ids(sent))
+    replayed = {e["id"]: e for e in upstream.events if e["id"] in bad}
+    assert all(same(e, replayed[e["id"]]) for e in sent if e["id"] in bad)
+
+    # Purge: new dead letters, deleted for good.
+    upstream.reject_ids(["gone-0000", "gone-0001"])
+    post(server, numbered("gone", 4))
+    upstream.wait_for_events(12)
+    wait_for(lambda: len(dead_letters(data_dir)) == 2, "two new dead letters")
+    purged = run_cli("dlq", "purge", "--yes", data_dir=data_dir)
+    assert purged.returncode == 0, purged.stderr
+    assert "Purged 2 dead letters." in purged.stdout
+    assert dead_letters(data_dir) == []
+
+
+# --- one forwarder per data directory, clean stop ---------------------------------------
+
+
+def test_a_second_forwarder_on_the_same_data_dir_refuses_to_start(
+    server: Server, start_forwarder: Callable[..., Forwarder]
+) -> None:
+    first = start_forwarder(server.data_dir)
+    first.wait_for_state("not_configured")
+
+    second = start_forwarder(server.data_dir)
+    try:
+        status = second.process.wait(timeout=WAIT_S)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"the second forwarder kept running:\n{second.log()}") from None
+    assert status != 0
+    assert "another forwarder is running" in second.log()
+    assert first.process.poll() is None
+    assert first.state()["pid"] == first.process.pid
+
+    assert first.stop() == 0
+    third = start_forwarder(server.data_dir)  # the lock went with the process
+    third.wait_for_state("not_configured")
+
+
+def test_sigterm_with_a_slow_upstream_stops_in_time_and_keeps_undelivered_events(
+    server: Server, upstream: RecordingUpstream, start_forwarder: Callable[..., Forwarder]
+) -> None:
+    # Six batches for two senders: two in flight, two handed off, the rest still building.
+    sent = [event(id=f"stop-{p}-{i}", projectId=f"proj_{p}") for p in range(6) for i in range(20)]
+    post(server, sent)
+    upstream.slow(30)
+    forwarder = start_forwarder(
+        server.data_dir,
+        **to(upstream),
+        COLLECTOR_STOP_TIMEOUT_SECONDS="1",
+        COLLECTOR_FORWARD_TIMEOUT_SECONDS="60",
+    )
+    upstream.wait_until(lambda up: up.in_flight == 2, WAIT_S, "two requests in flight")
+
+    asked = time.monotonic()
+    forwarder.process.send_signal(signal.SIGTERM)
+    try:
+        status = forwarder.process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"no stop within 10 s:\n{forwarder.log()}") from None
+    took = time.monotonic() - asked
+    assert status == 0, forwarder.log()
+    assert took < 1 + 2, took  # the stop timeout, and the time to exit
+    upstream.down()  # cut the abandoned requests: the upstream never answers them
+    assert upstream.events == []
+    assert sorted(ids(server.stored())) == sorted(ids(sent))
+    assert set(queue_statuses(server.data_dir)) == {READY}  # not left in flight
+
+    upstream.up()
+    upstream.ok()
+    again = start_forwarder(server.data_dir, **to(upstream))
+    upstream.wait_for_events(len(sent))
+    wait_until_drained(server, again)
+    assert Counter(upstream.event_ids()) == Counter(ids(sent))
