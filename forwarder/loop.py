@@ -41,6 +41,7 @@ from typing import IO, Any
 import orjson
 
 from collector import heartbeat, notify
+from collector.counts import Counts
 from collector.deadletters import DeadLetters
 from collector.settings import Settings
 from collector.spool import Row, Spool
@@ -68,6 +69,15 @@ PARENT_CHECK_S = 0.5
 # one comma per event, one too many, so it starts at the envelope's length less one.
 BODY_OVERHEAD = len(b'{"events":[]}') - 1
 LOCK_FILE = "forwarder.lock"
+# How often the forwarder writes its counts to counts.db (and so how fresh status is).
+COUNTS_FLUSH_S = 1.0
+# Upstream answers as counted in `upstream_requests`.
+OUTCOME = {
+    Delivered: "delivered",
+    RetryLater: "retry",
+    Rejected: "rejected",
+    KeyRejected: "key_rejected",
+}
 STATE_NAME = "forwarder"
 
 BatchKey = tuple[str, str]  # (project, env)
@@ -159,6 +169,7 @@ class Forwarder:
             resume_in_flight=True,
         )
         self.dead = DeadLetters(settings.data_dir)
+        self.counts = Counts(settings.data_dir, settings.counts_window_minutes)
         self.stats = Stats()
         self._outage = Outage()
         self._pending: dict[int, int] = {}  # row id -> events not yet settled
@@ -225,6 +236,8 @@ class Forwarder:
             await asyncio.to_thread(self.spool.nack, unsettled)
             log.info("stopped with %d queue rows unsettled; they stay queued", len(unsettled))
         self._write_state()
+        await self._write_counts()
+        self.counts.close()
         self.spool.close()
         self.dead.close()
 
@@ -258,7 +271,8 @@ class Forwarder:
         if time.time() - row.queued_at > self.settings.max_event_age_seconds:
             await self._dead_letter(
                 [_dumps(e) for e in events],
-                f"older than the maximum age ({self.settings.max_event_age_seconds:.0f} s)",
+                f"older than the maximum age ({self.settings.max_event_age_seconds:g} s)",
+                "max_age",
             )
             await asyncio.to_thread(self.spool.ack, [row.id])
             return []
@@ -317,10 +331,13 @@ class Forwarder:
                 todo += [second, first]
                 continue
             if isinstance(result, Rejected):
-                await self._dead_letter(part.events, f"rejected by upstream: {result.reason}")
+                await self._dead_letter(
+                    part.events, f"rejected by upstream: {result.reason}", "rejected"
+                )
             else:
                 self.stats.forwarded += len(part.events)
                 self.stats.last_success = time.time()
+                self.counts.add("forwarded", part.key, len(part.events))
             await self._settle(part)
 
     async def _send(self, batch: Batch) -> Delivered | Rejected:
@@ -338,6 +355,7 @@ class Forwarder:
                     result = await self._upstream.send(body, key, batch.id)
                 finally:
                     self._outage.release(holds_probe)
+                self.counts.add("upstream_requests", (OUTCOME[type(result)],))
             if isinstance(result, RetryLater):
                 self._outage.failed()
                 self.stats.retried += 1
@@ -382,9 +400,10 @@ class Forwarder:
         if done:
             await asyncio.to_thread(self.spool.ack, done)
 
-    async def _dead_letter(self, events: list[bytes], reason: str) -> None:
+    async def _dead_letter(self, events: list[bytes], reason: str, kind: str) -> None:
         count = await asyncio.to_thread(self.dead.add, events, reason)
         self.stats.dead_lettered += count
+        self.counts.add("dead_lettered", (kind,), count)
         log.warning("dead-lettered %d events: %s", count, reason)
 
     # --- state -----------------------------------------------------------------------
@@ -414,9 +433,20 @@ class Forwarder:
             )
 
     async def _beat(self) -> None:
+        """Every second write the counts; every few, the state file (the heartbeat)."""
+        beat = 0.0
         while True:
-            self._write_state()
-            await asyncio.sleep(heartbeat.BEAT_EVERY_S)
+            await self._write_counts()
+            if time.monotonic() - beat >= heartbeat.BEAT_EVERY_S:
+                beat = time.monotonic()
+                self._write_state()
+            await asyncio.sleep(COUNTS_FLUSH_S)
+
+    async def _write_counts(self) -> None:
+        try:
+            await asyncio.to_thread(self.counts.write, self.counts.take())
+        except Exception as exc:  # counts are worth a warning, never the forwarder
+            log.warning("could not write counts: %s", exc)
 
     async def _wait(self, event: asyncio.Event, timeout: float | None) -> None:
         """Wait for `event` (or for stop), at most `timeout` seconds."""

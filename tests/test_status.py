@@ -917,7 +917,6 @@ def test_metrics_parse_with_the_documented_families(fleet: Fleet) -> None:
     assert buckets[frozenset({("le", "+Inf")})] == sum(count.values()) >= 1
 
 
-@pytest.mark.xfail(strict=False, reason="forwarder counts being wired")
 def test_metrics_count_what_the_forwarder_did(fleet: Fleet) -> None:
     families = metrics(fleet.server)
 
