@@ -256,6 +256,7 @@ def create_app(settings: Settings) -> Litestar:
         lifespan=[lifespan],
         cors_config=cors,
         request_max_body_size=settings.max_body_bytes,
+        logging_config=None,  # collector.logs configures every logger, uvicorn's included
         exception_handlers={
             CollectorError: on_collector_error,
             HTTPException: on_http_error,

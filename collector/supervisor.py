@@ -23,6 +23,7 @@ log = logging.getLogger("collector.run")
 # First and longest delay before restarting a forwarder that exited.
 RESTART_FIRST_S = 1.0
 RESTART_MAX_S = 60.0
+SYSTEMD_ONLY = frozenset({"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"})
 
 
 def self_command(*args: str) -> list[str]:
@@ -64,6 +65,12 @@ class ForwarderChild:
             process.wait()
         self._thread.join(timeout=5)
 
+    @staticmethod
+    def _environment() -> dict[str, str]:
+        """Ours, without systemd's notify and watchdog variables: under a `run` unit only
+        `run` speaks for the service; a forwarder saying READY=1 first would be wrong."""
+        return {k: v for k, v in os.environ.items() if k not in SYSTEMD_ONLY}
+
     def _keep_running(self) -> None:
         delay = RESTART_FIRST_S
         while True:
@@ -72,7 +79,9 @@ class ForwarderChild:
                     return
                 # Its own process group: a Ctrl-C at the terminal reaches `run` alone, which
                 # then stops the forwarder itself (rather than seeing it exit and restarting it).
-                self._process = subprocess.Popen(self._command, process_group=0)
+                self._process = subprocess.Popen(
+                    self._command, process_group=0, env=self._environment()
+                )
             started = time.monotonic()
             code = self._process.wait()
             if self._stopping.is_set():
