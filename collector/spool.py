@@ -165,6 +165,9 @@ class Spool:
                 row = self._queue.get(block=False, raw=True)
             except Empty:
                 return None
+            # persist-queue keeps what `get` returns in a cache until its own ack; ours is
+            # SQL (`ack`, `nack`), so drop it now or every row taken stays in memory.
+            self._queue._unack_cache.pop(row["pqid"], None)
         return Row(int(row["pqid"]), row["data"], float(row["timestamp"]))
 
     def ack(self, row_ids: Sequence[int]) -> None:

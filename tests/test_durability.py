@@ -391,3 +391,21 @@ def test_server_restart_does_not_resume_in_flight_rows(server: Server) -> None:
         assert ids(again.events()) == ["trk_after_restart"]
     finally:
         forwarder.close()
+
+
+def test_taking_and_acking_rows_keeps_nothing_in_memory(tmp_path: Path) -> None:
+    """persist-queue caches every row `get` returns; the forwarder must not keep them all."""
+    writer = GroupWriter(WriterConfig(tmp_path, "full", 1 << 30, 3600))
+    try:
+        for n in range(5):
+            writer.commit([[(f"trk_{n}", orjson.dumps(event(id=f"trk_{n}")))]])
+    finally:
+        writer.close()
+    forwarder = Spool(tmp_path, budget_bytes=1 << 30, resume_in_flight=True)
+    try:
+        taken = [row for row in iter(forwarder.take, None)]
+        forwarder.ack([row.id for row in taken])
+        assert len(taken) == 5
+        assert forwarder._queue._unack_cache == {}
+    finally:
+        forwarder.close()

@@ -1,0 +1,588 @@
+"""Forwarder drain rate and memory: a backlog of N queued events sent to a local upstream.
+
+What it measures, for each backlog size N (default 1,000,000):
+
+    fill      a fresh data directory's queue is filled directly with `Spool.append`, in rows
+              of 1000 events (the way the server's group commit stores them): realistic SDK
+              events (decisions, exposures, purchases, page views; `bench/ingest.py`'s
+              factory), every id unique over the run
+    upstream  a minimal HTTP/1.1 keep-alive server on uvloop, in its own process on
+              127.0.0.1: it reads each request, gunzips it, parses it, counts its events and
+              their distinct ids, and answers 200 at once (far faster than the forwarder,
+              so it is not what is measured)
+    drain     `collector forward` (a subprocess, default settings) is started on the data
+              directory and timed until the upstream holds all N distinct ids, and then until
+              the queue is empty (every row acked)
+
+Reported: drain rate in events/s (whole drain, start-up included, and the steady middle from
+10% to 90%), the forwarder's peak RSS (VmHWM) and its RSS when 10%, 50% and 90% of the
+backlog had arrived, its CPU per event, and the upstream's. Memory is flat when the peak RSS
+of a 100k and a 1M backlog are about the same: run both with `--events 100000,1000000`.
+
+`--profile` also samples the forwarder with py-spy (`py-spy record --format raw`, which
+must be on PATH or next to this Python) and prints where its time goes, by function: every
+busy thread (SQLite and gzip run in worker threads), or with `--profile-gil` only the
+thread holding the GIL, which is the part that cannot run in parallel.
+
+Run it by hand (it is not part of the test suite):
+
+    python bench/forward.py [--events 100000,1000000] [--in-flight N] [--profile [--profile-gil]]
+
+It removes its data directories and stops its processes on exit, Ctrl-C included. Load only
+ever targets 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import platform
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import uvloop
+from ingest import (
+    MARKER,
+    REQ_DIGITS,
+    EventFactory,
+    _die_with_parent,
+    cpu_model,
+    filesystem_of,
+    free_port,
+    machine_busy_seconds,
+    note,
+    version_of,
+)
+
+from collector.spool import QUEUE_NAME, Spool
+
+ROOT = Path(__file__).resolve().parent.parent
+HOST = "127.0.0.1"
+ROW_EVENTS = 1000  # events per queue row, as the server's group commit stores a full request
+TEMPLATES = 4  # distinct prebuilt rows (ids are made unique per row by the row number)
+SAMPLE_S = 0.05  # how often the upstream's count and the forwarder's memory are read
+STALL_S = 120.0  # give up when no event arrives for this long
+ACK_TIMEOUT_S = 60.0  # time allowed, once all events arrived, for the last acks
+STOP_TIMEOUT_S = 30.0
+TARGET_EVENTS_S = 60_000
+MIB = 1024 * 1024
+
+
+# --- the upstream: a bare HTTP/1.1 server that counts events -----------------------------
+
+
+@dataclass
+class Counts:
+    requests: int = 0
+    events: int = 0
+    bad: int = 0
+    gzip_bytes: int = 0
+    json_bytes: int = 0
+    ids: set[str] = field(default_factory=set)
+
+    def document(self) -> bytes:
+        return orjson.dumps(
+            {
+                "requests": self.requests,
+                "events": self.events,
+                "distinct": len(self.ids),
+                "bad": self.bad,
+                "gzip_bytes": self.gzip_bytes,
+                "json_bytes": self.json_bytes,
+                "cpu_s": time.process_time(),
+            }
+        )
+
+
+class UpstreamProtocol(asyncio.Protocol):
+    """One keep-alive connection: requests with Content-Length, answered in order."""
+
+    def __init__(self, counts: Counts) -> None:
+        self.counts = counts
+        self.buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's TCPTransport
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while True:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = bytes(self.buffer[:end]).decode("latin-1").split("\r\n")
+            headers = {}
+            for line in head[1:]:
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
+            length = int(headers.get("content-length", "0"))
+            if len(self.buffer) < end + 4 + length:
+                return
+            body = bytes(self.buffer[end + 4 : end + 4 + length])
+            del self.buffer[: end + 4 + length]
+            self.answer(head[0].split(" ")[:2], headers, body)
+
+    def answer(self, request_line: list[str], headers: dict[str, str], body: bytes) -> None:
+        method, path = request_line
+        if method == "GET" and path == "/stats":
+            self.send(200, self.counts.document())
+            return
+        counts = self.counts
+        counts.requests += 1
+        try:
+            raw = zlib.decompress(body, 31) if headers.get("content-encoding") == "gzip" else body
+            events = orjson.loads(raw)["events"]
+            counts.ids.update(event["id"] for event in events)
+        except (zlib.error, orjson.JSONDecodeError, KeyError, TypeError) as exc:
+            counts.bad += 1
+            self.send(400, orjson.dumps({"error": "Bad Request", "message": str(exc)}))
+            return
+        counts.events += len(events)
+        counts.gzip_bytes += len(body)
+        counts.json_bytes += len(raw)
+        self.send(200, b'{"accepted":%d,"written":%d}' % (len(events), len(events)))
+
+    def send(self, status: int, body: bytes) -> None:
+        assert self.transport is not None
+        reason = "OK" if status == 200 else "Bad Request"
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+            % (status, reason.encode(), len(body))
+            + body
+        )
+
+
+def serve_upstream(port: int) -> None:
+    async def serve() -> None:
+        counts = Counts()
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: UpstreamProtocol(counts), HOST, port)
+        async with server:
+            await server.serve_forever()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        uvloop.run(serve())
+
+
+# --- processes --------------------------------------------------------------------------
+
+
+def child_env() -> dict[str, str]:
+    """The environment without COLLECTOR_* settings, so the forwarder runs on defaults."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("COLLECTOR_")}
+
+
+def start(argv: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(
+            argv,
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # Ctrl-C reaches the bench only; it stops us in order
+            preexec_fn=_die_with_parent,
+        )
+
+
+def stop(process: subprocess.Popen[bytes] | None) -> int | None:
+    if process is None:
+        return None
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM of `pid` in bytes (empty once it is gone)."""
+    found = {}
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name in ("VmRSS", "VmHWM"):
+                found[name] = int(value.split()[0]) * 1024
+    return found
+
+
+def cpu_seconds(pid: int) -> float:
+    with contextlib.suppress(OSError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return 0.0
+
+
+def queue_rows(data_dir: Path) -> int:
+    conn = sqlite3.connect(f"file:{data_dir / 'queue.db'}?mode=ro", uri=True, timeout=10)
+    try:
+        (rows,) = conn.execute(f"SELECT COUNT(*) FROM ack_queue_{QUEUE_NAME}").fetchone()
+        return int(rows)
+    finally:
+        conn.close()
+
+
+def py_spy() -> str | None:
+    beside = Path(sys.executable).parent / "py-spy"
+    return str(beside) if beside.exists() else shutil.which("py-spy")
+
+
+# --- one run ----------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    events: int
+    fill_s: float = 0.0
+    queue_mib: float = 0.0
+    first_s: float = 0.0  # from the forwarder's start to the first event upstream
+    delivered_s: float = 0.0  # ... to the last event upstream
+    acked_s: float = 0.0  # ... to the queue being empty
+    steady_events_s: float = 0.0  # from 10% to 90% of the backlog
+    peak_rss: int = 0
+    rss_at: dict[int, int] = field(default_factory=dict)  # percent of the backlog -> RSS
+    forwarder_cpu_s: float = 0.0
+    upstream_cpu_s: float = 0.0
+    machine_busy: float = 0.0  # cores busy on average during the drain (everything)
+    upstream: dict[str, Any] = field(default_factory=dict)
+    exit_code: int | None = None
+    profile: Path | None = None
+
+    @property
+    def events_s(self) -> float:
+        return self.events / self.delivered_s if self.delivered_s else 0.0
+
+
+def fill(data_dir: Path, events: int, seed: int) -> float:
+    """Queue `events` events in rows of ROW_EVENTS; returns the seconds it took."""
+    templates = []
+    for offset in range(TEMPLATES):
+        factory = EventFactory(seed + offset)
+        templates.append([orjson.dumps(event) for event in factory.events(ROW_EVENTS)])
+    began = time.monotonic()
+    spool = Spool(data_dir, sync="normal", budget_bytes=1 << 50)
+    try:
+        for row in range(-(-events // ROW_EVENTS)):
+            count = min(ROW_EVENTS, events - row * ROW_EVENTS)
+            number = b"%0*d" % (REQ_DIGITS, row)
+            template = templates[row % TEMPLATES]
+            spool.append([raw.replace(MARKER, number) for raw in template[:count]])
+    finally:
+        spool.close()
+    return time.monotonic() - began
+
+
+def run_one(events: int, workdir: Path, args: argparse.Namespace) -> Result:
+    result = Result(events)
+    data_dir = workdir / "data"
+    data_dir.mkdir(parents=True)
+    config = workdir / "collector.toml"
+    config.write_text("")  # an empty file: /etc/collector/collector.toml is never read
+    note(f"{events:,} events: filling the queue in rows of {ROW_EVENTS}")
+    result.fill_s = fill(data_dir, events, args.seed)
+    result.queue_mib = sum(p.stat().st_size for p in data_dir.glob("queue.db*")) / MIB
+    note(f"filled in {result.fill_s:.1f} s ({result.queue_mib:.0f} MiB); starting upstream")
+
+    port = free_port()
+    upstream = start(
+        [sys.executable, str(Path(__file__).resolve()), "--serve-upstream", "--port", str(port)],
+        workdir / "upstream.log",
+        child_env(),
+    )
+    forwarder: subprocess.Popen[bytes] | None = None
+    spy: subprocess.Popen[bytes] | None = None
+    client = httpx.Client(base_url=f"http://{HOST}:{port}", timeout=10)
+    try:
+        wait_for_upstream(client, upstream)
+        env = {
+            **child_env(),
+            "COLLECTOR_UPSTREAM_URL": f"http://{HOST}:{port}",
+            "COLLECTOR_UPSTREAM_KEY": "traffical_sk_bench",
+            "COLLECTOR_LOG_LEVEL": "warning",
+        }
+        if args.in_flight:
+            env["COLLECTOR_FORWARD_IN_FLIGHT"] = str(args.in_flight)
+        argv = [sys.executable, "-m", "cli", "forward", "--config", str(config)]
+        argv += ["--data-dir", str(data_dir)]
+        busy_before = machine_busy_seconds()
+        began = time.monotonic()
+        forwarder = start(argv, workdir / "forwarder.log", env)
+        note(f"forwarder pid {forwarder.pid} draining to 127.0.0.1:{port}")
+        if args.profile:
+            spy = start_profiler(forwarder.pid, workdir, result, args.profile_gil)
+        watch(client, forwarder, events, began, result)
+        busy = machine_busy_seconds() - busy_before
+        result.machine_busy = busy / (time.monotonic() - began)
+        deadline = time.monotonic() + ACK_TIMEOUT_S
+        while queue_rows(data_dir) and time.monotonic() < deadline:
+            time.sleep(SAMPLE_S)
+        result.acked_s = time.monotonic() - began
+        result.peak_rss = proc_status(forwarder.pid).get("VmHWM", 0)
+        result.forwarder_cpu_s = cpu_seconds(forwarder.pid)
+        result.upstream = orjson.loads(client.get("/stats").content)
+        result.upstream_cpu_s = float(result.upstream["cpu_s"])
+        result.exit_code = stop(forwarder)
+        if spy is not None:
+            spy.wait(STOP_TIMEOUT_S)
+    finally:
+        client.close()
+        stop(forwarder)
+        stop(spy)
+        stop(upstream)
+    return result
+
+
+def wait_for_upstream(client: httpx.Client, upstream: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if upstream.poll() is not None:
+            raise RuntimeError("the upstream exited at start")
+        with contextlib.suppress(httpx.TransportError):
+            client.get("/stats")
+            return
+        time.sleep(SAMPLE_S)
+    raise RuntimeError("the upstream did not start")
+
+
+def start_profiler(
+    pid: int, workdir: Path, result: Result, gil: bool
+) -> subprocess.Popen[bytes] | None:
+    spy = py_spy()
+    if spy is None:
+        note("py-spy not found: no profile")
+        return None
+    result.profile = workdir / "forwarder.folded"
+    argv = [spy, "record", "--pid", str(pid), "--rate", "200", "--format", "raw"]
+    argv += ["--nonblocking", "--output", str(result.profile)]
+    if gil:
+        argv.append("--gil")
+    return start(argv, workdir / "py-spy.log", os.environ.copy())
+
+
+def watch(
+    client: httpx.Client,
+    forwarder: subprocess.Popen[bytes],
+    events: int,
+    began: float,
+    result: Result,
+) -> None:
+    """Sample the upstream's count and the forwarder's RSS until all events arrived."""
+    marks = {10: events * 0.1, 50: events * 0.5, 90: events * 0.9}
+    reached: dict[int, float] = {}
+    last_count, last_change = 0, time.monotonic()
+    while True:
+        if forwarder.poll() is not None:
+            raise RuntimeError(f"the forwarder exited with status {forwarder.returncode}")
+        stats = orjson.loads(client.get("/stats").content)
+        now = time.monotonic()
+        count = int(stats["distinct"])
+        rss = proc_status(forwarder.pid).get("VmRSS", 0)
+        if count and not result.first_s:
+            result.first_s = now - began
+        for percent, threshold in marks.items():
+            if percent not in reached and count >= threshold:
+                reached[percent] = now
+                result.rss_at[percent] = rss
+        if count >= events:
+            result.delivered_s = now - began
+            break
+        if count != last_count:
+            last_count, last_change = count, now
+        elif now - last_change > STALL_S:
+            raise RuntimeError(f"no progress for {STALL_S:.0f} s at {count} events")
+        time.sleep(SAMPLE_S)
+    if 10 in reached and 90 in reached and reached[90] > reached[10]:
+        result.steady_events_s = events * 0.8 / (reached[90] - reached[10])
+
+
+# --- reporting --------------------------------------------------------------------------
+
+
+def report(results: list[Result], args: argparse.Namespace) -> None:
+    print()
+    print(f"machine: nproc {len(os.sched_getaffinity(0))} ({os.cpu_count()} CPUs), {cpu_model()}")
+    print(
+        f"python {platform.python_version()}; persist-queue {version_of('persist-queue')}, "
+        f"httpx {version_of('httpx')}, orjson {version_of('orjson')}; "
+        f"tmp on {filesystem_of(Path(tempfile.gettempdir()))}"
+    )
+    print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
+    in_flight = args.in_flight or "default (2)"
+    print(
+        f"forwarder: collector forward, default settings (in flight {in_flight}, gzip level 1), "
+        f"rows of {ROW_EVENTS} events"
+    )
+    print()
+    header = (
+        f"{'backlog':>10} {'events/s':>9} {'steady/s':>9} {'drain s':>8} {'acked s':>8} "
+        f"{'1st ev s':>8} {'peak RSS':>9} {'RSS@10%':>8} {'RSS@50%':>8} {'RSS@90%':>8} "
+        f"{'fwd CPU µs/ev':>13} {'upstr µs/ev':>11} {'busy cores':>10}"
+    )
+    print(header)
+    for r in results:
+        print(
+            f"{r.events:>10,} {r.events_s:>9,.0f} {r.steady_events_s:>9,.0f} "
+            f"{r.delivered_s:>8.1f} {r.acked_s:>8.1f} {r.first_s:>8.2f} "
+            f"{r.peak_rss / MIB:>7.0f}Mi {r.rss_at.get(10, 0) / MIB:>6.0f}Mi "
+            f"{r.rss_at.get(50, 0) / MIB:>6.0f}Mi {r.rss_at.get(90, 0) / MIB:>6.0f}Mi "
+            f"{r.forwarder_cpu_s / r.events * 1e6:>13.1f} "
+            f"{r.upstream_cpu_s / r.events * 1e6:>11.1f} {r.machine_busy:>10.2f}"
+        )
+    print()
+    for r in results:
+        up = r.upstream
+        ratio = up["json_bytes"] / up["gzip_bytes"] if up.get("gzip_bytes") else 0
+        print(
+            f"{r.events:,}: queue {r.queue_mib:.0f} MiB filled in {r.fill_s:.1f} s; upstream got "
+            f"{up['requests']:,} requests, {up['events']:,} events ({up['distinct']:,} distinct, "
+            f"{up['events'] - up['distinct']:,} repeated), {up['bad']} refused, gzip {ratio:.1f}x; "
+            f"forwarder exit status {r.exit_code}"
+        )
+    print()
+    print(
+        "events/s: backlog / (forwarder start -> last event upstream), start-up included; "
+        "steady/s: from 10% to 90% of the backlog; acked s: until the queue was empty; "
+        "busy cores: the whole machine's, averaged over the drain (2 = saturated)."
+    )
+    # The target is for a large backlog: a small one's rate is mostly start-up.
+    largest = max(results, key=lambda r: r.events)
+    verdict = "met" if largest.events_s >= TARGET_EVENTS_S else "NOT met"
+    print(
+        f"target: >= {TARGET_EVENTS_S:,} events/s draining {largest.events:,}: {verdict} "
+        f"({largest.events_s:,.0f}/s)"
+    )
+    if len(results) > 1:
+        small, large = min(results, key=lambda r: r.events), max(results, key=lambda r: r.events)
+        print(
+            f"memory: peak RSS {small.peak_rss / MIB:.0f} MiB for {small.events:,} events, "
+            f"{large.peak_rss / MIB:.0f} MiB for {large.events:,} "
+            f"({large.peak_rss / small.peak_rss:.2f}x for {large.events / small.events:.0f}x "
+            "the backlog)"
+        )
+    for r in results:
+        if r.profile is not None:
+            print_profile(r)
+
+
+# Packages whose functions the inclusive profile lists (the rest is plumbing: runpy, click,
+# asyncio's loop), so it shows what each step of the forwarder costs.
+PROFILED = ("(forwarder/", "(collector/", "(persistqueue/", "(httpx/", "(httpcore/", "(zlib")
+
+
+def print_profile(result: Result, top: int = 25) -> None:
+    """Where the forwarder's samples were: by function, self and inclusive."""
+    assert result.profile is not None
+    if not result.profile.exists():
+        note(f"no profile written to {result.profile}")
+        return
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for line in result.profile.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack:
+            continue
+        count = int(count_text)
+        frames = stack.split(";")
+        total += count
+        own[_short(frames[-1])] += count
+        for frame in {_short(f) for f in frames if any(p in f for p in PROFILED)}:
+            inclusive[frame] += count
+    print()
+    print(f"profile of the {result.events:,}-event drain: {total} samples")
+    print(f"  self time, top {top}:")
+    for frame, count in own.most_common(top):
+        print(f"    {count / total:6.1%}  {frame}")
+    print(f"  inclusive time (forwarder, collector, persist-queue, httpx), top {top}:")
+    for frame, count in inclusive.most_common(top):
+        print(f"    {count / total:6.1%}  {frame}")
+
+
+def _short(frame: str) -> str:
+    """`function (file.py)` from py-spy's `function (path/file.py:line)`."""
+    function, _, rest = frame.partition(" (")
+    return f"{function} ({Path(rest.split(':')[0]).name})" if rest else function
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Forwarder drain rate and memory.")
+    parser.add_argument(
+        "--events",
+        default="1000000",
+        help="backlog sizes, comma separated (default 1000000; e.g. 100000,1000000)",
+    )
+    parser.add_argument(
+        "--in-flight", type=int, default=0, help="COLLECTOR_FORWARD_IN_FLIGHT (default: setting)"
+    )
+    parser.add_argument("--profile", action="store_true", help="sample the forwarder (py-spy)")
+    parser.add_argument(
+        "--profile-gil",
+        action="store_true",
+        help="with --profile: sample only the thread holding the GIL (the serial part)",
+    )
+    parser.add_argument("--seed", type=int, default=1, help="seed of the generated events")
+    parser.add_argument(
+        "--tmp-dir", type=Path, default=None, help="where data dirs go (default: system tmp)"
+    )
+    parser.add_argument("--serve-upstream", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    try:
+        args.sizes = [int(size.replace("_", "")) for size in args.events.split(",") if size]
+    except ValueError:
+        parser.error("--events takes whole numbers, comma separated")
+    if not args.sizes or min(args.sizes) < 1:
+        parser.error("--events must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.serve_upstream:
+        serve_upstream(args.port)
+        return 0
+    tmp_root = Path(tempfile.mkdtemp(prefix="collector-forward-bench-", dir=args.tmp_dir))
+    results: list[Result] = []
+
+    def interrupt(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        for number, events in enumerate(args.sizes):
+            workdir = tmp_root / f"run{number}"
+            results.append(run_one(events, workdir, args))
+            if results[-1].profile is not None:  # keep the profile, drop the queue
+                shutil.rmtree(workdir / "data", ignore_errors=True)
+            else:
+                shutil.rmtree(workdir, ignore_errors=True)
+        report(results, args)
+    except KeyboardInterrupt:
+        note("interrupted; processes stopped and temporary files removed")
+        return 130
+    finally:
+        shutil.rmtree(tmp_root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
