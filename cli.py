@@ -10,6 +10,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import multiprocessing
+import os
 import signal
 import socket
 import time
@@ -40,6 +42,8 @@ app.add_typer(config_app, name="config")
 dlq_app = typer.Typer(help="Inspect, replay and purge dead-lettered events.", no_args_is_help=True)
 app.add_typer(dlq_app, name="dlq")
 
+# Where a first start under systemd leaves the key it made (the journal must not hold it).
+FIRST_KEY_FILE = "first-api-key"
 # Settings whose values `config show` never prints.
 SECRET_SETTINGS = frozenset({"upstream_key"})
 # How often `status --watch` refreshes: as often as the processes write their heartbeat.
@@ -141,8 +145,7 @@ def serve_until_stopped(settings: Settings) -> None:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     first = ensure_first_key(KeyStore(settings.keys_file))
     if first is not None:
-        typer.echo("No API key existed, so one was created. It is shown only this once:")
-        typer.echo(first)
+        show_first_key(first, settings.data_dir)
     logging.getLogger("collector.server").info(
         "serving on http://%s:%d, queue in %s (sync=%s)",
         settings.host,
@@ -181,6 +184,22 @@ class NotifyingServer(uvicorn.Server):
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         notify.notify("STOPPING=1")
         await super().shutdown(sockets)
+
+
+def show_first_key(secret: str, data_dir: Path) -> None:
+    """Print the key made on a first start, once; under systemd (whose journal keeps
+    stdout) write it to a file only the service user can read instead."""
+    if "INVOCATION_ID" not in os.environ:
+        typer.echo("No API key existed, so one was created. It is shown only this once:")
+        typer.echo(secret)
+        return
+    path = data_dir / FIRST_KEY_FILE
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(secret + "\n")
+    logging.getLogger("collector.server").warning(
+        "no API key existed: one was created and written to %s (delete it once copied)", path
+    )
 
 
 def _path_flag(flag: str, value: Path | None) -> list[str]:
@@ -292,15 +311,27 @@ def status(
 
 
 @config_app.command("check")
-def config_check(config: ConfigOption = None, data_dir: DataDirOption = None) -> None:
+def config_check(
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+    secrets: Annotated[
+        bool,
+        typer.Option(
+            "--secrets/--no-secrets",
+            help="Also read the upstream key files the settings name; the server, which "
+            "never uses them, is checked with --no-secrets.",
+        ),
+    ] = True,
+) -> None:
     """Validate the settings and the secrets they name; exit 2 naming what is wrong.
 
     Example: collector config check --config /etc/collector/collector.toml
     """
     settings = settings_or_exit(config, data_dir=data_dir)
     try:
-        settings.upstream_key_value()
-        settings.project_key_values()
+        if secrets:
+            settings.upstream_key_value()
+            settings.project_key_values()
     except ConfigFileError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
@@ -425,6 +456,10 @@ def _iso(timestamp: float) -> str:
 
 
 def main() -> None:
+    # In the one-file build (scripts/build-binary) the executable is also the interpreter of
+    # the queue writer child (multiprocessing "spawn") and its resource tracker: this runs
+    # them and exits. A no-op when not frozen.
+    multiprocessing.freeze_support()
     app(prog_name="collector")
 
 
