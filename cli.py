@@ -17,6 +17,7 @@ import socket
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from types import FrameType
 from typing import Annotated, Any
 
 import typer
@@ -42,6 +43,8 @@ app.add_typer(config_app, name="config")
 dlq_app = typer.Typer(help="Inspect, replay and purge dead-lettered events.", no_args_is_help=True)
 app.add_typer(dlq_app, name="dlq")
 
+# Seconds within which a second SIGINT is taken as the same Ctrl-C (see NotifyingServer).
+REPEAT_WINDOW_S = 0.5
 # Where a first start under systemd leaves the key it made (the journal must not hold it).
 FIRST_KEY_FILE = "first-api-key"
 # Settings whose values `config show` never prints.
@@ -175,6 +178,8 @@ def serve_until_stopped(settings: Settings) -> None:
 class NotifyingServer(uvicorn.Server):
     """uvicorn's server, telling systemd when it serves and when it stops."""
 
+    _exit_at = 0.0
+
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         if self.started:
@@ -184,6 +189,17 @@ class NotifyingServer(uvicorn.Server):
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         notify.notify("STOPPING=1")
         await super().shutdown(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # A Ctrl-C reaches the one-file build twice (from the terminal, and passed on by
+        # its loader); uvicorn would take the second for "force quit" and skip the clean
+        # shutdown. A repeat within a moment of the first is the same Ctrl-C.
+        now = time.monotonic()
+        if sig == signal.SIGINT and self.should_exit and now - self._exit_at < REPEAT_WINDOW_S:
+            return
+        if not self.should_exit:
+            self._exit_at = now
+        super().handle_exit(sig, frame)
 
 
 def show_first_key(secret: str, data_dir: Path) -> None:
