@@ -412,7 +412,7 @@ def test_queue_file_stops_growing_in_steady_state(
 ) -> None:
     edge = start_server()
     start_forwarder(edge.data_dir, upstream.url)
-    rounds, per_round, warm_up = 12, 4000, 3
+    rounds, per_round = 12, 4000
     sizes, in_use = [], []
     for round_ in range(rounds):
         # A flow of posts while the forwarder drains, then the end of the drain, then measure.
@@ -425,10 +425,13 @@ def test_queue_file_stops_growing_in_steady_state(
 
     # Acked rows are deleted: once drained, the table holds next to nothing...
     assert max(in_use) <= SLACK_BYTES, in_use
-    # ...and SQLite reuses their pages, so after warm-up the files (queue and write-ahead
-    # log) hold steady, while each round alone writes more than the slack allowed here.
-    slack = sizes[warm_up - 1] * 0.1 + SLACK_BYTES
-    assert max(sizes[warm_up:]) <= sizes[warm_up - 1] + slack, sizes
+    # ...and SQLite reuses their pages, so the files (queue and write-ahead log) stop
+    # growing: the second half of the rounds adds nothing beyond a little slack, while each
+    # round alone writes more than that slack. (The write-ahead log keeps its high-water
+    # mark, which a busy machine can raise once or twice early on; a leak grows every round.)
+    middle = rounds // 2
+    slack = sizes[middle] * 0.1 + SLACK_BYTES
+    assert max(sizes[middle:]) <= sizes[middle] + slack, sizes
     assert per_round * len(orjson.dumps(sdk_events("probe", 1)[0])) > slack
 
 
