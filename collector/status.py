@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from collector import heartbeat, srm
+from collector import heartbeat, proxy, recovery, srm
 from collector.counts import Counts
 from collector.deadletters import DeadLetters
 from collector.settings import Settings
@@ -48,6 +48,8 @@ def collect(settings: Settings) -> dict[str, Any]:
             "sample_ratio": _sample_ratio(counts, settings.counts_window_minutes),
             "rejected": _rejected(counts, settings.counts_window_minutes),
             "dead_letters": _dead_letters(data_dir),
+            "recovered": recovery.moved_aside(data_dir),
+            "proxy": _proxy(counts, settings),
         }
     finally:
         counts.close()
@@ -126,34 +128,18 @@ def _top_events(counts: Counts, window: int) -> list[dict[str, Any]]:
 def _allocations(counts: Counts, window: int) -> list[dict[str, Any]]:
     """Exposures and attributed conversions per (project, env, policy, allocation)."""
     rows: dict[tuple[str, ...], dict[str, Any]] = {}
+
+    def row(project: str, env: str, policy: str, allocation: str) -> dict[str, Any]:
+        fresh = {"project": project, "env": env, "policy": policy, "allocation": allocation}
+        return rows.setdefault(
+            (project, env, policy, allocation), {**fresh, "exposures": 0, "conversions": 0}
+        )
+
     for (project, env, _layer, policy, allocation), n in counts.recent("exposures", window).items():
-        row = rows.setdefault(
-            (project, env, policy, allocation),
-            {
-                "project": project,
-                "env": env,
-                "policy": policy,
-                "allocation": allocation,
-                "exposures": 0,
-                "conversions": 0,
-            },
-        )
-        row["exposures"] += int(n)
-    for (project, env, policy, allocation, _event), n in counts.recent(
-        "conversions", window
-    ).items():
-        row = rows.setdefault(
-            (project, env, policy, allocation),
-            {
-                "project": project,
-                "env": env,
-                "policy": policy,
-                "allocation": allocation,
-                "exposures": 0,
-                "conversions": 0,
-            },
-        )
-        row["conversions"] += int(n)
+        row(project, env, policy, allocation)["exposures"] += int(n)
+    conversions = counts.recent("conversions", window)
+    for (project, env, policy, allocation, _event), n in conversions.items():
+        row(project, env, policy, allocation)["conversions"] += int(n)
     return [rows[key] for key in sorted(rows)]
 
 
@@ -188,6 +174,16 @@ def _rejected(counts: Counts, window: int) -> dict[str, int]:
     return {reason: int(n) for (reason,), n in counts.recent("events_rejected", window).items()}
 
 
+def _proxy(counts: Counts, settings: Settings) -> dict[str, Any]:
+    """Config, resolve and decide calls passed upstream in the window, and the cache's size."""
+    requests: dict[str, dict[str, int]] = {route: {} for route in proxy.ROUTES}
+    recent = counts.recent("proxy_requests", settings.counts_window_minutes)
+    for (route, outcome), n in sorted(recent.items()):
+        requests.setdefault(route, {})[outcome] = int(n)
+    entries, size = proxy.cache_summary(settings.data_dir)
+    return {"requests": requests, "cache": {"entries": entries, "bytes": size}}
+
+
 def _dead_letters(data_dir: Path) -> int:
     dead = DeadLetters(data_dir)
     try:
@@ -218,6 +214,12 @@ def _judge(document: dict[str, Any]) -> tuple[list[str], list[str]]:
         problems.append(f"disk budget {document['queue']['disk_budget_used']:.0%} used")
     if document["dead_letters"]:
         warnings.append(f"{document['dead_letters']} dead-lettered events (collector dlq list)")
+    for moved in document["recovered"]:
+        lost = " (events queued in it were not forwarded)" if moved["file"] == "queue.db" else ""
+        warnings.append(
+            f"{moved['file']} was corrupt and moved aside to {moved['moved_to']} at "
+            f"{moved['at']}{lost}; delete it once inspected"
+        )
     for verdict in document["sample_ratio"]:
         if verdict["mismatch"]:
             warnings.append(
