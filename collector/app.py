@@ -7,6 +7,10 @@ reached). The queue, key store and group committer are opened in the lifespan an
 on `app.state`. Every failure is a `collector.errors` type; `STATUS_FOR` is the one place
 that says which HTTP status each becomes, and every error answer has the documented shape
 `{"error": <reason phrase>, "message": <what to fix>}`.
+
+The SDK calls that are not events (`GET /v1/config/{projectId}`, `POST /v1/resolve`,
+`POST /v1/decide/...`) are passed to the upstream by `collector.proxy`, which also keeps
+the config bundle cache.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from litestar.exceptions import HTTPException
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from collector import heartbeat, status
+from collector import heartbeat, limits, openapi, status
 from collector.auth import KeyStore
 from collector.commit import Committer, WriterConfig
 from collector.counts import Counts, EventCounter
@@ -37,12 +41,19 @@ from collector.errors import (
     CollectorError,
     Forbidden,
     PayloadTooLarge,
+    RateLimited,
+    RequestTimeout,
     Unauthorized,
     Unavailable,
     UnsupportedMediaType,
+    UpstreamFailed,
+    UpstreamNotConfigured,
+    UpstreamTimeout,
 )
 from collector.ingest import Ingest, decode_body, require_json
 from collector.metrics import Metrics
+from collector.proxy import STALE_HEADER, Answer, Proxy, segment
+from collector.ratelimit import RateLimiter
 from collector.settings import Settings
 
 log = logging.getLogger("collector.server")
@@ -53,7 +64,12 @@ STATUS_FOR: dict[type[CollectorError], HTTPStatus] = {
     Forbidden: HTTPStatus.FORBIDDEN,
     PayloadTooLarge: HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
     UnsupportedMediaType: HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+    RequestTimeout: HTTPStatus.REQUEST_TIMEOUT,
+    RateLimited: HTTPStatus.TOO_MANY_REQUESTS,
     Unavailable: HTTPStatus.SERVICE_UNAVAILABLE,
+    UpstreamFailed: HTTPStatus.BAD_GATEWAY,
+    UpstreamNotConfigured: HTTPStatus.SERVICE_UNAVAILABLE,
+    UpstreamTimeout: HTTPStatus.GATEWAY_TIMEOUT,
 }
 # Headers a browser SDK sends cross-origin (the spec's list), and the one it must read.
 CORS_ALLOW_HEADERS = [
@@ -66,7 +82,7 @@ CORS_ALLOW_HEADERS = [
     "X-SDK-Name",
     "X-SDK-Version",
 ]
-CORS_EXPOSE_HEADERS = ["ETag"]
+CORS_EXPOSE_HEADERS = ["ETag", STALE_HEADER]
 EVENTS_PATHS = frozenset({"/v1/events", "/v1/events/batch"})
 # How often the server writes its counts to counts.db (and so how fresh status is).
 COUNTS_FLUSH_S = 1.0
@@ -100,9 +116,9 @@ def error_response(status: HTTPStatus, message: str, **extra: Any) -> Response[b
 def on_collector_error(_: Request[Any, Any, Any], exc: CollectorError) -> Response[bytes]:
     status = status_for(exc)
     extra = dict(exc.extra)
-    if isinstance(exc, Unavailable):
+    if isinstance(exc, Unavailable | UpstreamFailed):
         extra["retry_after"] = exc.retry_after
-        log.warning("answered 503: %s", exc.message)
+        log.warning("answered %d: %s", status, exc.message)
     return error_response(status, exc.message, **extra)
 
 
@@ -110,7 +126,9 @@ def on_http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[byt
     """Litestar's own errors (404, 405, body over the size limit) in our error shape."""
     status = HTTPStatus(exc.status_code)
     message = exc.detail if exc.detail and exc.detail != status.phrase else status.description
-    return error_response(status, message)
+    response = error_response(status, message)
+    response.headers.update(exc.headers or {})  # 405's Allow, which RFC 9110 requires
+    return response
 
 
 def on_unexpected(_: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
@@ -118,11 +136,17 @@ def on_unexpected(_: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     return error_response(HTTPStatus.INTERNAL_SERVER_ERROR, "unexpected error; see the log")
 
 
-@post(["/v1/events", "/v1/events/batch"], status_code=200, include_in_schema=True)
+@post(
+    ["/v1/events", "/v1/events/batch"],
+    status_code=200,
+    include_in_schema=True,
+    operation_class=openapi.EventsOperation,
+)
 async def post_events(request: Request[Any, Any, Any]) -> Response[bytes]:
     """Accept a batch of exposure, decision and track events."""
     state = request.app.state
     key = state.key_store.authenticate(request.headers.get("authorization"))
+    state.rate_limiter.take(key)
     key.require("sdk:write")
     require_json(request.headers.get("content-type"))
     body = decode_body(
@@ -130,6 +154,57 @@ async def post_events(request: Request[Any, Any, Any]) -> Response[bytes]:
     )
     outcome = await state.ingest.handle(body, key)
     return json_response(outcome.answer())
+
+
+def proxied(answer: Answer) -> Response[bytes]:
+    headers = dict(answer.headers)
+    media_type = headers.pop("Content-Type", MediaType.JSON)
+    return Response(
+        content=answer.body, status_code=answer.status, headers=headers, media_type=media_type
+    )
+
+
+def query_of(request: Request[Any, Any, Any]) -> str:
+    return bytes(request.scope.get("query_string", b"")).decode("latin-1")
+
+
+@get("/v1/config/{project_id:str}")
+async def get_config(request: Request[Any, Any, Any], project_id: str) -> Response[bytes]:
+    """The SDK config bundle, passed through from the upstream (or from the cache)."""
+    if project_id in ("", ".", ".."):
+        raise HTTPException(status_code=404, detail="no such project")
+    answer = await request.app.state.proxy.config(project_id, query_of(request), request.headers)
+    return proxied(answer)
+
+
+@post("/v1/resolve", status_code=200)
+async def post_resolve(request: Request[Any, Any, Any]) -> Response[bytes]:
+    """Server-side evaluation, passed through to the upstream."""
+    proxy: Proxy = request.app.state.proxy
+    body = await request.body()
+    return proxied(
+        await proxy.call("resolve", "/v1/resolve", query_of(request), request.headers, body)
+    )
+
+
+@post(["/v1/decide/batch", "/v1/decide/entity/batch"], status_code=200)
+async def post_decide_batch(request: Request[Any, Any, Any]) -> Response[bytes]:
+    """Batch decisions, passed through to the upstream."""
+    proxy: Proxy = request.app.state.proxy
+    path = request.scope["path"]
+    body = await request.body()
+    return proxied(await proxy.call("decide", path, query_of(request), request.headers, body))
+
+
+@post("/v1/decide/{policy_id:str}", status_code=200)
+async def post_decide(request: Request[Any, Any, Any], policy_id: str) -> Response[bytes]:
+    """One policy's decision, passed through to the upstream."""
+    if policy_id in ("", ".", ".."):
+        raise HTTPException(status_code=404, detail="no such policy")
+    proxy: Proxy = request.app.state.proxy
+    path = f"/v1/decide/{segment(policy_id)}"
+    body = await request.body()
+    return proxied(await proxy.call("decide", path, query_of(request), request.headers, body))
 
 
 @get("/v1/stats")
@@ -225,19 +300,25 @@ def create_app(settings: Settings) -> Litestar:
                 sync=settings.sync,
                 budget_bytes=settings.disk_budget_bytes,
                 dedup_window_s=settings.dedup_window_seconds,
+                log_level=settings.log_level,
             )
         )
         await committer.start()
         app.state.committer = committer
         app.state.ingest = Ingest(committer, settings.max_events_per_request, EventCounter(counts))
+        app.state.proxy = Proxy(settings, counts, app_metrics.proxy_latency)
         house = asyncio.create_task(keep_house(settings, counts))
         tune_garbage_collector()
         try:
             yield
         finally:
             await committer.stop()
+            await app.state.proxy.aclose()
             house.cancel()
-            counts.flush()
+            try:
+                counts.flush()
+            except Exception as exc:  # a full disk, say: the last second of counts is lost
+                log.warning("could not write the last counts: %s", exc)
             counts.close()
 
     cors = None
@@ -249,14 +330,25 @@ def create_app(settings: Settings) -> Litestar:
             expose_headers=CORS_EXPOSE_HEADERS,
             max_age=CORS_MAX_AGE_S,
         )
-    counts = Counts(settings.data_dir, settings.counts_window_minutes)
+    counts = Counts(settings.data_dir, settings.counts_window_minutes, recover=True)
     app_metrics = Metrics(settings)
     app = Litestar(
-        route_handlers=[post_events, stats, metrics, healthz, readyz],
+        route_handlers=[
+            post_events,
+            get_config,
+            post_resolve,
+            post_decide_batch,
+            post_decide,
+            stats,
+            metrics,
+            healthz,
+            readyz,
+        ],
         lifespan=[lifespan],
         cors_config=cors,
         request_max_body_size=settings.max_body_bytes,
         logging_config=None,  # collector.logs configures every logger, uvicorn's included
+        openapi_config=openapi.config(),
         exception_handlers={
             CollectorError: on_collector_error,
             HTTPException: on_http_error,
@@ -264,8 +356,10 @@ def create_app(settings: Settings) -> Litestar:
         },
     )
     app.state.key_store = KeyStore(settings.keys_file)
+    app.state.rate_limiter = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
     app.state.max_body_bytes = settings.max_body_bytes
     app.state.settings = settings
     app.state.metrics = app_metrics
-    app.asgi_handler = measured(app.asgi_handler, app_metrics, counts)
+    guarded = limits.guarded(app.asgi_handler, settings.request_timeout_seconds)
+    app.asgi_handler = measured(guarded, app_metrics, counts)
     return app

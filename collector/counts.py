@@ -22,6 +22,7 @@ Names and their labels:
     forwarded             project, env                           (forwarder)
     upstream_requests     outcome
     dead_lettered         reason
+    proxy_requests        route, outcome                         (server: config/resolve/decide)
 
 Event names and labels are client-controlled, so each label value is cut to 100 characters
 and at most `MAX_NAMES` distinct event names are counted per process; later ones are
@@ -40,6 +41,8 @@ from typing import Any
 
 import orjson
 
+from collector import recovery
+
 DB_FILE = "counts.db"
 # How many distinct track event names are counted separately (per process lifetime).
 MAX_NAMES = 500
@@ -56,6 +59,10 @@ Labels = tuple[str, ...]
 def label(value: Any) -> str:
     if value is None:
         return ""
+    if isinstance(value, list | dict):
+        # A client's array or object where a name belongs (an invalid event): its type, not
+        # str() of it, which could be megabytes or nested too deep to print.
+        return f"({type(value).__name__})"
     text = value if isinstance(value, str) else str(value)
     return text[:LABEL_CHARS]
 
@@ -67,8 +74,10 @@ def minute_of(moment: float) -> int:
 class Counts:
     """Counters added to in memory and flushed to `counts.db`."""
 
-    def __init__(self, data_dir: Path, window_minutes: int = 60) -> None:
+    def __init__(self, data_dir: Path, window_minutes: int = 60, *, recover: bool = False) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
+        if recover:  # see collector.recovery: a corrupt file is moved aside, not crashed on
+            recovery.ensure_usable(data_dir / DB_FILE)
         self.window_minutes = window_minutes
         self._conn = sqlite3.connect(data_dir / DB_FILE, check_same_thread=False, timeout=5)
         self._lock = threading.Lock()

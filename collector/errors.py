@@ -9,10 +9,17 @@ statuses in one place (`STATUS_FOR`), so the rules of the events API live in one
     ├── Forbidden             a valid key that may not do this (scope, project, environment)
     ├── PayloadTooLarge       the body, after decompression, is over the byte limit
     ├── UnsupportedMediaType  the body is not JSON
-    └── Unavailable           the events cannot be made durable now; the client should retry
-        ├── QueueFull         the disk budget is reached (or the disk is full)
-        ├── QueueBusy         the queue file is locked or failing
-        └── KeyStoreUnavailable  the key store cannot be read, so no key can be judged
+    ├── RequestTimeout        the client did not send its whole body in time
+    ├── RateLimited           the key is over its rate limit; it may retry after `retry_after` s
+    ├── Unavailable           the events cannot be made durable now; the client should retry
+    │   ├── QueueFull         the disk budget is reached (or the disk is full)
+    │   ├── QueueBusy         the queue file is locked or failing
+    │   └── KeyStoreUnavailable  the key store cannot be read, so no key can be judged
+    └── UpstreamFailed        a config/resolve/decide call passed upstream got no usable answer
+        ├── UpstreamNotConfigured  no `upstream_url`, so there is nowhere to pass it
+        ├── UpstreamUnreachable    connection refused, reset or cut, or a name not resolved
+        ├── UpstreamTimeout        no whole answer within the call's timeout
+        └── UpstreamRedirect       the upstream answered 3xx, which is never passed on
 """
 
 from __future__ import annotations
@@ -55,6 +62,19 @@ class UnsupportedMediaType(CollectorError):
     pass
 
 
+class RequestTimeout(CollectorError):
+    pass
+
+
+class RateLimited(CollectorError):
+    """Over the key's rate limit; `retry_after` (whole seconds) joins the answer as the
+    Retry-After header, through `extra`, which the error answer turns into that header."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.retry_after = retry_after
+
+
 class Unavailable(CollectorError):
     def __init__(self, message: str, retry_after: int = DEFAULT_RETRY_AFTER_S) -> None:
         super().__init__(message)
@@ -70,4 +90,39 @@ class QueueBusy(Unavailable):
 
 
 class KeyStoreUnavailable(Unavailable):
+    pass
+
+
+# Seconds a client is told to wait after an upstream failure on a proxied call.
+UPSTREAM_RETRY_AFTER_S = 5
+# ... and when no upstream is configured: that needs a person, not a quick retry.
+NOT_CONFIGURED_RETRY_AFTER_S = 60
+
+
+class UpstreamFailed(CollectorError):
+    """A call passed to the upstream (config, resolve, decide) got no usable answer."""
+
+    def __init__(self, message: str, retry_after: int = UPSTREAM_RETRY_AFTER_S) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class UpstreamNotConfigured(UpstreamFailed):
+    def __init__(
+        self,
+        message: str = "no upstream is configured (upstream_url), so config, resolve and "
+        "decide calls cannot be served",
+    ) -> None:
+        super().__init__(message, NOT_CONFIGURED_RETRY_AFTER_S)
+
+
+class UpstreamUnreachable(UpstreamFailed):
+    pass
+
+
+class UpstreamTimeout(UpstreamFailed):
+    pass
+
+
+class UpstreamRedirect(UpstreamFailed):
     pass

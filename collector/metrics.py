@@ -22,6 +22,8 @@ from collector.settings import Settings
 # Seconds: from a lone event (~1 ms) to a big request waiting on a busy disk.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 UPSTREAM_STATES = ("ok", "retrying", "key_rejected", "not_configured")
+# Seconds: a decide answered from a near upstream (~5 ms) to a config call at its timeout.
+PROXY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0)
 
 # (counts name, metric name, help, label names)
 COUNTERS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
@@ -69,6 +71,13 @@ COUNTERS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
         "Events moved to the dead-letter store, by reason.",
         ("reason",),
     ),
+    (
+        "proxy_requests",
+        "collector_proxy_requests",
+        "Config, resolve and decide calls passed upstream, by route and outcome "
+        "(ok, not_modified, stale, upstream_error, rejected).",
+        ("route", "outcome"),
+    ),
 )
 
 
@@ -81,6 +90,13 @@ class Metrics:
             "collector_request_duration_seconds",
             "Time to answer an events API request.",
             buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.proxy_latency = Histogram(
+            "collector_proxy_request_duration_seconds",
+            "Time to answer a config, resolve or decide call passed upstream.",
+            labelnames=["route"],
+            buckets=PROXY_BUCKETS,
             registry=self.registry,
         )
         self.registry.register(_Figures(settings))
@@ -132,6 +148,9 @@ def _gauges(document: dict[str, Any]) -> Iterator[Metric]:
     yield _gauge(
         "collector_dead_letters", "Events in the dead-letter store.", document["dead_letters"]
     )
+    cache = document["proxy"]["cache"]
+    yield _gauge("collector_config_cache_entries", "Config bundles in the cache.", cache["entries"])
+    yield _gauge("collector_config_cache_bytes", "Bytes of config bundles cached.", cache["bytes"])
     up = GaugeMetricFamily("collector_up", "1 when the process is up.", labels=["process"])
     for process in ("server", "forwarder"):
         up.add_metric([process], 1 if document[process]["up"] else 0)

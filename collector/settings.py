@@ -76,6 +76,27 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Per project/environment upstream keys (TOML file only).",
     )
+    proxy_config_timeout_seconds: float = Field(
+        5.0,
+        gt=0,
+        description="Time allowed for a config call passed upstream before the cached bundle "
+        "is served (below the SDKs' own 10 s, so a stale answer reaches them in time).",
+    )
+    proxy_decide_timeout_seconds: float = Field(
+        2.0, gt=0, description="Time allowed for a resolve or decide call passed upstream."
+    )
+    config_cache_max_entries: int = Field(
+        1000, ge=0, description="Config bundles kept on disk (per project, env and key); 0: none."
+    )
+    config_cache_max_bytes: int = Field(
+        64 * MIB, ge=0, description="Bytes of config bundles kept on disk."
+    )
+    config_cache_max_stale_seconds: float = Field(
+        7 * 24 * 3600,
+        gt=0,
+        description="A cached bundle is served during an outage only if the upstream "
+        "accepted its key within this time.",
+    )
     forward_in_flight: int = Field(2, ge=1, le=64, description="Upstream requests at once.")
     forward_batch_bytes: int = Field(
         4 * MIB, gt=0, description="Largest upstream request body, before compression."
@@ -109,6 +130,30 @@ class Settings(BaseSettings):
     )
     max_body_bytes: int = Field(
         10 * MIB, gt=0, description="Largest request body accepted, after decompression."
+    )
+    max_header_bytes: int = Field(
+        32 * 1024,
+        ge=1024,
+        description="Largest request head (request line and headers); past it: 431, closed.",
+    )
+    request_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="Time a client has to send a request's headers (from its first byte, or "
+        "from connecting), and again its body; past it: 408, closed. Idle new connections "
+        "are closed after it.",
+    )
+    max_connections: int = Field(
+        4096, ge=1, description="Client connections open at once; more are closed on arrival."
+    )
+    rate_limit_per_second: float = Field(
+        0.0,
+        ge=0,
+        description="Events requests per second each API key may make (a token bucket); "
+        "over it: 429 with Retry-After. 0: no rate limit.",
+    )
+    rate_limit_burst: int = Field(
+        0, ge=0, description="Requests a key may make at once; 0: one second's worth (>= 1)."
     )
     counts_window_minutes: int = Field(
         60, ge=1, le=24 * 60, description="Minutes of per-minute counts kept for status."

@@ -8,16 +8,22 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+PROXY_OUTCOMES = ("ok", "not_modified", "stale", "upstream_error", "rejected")
+
 
 def render(document: dict[str, Any]) -> RenderableType:
-    return Group(
+    parts: list[RenderableType] = [
         _headline(document),
         _processes(document),
         _queue(document),
         _rates(document),
         _allocations(document),
         _top_events(document),
-    )
+    ]
+    proxy = document.get("proxy")
+    if proxy and (proxy["cache"]["entries"] or any(proxy["requests"].values())):
+        parts.append(_proxy(proxy))
+    return Group(*parts)
 
 
 def _headline(document: dict[str, Any]) -> Text:
@@ -110,6 +116,19 @@ def _top_events(document: dict[str, Any]) -> Table:
     )
     for row in document["top_events"]:
         table.add_row(f"{row['project']}/{row['env']}", row["event"], f"{row['count']:,}")
+    return table
+
+
+def _proxy(proxy: dict[str, Any]) -> Table:
+    """Config, resolve and decide calls passed upstream (shown once there were any)."""
+    cache = proxy["cache"]
+    title = (
+        f"SDK calls passed upstream (window); config cache: {cache['entries']:,} bundles, "
+        f"{_bytes(cache['bytes'])}"
+    )
+    table = Table("route", *PROXY_OUTCOMES, title=title, title_justify="left")
+    for route, outcomes in proxy["requests"].items():
+        table.add_row(route, *(f"{outcomes.get(o, 0):,}" for o in PROXY_OUTCOMES))
     return table
 
 

@@ -1,4 +1,5 @@
-"""One upstream request, and what its answer means: the only module that imports httpx.
+"""One upstream request, and what its answer means: the forwarder's only module that imports
+httpx (the server's is `collector/proxy.py`).
 
 Every answer is classified once, here, into what the forwarder must do next:
 

@@ -63,6 +63,8 @@ STATUS_KEYS = {
     "sample_ratio",
     "rejected",
     "dead_letters",
+    "proxy",
+    "recovered",
 }
 QUEUE_KEYS = {
     "events",

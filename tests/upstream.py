@@ -9,6 +9,14 @@ forwarder tests drive real HTTP with nothing mocked. Waiting is done on a condit
 
 Like the real API it checks the envelope (JSON content type, gzip, strict JSON without
 `NaN`, 1..max_events events), so a forwarder bug shows up as a 4xx in `requests`.
+
+It also serves the other routes an SDK calls through its base URL, for the collector's
+proxy tests: `GET /v1/config/{projectId}?env=` answers the bundle set with `set_bundle`
+(200 with an `ETag`, or 304 when `If-None-Match` names it; 404 when none is set),
+`POST /v1/resolve` and `POST /v1/decide/...` answer what `answer_with` set (by default an
+echo: `{"path", "received"}`). Keys (`accept_keys`, `require_keys`: 403 for a config or
+resolve call outside a key's scope), `fail`, `drop`, `slow` and `redirect` apply to these
+routes too, and every request is recorded with its method, query string, headers and body.
 This is a support module: pytest collects no tests from it.
 """
 
@@ -16,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import hashlib
 import json
 import socket
 import socketserver
@@ -30,13 +39,17 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any, Final, Self, cast
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 Json = dict[str, Any]
 Scope = tuple[str, str]  # (projectId, env)
 
 HOST: Final = "127.0.0.1"
 EVENTS_PATHS: Final = frozenset({"/v1/events", "/v1/events/batch"})
+CONFIG_PREFIX: Final = "/v1/config/"
+DECIDE_PREFIX: Final = "/v1/decide/"
+RESOLVE_PATH: Final = "/v1/resolve"
+CONFIG_CACHE_CONTROL: Final = "private, max-age=60"
 DROPPED: Final = 0  # `Received.status` of a request whose connection was closed unanswered
 DEFAULT_TIMEOUT_S: Final = 5.0
 _POLL_S: Final = 0.01  # serve_forever's shutdown poll: down() takes about this long
@@ -59,6 +72,9 @@ class Received:
     status: int
     headers: dict[str, str]
     path: str = "/v1/events"
+    method: str = "POST"
+    query: str = ""
+    body: bytes = b""
 
     @property
     def accepted(self) -> bool:
@@ -90,6 +106,7 @@ class _Settings:
     keys: dict[str, frozenset[Scope] | None] | None = None  # None: any key; scope None: any
     delay_s: float = 0.0
     max_body: int | None = None
+    redirect: tuple[int, str] | None = None  # (status, Location) answered to every request
 
 
 @dataclass(frozen=True)
@@ -112,6 +129,9 @@ class Upstream:
         self._life = threading.Lock()  # serialises start/stop/down/up
         self._server: _Server | None = None
         self._port: int | None = None
+        self._bundles: dict[Scope, tuple[Json, str]] = {}  # (project, env) -> (bundle, ETag)
+        self._answers: dict[str, _Answer] = {}  # resolve/decide path -> answer
+        self._extra: dict[str, Any] = {}  # method, query, body of the request being recorded
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -242,6 +262,37 @@ class Upstream:
         with self._cond:
             self._settings.delay_s = seconds
 
+    def redirect(self, location: str, status: int = 307) -> None:
+        """Answer every request with `status` and `Location: location` (until `ok()`)."""
+        with self._cond:
+            self._settings.redirect = (status, location)
+
+    def set_bundle(self, project: str, env: str, bundle: Json, etag: str | None = None) -> str:
+        """Serve `bundle` at `/v1/config/{project}?env={env}`; returns its (quoted) ETag."""
+        if etag is None:
+            digest = hashlib.sha256(json.dumps(bundle, sort_keys=True).encode()).hexdigest()
+            etag = f'"{digest[:16]}"'
+        with self._cond:
+            self._bundles[(project, env)] = (bundle, etag)
+        return etag
+
+    def remove_bundle(self, project: str, env: str) -> None:
+        with self._cond:
+            self._bundles.pop((project, env), None)
+
+    def answer_with(
+        self, path: str, body: Json, status: int = 200, headers: dict[str, str] | None = None
+    ) -> None:
+        """Answer POSTs to `path` (`/v1/resolve`, `/v1/decide/...`) with `status` and `body`."""
+        with self._cond:
+            self._answers[path] = _Answer(status, body, dict(headers or {}))
+
+    def sdk_requests(self, prefix: str = "/v1/") -> list[Received]:
+        """The recorded requests to config, resolve and decide routes under `prefix`."""
+        return [
+            r for r in self.requests if r.path.startswith(prefix) and r.path not in EVENTS_PATHS
+        ]
+
     def too_large_over(self, n_bytes: int | None) -> None:
         """Answer 413 when the decompressed body is over `n_bytes` (None: no limit)."""
         with self._cond:
@@ -344,6 +395,62 @@ class Upstream:
             or _Answer(200, {"accepted": len(parsed.events), "written": len(parsed.events)})
         )
 
+    def _handle_sdk(
+        self,
+        method: str,
+        path: str,
+        query: str,
+        headers: dict[str, str],
+        raw: bytes,
+        closing: threading.Event,
+    ) -> _Answer:
+        """A config, resolve or decide call (any path not an events path)."""
+        with self._cond:
+            delay = self._settings.delay_s
+            self._in_flight += 1
+            self._cond.notify_all()
+        interrupted = closing.wait(delay)
+        with self._cond:
+            self._in_flight -= 1
+            answer = _DROP if interrupted else self._decide_sdk(method, path, query, headers, raw)
+            self._extra = {"method": method, "query": query, "body": raw}
+            self._record(path, headers, [], answer.status)
+            return answer
+
+    def _decide_sdk(
+        self, method: str, path: str, query: str, headers: Mapping[str, str], raw: bytes
+    ) -> _Answer:
+        settings, key = self._settings, _bearer(headers)
+        early = self._take_failure() or _redirect_answer(settings.redirect)
+        if early is not None:
+            return early
+        if method == "GET" and path.startswith(CONFIG_PREFIX):
+            project = unquote(path[len(CONFIG_PREFIX) :])
+            env = parse_qs(query).get("env", [""])[0]
+            return (
+                _key_check(settings.keys, key)
+                or _target_check(settings.keys, key, (project, env))
+                or self._bundle_answer(project, env, headers.get("if-none-match"))
+            )
+        if method == "POST" and (path == RESOLVE_PATH or path.startswith(DECIDE_PREFIX)):
+            target = (headers.get("x-project-id"), headers.get("x-env"))
+            checked = _key_check(settings.keys, key)
+            if checked is None and path == RESOLVE_PATH and None not in target:
+                checked = _target_check(settings.keys, key, cast(Scope, target))
+            return checked or self._answers.get(path) or _echo(path, raw)
+        return _error(404, f"no route {method} {path}")
+
+    def _bundle_answer(self, project: str, env: str, if_none_match: str | None) -> _Answer:
+        found = self._bundles.get((project, env))
+        if found is None:
+            return _error(404, f"no config for project {project!r} in env {env!r}")
+        bundle, etag = found
+        headers = {"ETag": etag, "Cache-Control": CONFIG_CACHE_CONTROL}
+        tags = {tag.strip() for tag in (if_none_match or "").split(",")}
+        if etag in tags or "*" in tags:
+            return _Answer(304, {}, headers)
+        return _Answer(200, bundle, headers)
+
     def _take_failure(self) -> _Answer | None:
         failure = self._settings.failure
         if failure is None:
@@ -360,8 +467,9 @@ class Upstream:
         return _error(failure.status, "failure injected by the test upstream", extra)
 
     def _record(self, path: str, headers: dict[str, str], events: list[Json], status: int) -> None:
+        extra, self._extra = self._extra, {}
         received = Received(
-            headers.get("x-batch-id"), _bearer(headers), events, status, headers, path
+            headers.get("x-batch-id"), _bearer(headers), events, status, headers, path, **extra
         )
         self._requests.append(received)
         if received.accepted:
@@ -395,6 +503,30 @@ def _key_check(keys: Mapping[str, object] | None, key: str | None) -> _Answer | 
     if keys is None or (key is not None and key in keys):
         return None
     return _error(401, "Invalid or expired API key")
+
+
+def _target_check(
+    keys: Mapping[str, frozenset[Scope] | None] | None, key: str | None, target: Scope
+) -> _Answer | None:
+    scope = None if keys is None or key is None else keys.get(key)
+    if scope is None or target in scope:
+        return None
+    return _error(403, "key is restricted to another project or environment")
+
+
+def _redirect_answer(redirect: tuple[int, str] | None) -> _Answer | None:
+    if redirect is None:
+        return None
+    status, location = redirect
+    return _Answer(status, {"moved": location}, {"Location": location})
+
+
+def _echo(path: str, raw: bytes) -> _Answer:
+    try:
+        received = json.loads(raw) if raw else None
+    except ValueError:
+        received = raw.decode(errors="replace")
+    return _Answer(200, {"path": path, "received": received})
 
 
 def _size_check(max_body: int | None, size: int) -> _Answer | None:
@@ -539,8 +671,24 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(_error(400, "unreadable body (Content-Length or chunking)"))
             return
         headers = {name.lower(): value for name, value in self.headers.items()}
-        path = urlsplit(self.path).path
-        self._send(server.upstream._handle(path, headers, raw, server.closing))
+        url = urlsplit(self.path)
+        if url.path in EVENTS_PATHS:
+            answer = server.upstream._handle(url.path, headers, raw, server.closing)
+        else:
+            answer = server.upstream._handle_sdk(
+                "POST", url.path, url.query, headers, raw, server.closing
+            )
+        self._send(answer)
+        if server.closing.is_set():
+            self.close_connection = True
+
+    def do_GET(self) -> None:
+        server = cast(_Server, self.server)
+        headers = {name.lower(): value for name, value in self.headers.items()}
+        url = urlsplit(self.path)
+        self._send(
+            server.upstream._handle_sdk("GET", url.path, url.query, headers, b"", server.closing)
+        )
         if server.closing.is_set():
             self.close_connection = True
 
@@ -564,6 +712,12 @@ class _Handler(BaseHTTPRequestHandler):
     def _send(self, answer: _Answer) -> None:
         if answer.body is None:
             self.close_connection = True
+            return
+        if answer.status in (204, 304):  # no body, by definition
+            self.send_response(answer.status)
+            for name, value in answer.headers.items():
+                self.send_header(name, value)
+            self.end_headers()
             return
         data = json.dumps(answer.body).encode()
         self.send_response(answer.status)
