@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from collector import logs, notify
+from collector import limits, logs, notify
 from collector.auth import SCOPES, KeyStore, ensure_first_key, now_utc
 from collector.deadletters import DeadLetters
 from collector.errors import CollectorError
@@ -53,6 +53,8 @@ SECRET_SETTINGS = frozenset({"upstream_key"})
 STATUS_REFRESH_S = 2.0
 # Dead letters replayed per queue row (and per transaction).
 REPLAY_CHUNK = 500
+# Seconds a client connection may sit idle between requests.
+KEEP_ALIVE_S = 30
 
 ConfigOption = Annotated[
     Path | None,
@@ -168,10 +170,13 @@ def serve_until_stopped(settings: Settings) -> None:
         log_config=None,  # our handlers (collector.logs) carry uvicorn's records too
         access_log=False,
         loop="uvloop",
-        http="httptools",
-        # A client that trickles its body or sits idle is dropped after this many seconds.
-        timeout_keep_alive=30,
+        # httptools, with the head size limit, head and body deadlines and connection cap
+        # that uvicorn lacks (collector.limits): slow or idle clients cannot pile up.
+        http=limits.protocol_class(settings),
+        # A connection idle this long after an answer is closed.
+        timeout_keep_alive=KEEP_ALIVE_S,
     )
+    limits.raise_open_files_limit(settings.max_connections)
     NotifyingServer(config).run()
 
 

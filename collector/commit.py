@@ -32,6 +32,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from collector import logs
 from collector.dedup import SeenIds
 from collector.errors import CollectorError, QueueBusy
 from collector.spool import Spool, Sync
@@ -53,6 +54,7 @@ class WriterConfig:
     sync: Sync
     budget_bytes: int
     dedup_window_s: float
+    log_level: str = "info"  # the writer process configures its own logging (spawned)
 
 
 class GroupWriter:
@@ -64,8 +66,9 @@ class GroupWriter:
             sync=config.sync,
             budget_bytes=config.budget_bytes,
             resume_in_flight=False,  # only the forwarder may resume its in-flight rows
+            recover=True,
         )
-        self.seen = SeenIds(config.data_dir, config.dedup_window_s)
+        self.seen = SeenIds(config.data_dir, config.dedup_window_s, recover=True)
 
     def close(self) -> None:
         self.spool.close()
@@ -118,6 +121,7 @@ def _open_writer(config: WriterConfig, server_pid: int) -> None:
     global _writer
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logs.setup(config.log_level)  # a spawned process starts with no logging configured
     threading.Thread(target=_exit_with, args=(server_pid,), daemon=True).start()
     _writer = GroupWriter(config)
 

@@ -19,6 +19,8 @@ from typing import Any
 
 import orjson
 
+from collector import recovery
+
 DB_FILE = "dead-letters.db"
 
 
@@ -45,8 +47,10 @@ class DeadLetter:
 class DeadLetters:
     """Dead-lettered events, oldest first."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, *, recover: bool = False) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
+        if recover:  # see collector.recovery: a corrupt file is moved aside, not crashed on
+            recovery.ensure_usable(data_dir / DB_FILE)
         self._conn = sqlite3.connect(data_dir / DB_FILE, check_same_thread=False, timeout=5)
         self._lock = threading.Lock()
         with self._conn:

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import orjson
 
+from collector import recovery
+
 DB_FILE = "seen-ids.db"
 # How often expired ids are deleted, and at most how many per pass, so pruning never holds
 # the write lock long enough to be felt by a request.
@@ -28,8 +30,10 @@ PRUNE_BATCH = 50_000
 class SeenIds:
     """A time-windowed set of event ids, on disk."""
 
-    def __init__(self, data_dir: Path, window_s: float) -> None:
+    def __init__(self, data_dir: Path, window_s: float, *, recover: bool = False) -> None:
         self.window_s = window_s
+        if recover:  # see collector.recovery: a corrupt file is moved aside, not crashed on
+            recovery.ensure_usable(data_dir / DB_FILE)
         self._conn = sqlite3.connect(data_dir / DB_FILE, check_same_thread=False, timeout=5)
         self._lock = threading.Lock()
         self._last_prune = 0.0

@@ -18,6 +18,8 @@ from pydantic import AfterValidator, ConfigDict, Field, TypeAdapter, ValidationE
 from typing_extensions import TypedDict
 
 EVENT_TYPES = ("exposure", "decision", "track")
+# An error message quotes a bad `type` back; cut it so answers stay small.
+MAX_ERROR_CHARS = 300
 
 
 def _iso8601(value: str) -> str:
@@ -31,7 +33,15 @@ def _string_or_number(value: Any) -> Any:
     return value
 
 
+def _integral(value: float) -> float:
+    if not value.is_integer():
+        raise ValueError("must be an integer")
+    return value
+
+
 Timestamp = Annotated[str, AfterValidator(_iso8601)]
+# An integer as JSON has it: 7, or 7.0 (the same number to JSON Schema and to JavaScript).
+Bucket = Annotated[float, AfterValidator(_integral)]
 # A unit key is whatever the SDK hashed: "" (track default) or a number are both real.
 UnitKey = Annotated[Any, AfterValidator(_string_or_number)]
 Name = Annotated[str, Field(min_length=1)]
@@ -46,7 +56,7 @@ OPEN = ConfigDict(extra="ignore", strict=True)
 class LayerAssignment(TypedDict):
     __pydantic_config__ = OPEN  # type: ignore[misc]
     layerId: str
-    bucket: int  # -1 means "layer skipped"; bucketCount is per project, so no upper bound
+    bucket: Bucket  # -1 means "layer skipped"; bucketCount is per project, so no upper bound
     policyId: NotRequired[str | None]
     allocationId: NotRequired[str | None]
     allocationName: NotRequired[str | None]
@@ -108,5 +118,6 @@ def _by_index(exc: ValidationError) -> dict[int, str]:
         if path and path[0] in EVENT_TYPES:  # the discriminator's tag, not a field
             path = path[1:]
         message = error["msg"]
-        errors[index] = f"{'.'.join(map(str, path))}: {message}" if path else message
+        text = f"{'.'.join(map(str, path))}: {message}" if path else message
+        errors[index] = text[:MAX_ERROR_CHARS]
     return errors

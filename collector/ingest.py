@@ -28,6 +28,12 @@ from collector.events import invalid_events
 OVERFLOW_ALLOWANCE = 0.10
 # zlib's window bits for "gzip header and trailer".
 GZIP_WBITS = 16 + zlib.MAX_WBITS
+# orjson writes at most this many levels of nested objects and arrays (the event itself
+# being the first); the forwarder re-encodes events with it, so deeper ones are refused.
+MAX_EVENT_DEPTH = 254
+# The integers orjson reads exactly; beyond them it reads the nearest double.
+INT64_MIN, UINT64_MAX = -(2**63), 2**64 - 1
+INT64_DIGITS = len(str(INT64_MIN))
 
 
 @dataclass
@@ -81,13 +87,21 @@ def _gunzip(raw: bytes, max_bytes: int) -> bytes:
 
 
 def parse(body: bytes) -> Any:
-    """JSON, accepting the bare NaN/Infinity tokens some SDKs emit (they become null)."""
+    """JSON, accepting the bare NaN/Infinity tokens some SDKs emit (they become null).
+
+    Numbers read the same on both paths, as orjson (and JavaScript's JSON.parse) reads them:
+    integers within 64 bits exactly, larger ones as the nearest double, and numbers beyond
+    the double range (1e999, a 400-digit integer) as null. So an event's values never
+    depend on whether something else in its body sent the parser down the slow path.
+    """
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError:
         pass  # maybe NaN/Infinity, a huge number, or deep nesting: let the slow parser judge
     try:
-        return json.loads(body.decode("utf-8"), parse_constant=_null, parse_float=_finite)
+        return json.loads(
+            body.decode("utf-8"), parse_constant=_null, parse_float=_finite, parse_int=_integer
+        )
     except (ValueError, RecursionError) as exc:
         raise BadRequest(f"body is not valid JSON: {_short(exc)}") from exc
 
@@ -105,7 +119,8 @@ def encode(events: list[Any], errors: dict[int, str]) -> list[EncodedEvent]:
     """Each valid event as compact JSON of the client's own values, with its id for de-dup.
 
     `errors` holds the invalid events' indexes; an event that cannot be stored as UTF-8
-    JSON (a string with a lone surrogate escape such as "\\ud800") is added to it.
+    JSON (a string with a lone surrogate escape such as "\\ud800", or nesting deeper than
+    MAX_EVENT_DEPTH, which the forwarder's encoder could not write) is added to it.
     An empty id is no id: it must not make distinct events look like retries.
     """
     encoded: list[EncodedEvent] = []
@@ -113,9 +128,9 @@ def encode(events: list[Any], errors: dict[int, str]) -> list[EncodedEvent]:
         if index in errors:
             continue
         try:
-            raw = _dumps(event)
-        except UnicodeEncodeError:
-            errors[index] = "strings must be valid Unicode (a lone surrogate escape was sent)"
+            raw = orjson.dumps(event)
+        except orjson.JSONEncodeError:
+            errors[index] = _unstorable(event)
             continue
         event_id = event.get("id")
         encoded.append((event_id if isinstance(event_id, str) and event_id else None, raw))
@@ -153,11 +168,16 @@ class Ingest:
         return Outcome(accepted=len(valid), written=len(valid) - len(skipped), errors=errors)
 
 
-def _dumps(event: dict[str, Any]) -> bytes:
+def _unstorable(event: dict[str, Any]) -> str:
+    """Why orjson could not write `event`: a lone surrogate, or nesting too deep (its
+    integers all fit, since `parse` reads larger ones as doubles)."""
     try:
-        return orjson.dumps(event)
-    except TypeError:  # an integer beyond 64 bits (from the slow parser): keep it exact
-        return json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode()
+        json.dumps(event, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return "strings must be valid Unicode (a lone surrogate escape was sent)"
+    except RecursionError:
+        pass
+    return f"nested too deeply (at most {MAX_EVENT_DEPTH} levels of objects and arrays)"
 
 
 def _reason(error: str) -> str:
@@ -173,6 +193,15 @@ def _error_list(errors: dict[int, str]) -> list[dict[str, Any]]:
 
 def _null(_token: str) -> None:
     return None
+
+
+def _integer(text: str) -> int | float | None:
+    """An integer as orjson reads it: exact within 64 bits, else the nearest double."""
+    if len(text) <= INT64_DIGITS:  # never int() a long string: that is quadratic
+        value = int(text)
+        if INT64_MIN <= value <= UINT64_MAX:
+            return value
+    return _finite(text)
 
 
 def _finite(text: str) -> float | None:

@@ -10,12 +10,21 @@ table. Facts that shape its use (measured on the reference machine, see design.m
 - only the forwarder may turn in-flight rows back to ready, so the server opens the queue
   with `auto_resume=False`.
 
-Errors raised: `QueueFull` (disk budget reached, or the disk itself full) and `QueueBusy`
-(the file is locked past the busy timeout, or failing).
+Errors raised: `QueueFull` (disk budget reached, or the disk itself full or nearly so) and
+`QueueBusy` (the file is locked past the busy timeout, or failing).
+
+A full disk is refused before SQLite meets it: the server stops taking events while the
+space it could still write (free on the filesystem, plus free pages inside the queue file)
+is under a reserve (`reserve_bytes`), so the forwarder can still acknowledge rows (a delete
+goes to the write-ahead log first, and a checkpoint then copies it into the file: both
+need room) and so free the space again. Without it, a disk filled by the queue could not
+be drained: measured, the last commits' checkpoint took the last bytes and every ack
+failed from then on.
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -27,6 +36,7 @@ import orjson
 from persistqueue import SQLiteAckQueue
 from persistqueue.exceptions import Empty
 
+from collector import recovery
 from collector.errors import QueueBusy, QueueFull
 
 DB_FILE = "queue.db"
@@ -38,6 +48,12 @@ BUSY_TIMEOUT_S = 2.0
 
 # SQLite's limit on bound parameters is 32766; act on row ids in chunks well below it.
 IDS_PER_STATEMENT = 900
+# Free space kept for the forwarder's acks and SQLite's checkpoints: the server refuses
+# events (503) when less would be left after a commit, counting the commit twice (its
+# write-ahead log frames, then the checkpoint's copy into the file). 32 MiB holds the
+# write-ahead logs of the data directory's files at their usual size (4 MiB each, SQLite's
+# automatic checkpoint) several times over. On a filesystem under 64 MiB it is half of it.
+DISK_RESERVE_BYTES = 32 * 1024 * 1024
 
 Sync = Literal["full", "normal"]
 
@@ -91,9 +107,14 @@ class Spool:
         sync: Sync = "full",
         budget_bytes: int,
         resume_in_flight: bool = False,
+        recover: bool = False,
     ) -> None:
+        """`recover`: move the file aside first if it is corrupt (`collector.recovery`);
+        only the server's writer and the forwarder do, never a reader such as status."""
         self.path = data_dir / DB_FILE
         self.budget_bytes = budget_bytes
+        if recover:
+            recovery.ensure_usable(self.path)
         self._queue = _Queue(
             str(data_dir),
             sync,
@@ -105,6 +126,7 @@ class Spool:
             auto_resume=resume_in_flight,
         )
         self._table = self._queue._table_name
+        self.reserve_bytes = reserve_for(data_dir)
         # persist-queue's writing connection: we read sizes and run checks on it too.
         self._conn = cast(sqlite3.Connection, self._queue._putter)
         self._lock = threading.Lock()
@@ -112,6 +134,8 @@ class Spool:
         # forwarder frees space below that, `check_writable` says the budget is reached, so
         # /readyz agrees with the 503s even though a smaller request might still fit.
         self._refused_at: int | None = None
+        # The same for the disk's free space (writable bytes when a request was refused).
+        self._refused_free: int | None = None
 
     def close(self) -> None:
         self._queue.close()
@@ -124,11 +148,13 @@ class Spool:
         Raises `QueueFull` when they would take the queue past the disk budget (nothing is
         written), and `QueueFull`/`QueueBusy` when SQLite fails.
         """
+        size = sum(map(len, events))
         with self._lock, _sqlite_errors():
             used = self._used_bytes(self._conn)
-            if used + sum(map(len, events)) > self.budget_bytes:
+            if used + size > self.budget_bytes:
                 self._refused_at = used
                 raise QueueFull("disk budget reached; retry later")
+            self._check_free_space(self._conn, size)
             self._queue.put(b"[" + b",".join(events) + b"]")
 
     def check_writable(self) -> None:
@@ -140,8 +166,32 @@ class Spool:
                 self._refused_at = None  # space was freed since the last refusal
             if used >= self.budget_bytes or self._refused_at is not None:
                 raise QueueFull("disk budget reached")
+            free = self._check_free_space(conn, 0)
+            if self._refused_free is not None and free <= self._refused_free:
+                raise QueueFull("disk nearly full")
+            self._refused_free = None
             conn.execute("BEGIN IMMEDIATE")
             conn.rollback()
+
+    def _check_free_space(self, conn: sqlite3.Connection, size: int) -> int:
+        """Raise QueueFull unless `size` more bytes leave the reserve free; returns the
+        bytes writable now (free on the filesystem and inside the file)."""
+        try:
+            free = free_bytes(self.path.parent)
+        except OSError:
+            return self.reserve_bytes  # cannot tell: SQLite reports a full disk itself
+        (reusable,) = conn.execute(
+            "SELECT f.freelist_count * s.page_size FROM pragma_freelist_count() f,"
+            " pragma_page_size() s"
+        ).fetchone()
+        writable = free + int(reusable)
+        if writable - 2 * size < self.reserve_bytes:
+            self._refused_free = writable
+            raise QueueFull(
+                f"disk nearly full ({free} bytes free, {self.reserve_bytes} kept for"
+                " forwarding); retry later"
+            )
+        return writable
 
     def used_bytes(self) -> int:
         with self._lock, _sqlite_errors():
@@ -223,6 +273,21 @@ class Spool:
             ).fetchall()
         for (data,) in rows:
             yield from orjson.loads(data)
+
+
+def free_bytes(directory: Path) -> int:
+    """Bytes an unprivileged process may still write on `directory`'s filesystem."""
+    stat = os.statvfs(directory)
+    return stat.f_bavail * stat.f_frsize
+
+
+def reserve_for(directory: Path) -> int:
+    """The free space kept on `directory`'s filesystem (see DISK_RESERVE_BYTES)."""
+    try:
+        stat = os.statvfs(directory)
+    except OSError:
+        return DISK_RESERVE_BYTES
+    return min(DISK_RESERVE_BYTES, stat.f_blocks * stat.f_frsize // 2)
 
 
 class _sqlite_errors:

@@ -19,6 +19,12 @@ forwarder killed mid-send sends the unsettled rows again on restart (persist-que
 `auto_resume` makes its in-flight rows ready again; only the forwarder opens the queue so).
 On stop: no new rows are taken, in-flight requests get `stop_timeout_seconds` to finish,
 and rows not fully settled are made ready again.
+
+A queue or dead-letter write that fails (the disk full, the file locked) never ends the
+forwarder: it is tried again, at growing intervals, until it succeeds or the forwarder
+stops (`_queue_op`). On a full disk its acks are what free space, so giving up on them
+would leave the collector stuck; and a row is acked only after its events' dead letters
+are written, so a failure in between costs a resend, never an event.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import fcntl
 import logging
 import os
 import signal
+import sqlite3
 import time
 import uuid
 import zlib
@@ -36,13 +43,14 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import orjson
 
 from collector import heartbeat, notify
 from collector.counts import Counts
 from collector.deadletters import DeadLetters
+from collector.errors import Unavailable
 from collector.settings import Settings
 from collector.spool import Row, Spool
 from forwarder.backoff import Backoff, Outage
@@ -79,6 +87,13 @@ OUTCOME = {
     KeyRejected: "key_rejected",
 }
 STATE_NAME = "forwarder"
+# A queue or dead-letter write that failed (disk full, file locked) is tried again after
+# this long, doubling up to the maximum: soon enough to resume as soon as space returns,
+# seldom enough that the log shows a line every few seconds, not a flood.
+QUEUE_RETRY_FIRST_S = 0.1
+QUEUE_RETRY_MAX_S = 5.0
+
+T = TypeVar("T")
 
 BatchKey = tuple[str, str]  # (project, env)
 
@@ -167,9 +182,10 @@ class Forwarder:
             sync="normal",
             budget_bytes=settings.disk_budget_bytes,
             resume_in_flight=True,
+            recover=True,  # a corrupt file is moved aside (collector.recovery)
         )
-        self.dead = DeadLetters(settings.data_dir)
-        self.counts = Counts(settings.data_dir, settings.counts_window_minutes)
+        self.dead = DeadLetters(settings.data_dir, recover=True)
+        self.counts = Counts(settings.data_dir, settings.counts_window_minutes, recover=True)
         self.stats = Stats()
         self._outage = Outage()
         self._pending: dict[int, int] = {}  # row id -> events not yet settled
@@ -233,8 +249,12 @@ class Forwarder:
             await self._upstream.aclose()
         unsettled = list(self._pending)
         if unsettled:
-            await asyncio.to_thread(self.spool.nack, unsettled)
-            log.info("stopped with %d queue rows unsettled; they stay queued", len(unsettled))
+            try:
+                await asyncio.to_thread(self.spool.nack, unsettled)
+                log.info("stopped with %d queue rows unsettled; they stay queued", len(unsettled))
+            except (Unavailable, sqlite3.Error) as exc:
+                # Still in flight in the file: the next forwarder makes them ready again.
+                log.warning("could not release %d queue rows (%s)", len(unsettled), exc)
         self._write_state()
         await self._write_counts()
         self.counts.close()
@@ -244,6 +264,10 @@ class Forwarder:
     # --- feed: rows into batches ----------------------------------------------------
 
     async def _feed(self) -> None:
+        with contextlib.suppress(_Stopping):
+            await self._feed_until_stopped()
+
+    async def _feed_until_stopped(self) -> None:
         building: dict[BatchKey, Batch] = {}
         while not self._stopping.is_set():
             if self._buffered >= MAX_BUFFERED_EVENTS:
@@ -254,7 +278,7 @@ class Forwarder:
                 if self._buffered >= MAX_BUFFERED_EVENTS:
                     await self._wait(self._room, None)
                 continue
-            row = await asyncio.to_thread(self.spool.take)
+            row = await self._queue_op("take a row", self.spool.take)
             if row is None:
                 await self._hand_off_all(building)
                 await self._wait(self._stopping, POLL_INTERVAL_S)
@@ -274,7 +298,7 @@ class Forwarder:
                 f"older than the maximum age ({self.settings.max_event_age_seconds:g} s)",
                 "max_age",
             )
-            await asyncio.to_thread(self.spool.ack, [row.id])
+            await self._queue_op("ack a row", lambda: self.spool.ack([row.id]))
             return []
         self._pending[row.id] = len(events)
         self._buffered += len(events)
@@ -398,13 +422,27 @@ class Forwarder:
         self._buffered -= len(batch.events)
         self._room.set()
         if done:
-            await asyncio.to_thread(self.spool.ack, done)
+            await self._queue_op("ack rows", lambda: self.spool.ack(done))
 
     async def _dead_letter(self, events: list[bytes], reason: str, kind: str) -> None:
-        count = await asyncio.to_thread(self.dead.add, events, reason)
+        count = await self._queue_op("write dead letters", lambda: self.dead.add(events, reason))
         self.stats.dead_lettered += count
         self.counts.add("dead_lettered", (kind,), count)
         log.warning("dead-lettered %d events: %s", count, reason)
+
+    async def _queue_op(self, what: str, operation: Callable[[], T]) -> T:
+        """`operation()` in a thread, tried again while the queue cannot be written;
+        raises _Stopping when the forwarder stops first."""
+        delay = QUEUE_RETRY_FIRST_S
+        while True:
+            try:
+                return await asyncio.to_thread(operation)
+            except (Unavailable, sqlite3.Error) as exc:
+                log.warning("could not %s (%s); trying again in %.1f s", what, exc, delay)
+            await self._wait(self._stopping, delay)
+            if self._stopping.is_set():
+                raise _Stopping
+            delay = min(delay * 2, QUEUE_RETRY_MAX_S)
 
     # --- state -----------------------------------------------------------------------
 
