@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -259,6 +260,35 @@ def keys_create(
         raise typer.Exit(2) from exc
     typer.echo(f"Created key '{key.name}' ({', '.join(key.scopes)}). Its secret, shown once:")
     typer.echo(secret)
+
+
+@keys_app.command("import")
+def keys_import(
+    scope: Annotated[
+        list[str], typer.Option(help=f"Scope to grant, repeatable: {', '.join(SCOPES)}.")
+    ],
+    project: Annotated[str | None, typer.Option(help="Restrict the key to this project.")] = None,
+    env: Annotated[str | None, typer.Option(help="Restrict the key to this environment.")] = None,
+    name: Annotated[str | None, typer.Option(help="A name to find the key by.")] = None,
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Accept an existing Traffical key (read from standard input, never an argument).
+
+    Use it when SDKs fetch their config through the collector: the same key must be valid
+    here (for events) and upstream (for config, resolve, decide).
+    Example: collector keys import --scope sdk:write --scope sdk:read < key-file
+    """
+    settings = settings_or_exit(config, data_dir=data_dir)
+    secret = sys.stdin.readline().strip()
+    try:
+        key, _ = KeyStore(settings.keys_file).create(
+            scope, name=name, project=project, env=env, existing=secret
+        )
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(f"Imported key '{key.name}' ({key.prefix}…, {', '.join(key.scopes)}).")
 
 
 @keys_app.command("list")

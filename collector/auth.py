@@ -36,6 +36,8 @@ PUBLISHABLE_PREFIX = "traffical_pk_"
 SECRET_BYTES = 32
 # Characters of the key kept in clear (after its kind prefix) so people can tell keys apart.
 SHOWN_CHARS = 6
+# An imported key must carry at least this many characters after its prefix to be a secret.
+MIN_IMPORTED_CHARS = 16
 
 
 def now_utc() -> datetime:
@@ -165,15 +167,28 @@ class KeyStore:
         env: str | None = None,
         expires: datetime | None = None,
         publishable: bool = False,
+        existing: str | None = None,
     ) -> tuple[ApiKey, str]:
-        """Make and store a new key; returns it with its secret, which is not kept."""
+        """Make and store a new key (or `existing`, a key the upstream already knows, so
+        that one SDK key works for both the collector and the calls it passes upstream);
+        returns it with its secret, which is not kept."""
         unknown = sorted(set(scopes) - set(SCOPES))
         if unknown or not scopes:
             raise ValueError(f"scopes must be among {', '.join(SCOPES)}; got {unknown or 'none'}")
-        kind = PUBLISHABLE_PREFIX if publishable else SECRET_PREFIX
-        secret = kind + secrets.token_urlsafe(SECRET_BYTES)
+        if existing is not None:
+            kind = next(
+                (k for k in (SECRET_PREFIX, PUBLISHABLE_PREFIX) if existing.startswith(k)), ""
+            )
+            if not kind or len(existing) < len(kind) + MIN_IMPORTED_CHARS:
+                raise ValueError("an imported key must look like traffical_sk_… or traffical_pk_…")
+            secret = existing
+        else:
+            kind = PUBLISHABLE_PREFIX if publishable else SECRET_PREFIX
+            secret = kind + secrets.token_urlsafe(SECRET_BYTES)
         prefix = secret[: len(kind) + SHOWN_CHARS]
         with self._locked() as keys:
+            if any(key.hash == digest(secret) for key in keys):
+                raise ValueError("this key is already in the store")
             name = name or f"key-{prefix[len(kind) :]}"
             if any(key.name == name for key in keys):
                 raise ValueError(f"a key named '{name}' already exists")

@@ -197,3 +197,30 @@ def test_first_start_creates_a_key_and_prints_it_once(tmp_path: Path) -> None:
     finally:
         again.stop()
     assert [key["name"] for key in stored_keys(data_dir)] == ["default"]
+
+
+def test_an_existing_key_can_be_imported_from_stdin_and_is_stored_hashed(tmp_path: Path) -> None:
+    secret = "traffical_sk_" + "k" * 32
+    done = subprocess.run(
+        [*COLLECTOR, "keys", "import", "--scope", "sdk:write", "--name", "cloud"],
+        cwd=ROOT,
+        env={**os.environ, "COLLECTOR_DATA_DIR": str(tmp_path)},
+        input=secret + "\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert secret not in done.stdout
+    stored = (tmp_path / "keys.json").read_text()
+    assert secret not in stored and hashlib.sha256(secret.encode()).hexdigest() in stored
+    again = subprocess.run(
+        [*COLLECTOR, "keys", "import", "--scope", "sdk:write"],
+        cwd=ROOT,
+        env={**os.environ, "COLLECTOR_DATA_DIR": str(tmp_path)},
+        input="not-a-key\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert again.returncode == 2 and "traffical_sk_" in again.stderr
