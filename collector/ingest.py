@@ -83,6 +83,8 @@ def _gunzip(raw: bytes, max_bytes: int) -> bytes:
         raise PayloadTooLarge(f"body is larger than {max_bytes} bytes after decompression")
     if not inflater.eof:
         raise BadRequest("gzip body is truncated")
+    if inflater.unused_data:  # a second member or trailing bytes: never silently dropped
+        raise BadRequest("gzip body has data after its end (send one gzip member)")
     return body
 
 

@@ -155,6 +155,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _refuse(self, status: HTTPStatus, message: str) -> None:
         """Answer `status` in the error shape, stop reading requests, close soon after."""
+        self._refused = True
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.transport.close()  # the app is answering this request: no second answer
+            return
         body = orjson.dumps({"error": status.phrase, "message": message})
         head = [STATUS_LINE[status]]
         for name, value in self.server_state.default_headers:
@@ -165,7 +169,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             b"connection: close\r\n\r\n",
         ]
         self.transport.write(b"".join(head) + body)
-        self._refused = True
         if self.transport.can_write_eof():
             self.transport.write_eof()
             self._arm(LINGER_S)
@@ -225,12 +228,16 @@ def raise_open_files_limit(max_connections: int) -> int:
     """Raise this process's soft limit on open files to fit `max_connections` (systemd and
     most shells start services at 1024), within the hard limit; returns the limit now."""
     wanted = max_connections + FD_HEADROOM
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY or soft >= wanted:
-        return wanted
-    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-    if target > soft:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY or soft >= wanted:
+            return wanted
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        if target > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (OSError, ValueError) as exc:  # a sandbox may refuse (systemd: set LimitNOFILE)
+        log.warning("could not raise the open files limit for max_connections: %s", exc)
+        return 0
     if target < wanted:
         log.warning(
             "open files are limited to %d, fewer than max_connections (%d) needs; raise "

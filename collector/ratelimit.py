@@ -16,6 +16,9 @@ from collections.abc import Callable
 from collector.auth import ApiKey
 from collector.errors import RateLimited
 
+# Rounding slack in token arithmetic, so that waiting `Retry-After` is always enough.
+EPSILON = 1e-9
+
 
 class RateLimiter:
     def __init__(
@@ -37,7 +40,7 @@ class RateLimiter:
         now = self._clock()
         tokens, then = self._buckets.get(key.hash, (float(self.burst), now))
         tokens = min(float(self.burst), tokens + (now - then) * self.per_second)
-        if tokens >= 1:
+        if tokens >= 1 - EPSILON:  # a token refilled to 0.9999999999 by rounding is a token
             self._buckets[key.hash] = (tokens - 1, now)
             return
         self._buckets[key.hash] = (tokens, now)

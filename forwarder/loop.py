@@ -428,7 +428,8 @@ class Forwarder:
         count = await self._queue_op("write dead letters", lambda: self.dead.add(events, reason))
         self.stats.dead_lettered += count
         self.counts.add("dead_lettered", (kind,), count)
-        log.warning("dead-lettered %d events: %s", count, reason)
+        # Not `reason`: an upstream's refusal may quote the events, which stay out of logs.
+        log.warning("dead-lettered %d events (%s; the reason: collector dlq list)", count, kind)
 
     async def _queue_op(self, what: str, operation: Callable[[], T]) -> T:
         """`operation()` in a thread, tried again while the queue cannot be written;
