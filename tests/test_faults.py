@@ -32,7 +32,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -58,8 +57,6 @@ from test_forward_faults import (  # noqa: F401  (the fixtures are used as argum
     wait_for,
 )
 from upstream import Upstream
-
-Json = dict[str, Any]
 
 CLIENTS = 4  # concurrent posting clients: a kill can land inside a group commit
 DRAIN_WAIT_S = 120.0  # longest wait for everything answered to reach the upstream
