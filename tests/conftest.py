@@ -147,6 +147,20 @@ class Server:
         return stored_events(self.data_dir)
 
 
+def serve_for_module(
+    tmp_path_factory: pytest.TempPathFactory, name: str, **env: str
+) -> Iterator[Server]:
+    """A server shared by a module's tests (for module-scoped fixtures), with a write key."""
+    data_dir = tmp_path_factory.mktemp(name) / "data"
+    server = Server(data_dir, free_port(), env)
+    server.key = create_key(data_dir, "--scope", "sdk:write", "--name", "test")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture
 def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     """Factory: start_server(**env) starts a server with its own data dir and a write key."""

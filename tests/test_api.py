@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import Server, create_key, event, free_port, run_cli
+from conftest import Server, create_key, event, run_cli, serve_for_module
 
 JSON = {"Content-Type": "application/json"}
 ENVELOPE_MESSAGE = "events must be a non-empty array (max 1000)"
@@ -44,14 +44,7 @@ BROWSER_HEADERS = (
 
 
 def _serve(tmp_path_factory: pytest.TempPathFactory, name: str, **env: str) -> Iterator[Server]:
-    data_dir = tmp_path_factory.mktemp(name) / "data"
-    server = Server(data_dir, free_port(), env)
-    server.key = create_key(data_dir, "--scope", "sdk:write", "--name", "test")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from serve_for_module(tmp_path_factory, name, **env)
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import Server, create_key, event, free_port
+from conftest import Server, event, serve_for_module
 
 TIMEOUT_S = 2
 JSON = {"Content-Type": "application/json"}
@@ -45,15 +45,9 @@ MIB = 1024 * 1024
 
 
 def _serve(tmp_path_factory: pytest.TempPathFactory, name: str, **env: str) -> Iterator[Server]:
-    data_dir = tmp_path_factory.mktemp(name) / "data"
-    server = Server(data_dir, free_port(), env)
-    server.key = create_key(data_dir, "--scope", "sdk:write", "--name", "test")
-    server.start()
-    try:
+    for server in serve_for_module(tmp_path_factory, name, **env):
         yield server
-    finally:
-        server.stop()
-    assert "Traceback" not in server.log(), server.log()[-3000:]
+        assert "Traceback" not in server.log(), server.log()[-3000:]
 
 
 @pytest.fixture(scope="module")
