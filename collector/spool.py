@@ -5,7 +5,9 @@ table. Facts that shape its use (measured on the reference machine, see design.m
 
 - a commit costs an fsync, so one queue row holds a *group* of events (one or several
   requests' worth, gathered by `commit.py`), stored as a JSON array of the clients' own
-  event objects: raw bytes, no pickle;
+  event objects: raw bytes, no pickle. Each event is on a line of its own (compact JSON
+  holds no newline), so the forwarder splits a row into its events' bytes without parsing
+  it (`Row.lines`);
 - acknowledged rows are deleted (`remove_acked`), never left for `get` to scan past;
 - only the forwarder may turn in-flight rows back to ready, so the server opens the queue
   with `auto_resume=False`.
@@ -57,6 +59,10 @@ DISK_RESERVE_BYTES = 32 * 1024 * 1024
 
 Sync = Literal["full", "normal"]
 
+# A row is `[\n` + its events' JSON joined by `,\n` + `\n]`: still one JSON array (for
+# SQLite's json functions and any reader), and split into events by `bytes.split`.
+ROW_START, EVENT_SEPARATOR, ROW_END = b"[\n", b",\n", b"\n]"
+
 
 @dataclass(frozen=True)
 class Row:
@@ -68,6 +74,13 @@ class Row:
 
     def events(self) -> list[dict[str, Any]]:
         return cast(list[dict[str, Any]], orjson.loads(self.data))
+
+    def lines(self) -> list[bytes]:
+        """Each event's JSON, exactly as stored."""
+        if self.data.startswith(ROW_START):
+            return self.data[len(ROW_START) : -len(ROW_END)].split(EVENT_SEPARATOR)
+        # A row written before events had lines of their own.
+        return [orjson.dumps(event) for event in self.events()]
 
 
 class _RawBytes:
@@ -155,7 +168,7 @@ class Spool:
                 self._refused_at = used
                 raise QueueFull("disk budget reached; retry later")
             self._check_free_space(self._conn, size)
-            self._queue.put(b"[" + b",".join(events) + b"]")
+            self._queue.put(_row(events))
 
     def check_writable(self) -> None:
         """Raise QueueFull or QueueBusy unless a write could be committed now."""
@@ -273,6 +286,14 @@ class Spool:
             ).fetchall()
         for (data,) in rows:
             yield from orjson.loads(data)
+
+
+def _row(events: list[bytes]) -> bytes:
+    """The row holding `events`, one per line (see ROW_START)."""
+    joined = EVENT_SEPARATOR.join(events)
+    if joined.count(b"\n") != len(events) - 1:  # an event spread over lines: compact it
+        joined = EVENT_SEPARATOR.join(orjson.dumps(orjson.loads(raw)) for raw in events)
+    return ROW_START + joined + ROW_END
 
 
 def free_bytes(directory: Path) -> int:

@@ -291,10 +291,10 @@ class Forwarder:
 
     async def _sort(self, row: Row, building: dict[BatchKey, Batch]) -> list[Batch]:
         """Put a row's events into batches; returns the batches it filled."""
-        events = row.events()
+        events = row.lines()
         if time.time() - row.queued_at > self.settings.max_event_age_seconds:
             await self._dead_letter(
-                [_dumps(e) for e in events],
+                events,
                 f"older than the maximum age ({self.settings.max_event_age_seconds:g} s)",
                 "max_age",
             )
@@ -302,10 +302,10 @@ class Forwarder:
             return []
         self._pending[row.id] = len(events)
         self._buffered += len(events)
+        shared = shared_key(row.data, events)
         full = []
-        for event in events:
-            key = (str(event.get("projectId")), str(event.get("env")))
-            raw = _dumps(event)
+        for raw in events:
+            key = shared or _key_of(raw)
             batch = building.get(key)
             if batch is not None and batch.size + len(raw) > self.settings.forward_batch_bytes:
                 full.append(building.pop(key))
@@ -504,8 +504,31 @@ def _where(key: BatchKey) -> str:
     return f"project {key[0]!r}, env {key[1]!r}"
 
 
-def _dumps(event: Any) -> bytes:
-    return orjson.dumps(event)
+def _key_of(raw: bytes) -> BatchKey:
+    event = orjson.loads(raw)
+    return (str(event.get("projectId")), str(event.get("env")))
+
+
+def shared_key(data: bytes, events: list[bytes]) -> BatchKey | None:
+    """The (project, env) of all of a row's `events` when they share one that can be
+    read off the row's bytes without parsing each event; else None.
+
+    Parsing every event only to learn its project and environment was a third of the
+    forwarder's time. Without a backslash in the row, every quote delimits a string, so
+    `"projectId":"` occurs once per top-level `projectId` (a required string) and once per
+    nested one; as many occurrences as events means none is nested, and then as many of
+    the first event's `"projectId":"<value>"` means every event has that value. The same
+    goes for `env`.
+    """
+    count = len(events)
+    if b"\\" in data or data.count(b'"projectId":"') != count or data.count(b'"env":"') != count:
+        return None
+    key = _key_of(events[0])
+    for name, value in zip((b"projectId", b"env"), key, strict=True):
+        pair = b'"' + name + b'":' + orjson.dumps(value)
+        if data.count(pair) != count:
+            return None
+    return key
 
 
 @contextlib.contextmanager

@@ -650,12 +650,26 @@ def test_each_project_and_env_is_sent_with_its_own_key(
         ("proj_other", "production"): "key-default",
     }
     upstream.require_keys(keys)
-    sent = [
-        event(id=f"{project}-{env}-{i}", projectId=project, env=env)
-        for i in range(10)
+    # Requests of one (project, env), whose rows the forwarder reads the key off; the same
+    # with events naming another project inside (a decoy); and one mixing them all.
+    decoy = {"projectId": "proj_other", "env": "production", "note": 'a \\"quote\\"'}
+    sent = []
+    for project, env in keys:
+        clean = [event(id=f"{project}-{env}-{i}", projectId=project, env=env) for i in range(5)]
+        decoyed = [
+            event(id=f"{project}-{env}-d{i}", projectId=project, env=env, properties=decoy)
+            for i in range(5)
+        ]
+        post(server, clean)
+        post(server, decoyed)
+        sent += clean + decoyed
+    mixed = [
+        event(id=f"{project}-{env}-m{i}", projectId=project, env=env)
+        for i in range(5)
         for project, env in keys
     ]
-    post(server, sent)
+    post(server, mixed)
+    sent += mixed
 
     forwarder = start_forwarder(server.data_dir, "--config", str(config))
     upstream.wait_for_events(len(sent))

@@ -1,0 +1,93 @@
+"""Queue rows as the forwarder reads them: one event per line, split without parsing, and a
+(project, env) read off the bytes only when every event certainly shares it.
+
+Real queue files in tmp paths (`Spool`), real bytes; nothing mocked.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from collector.spool import Row, Spool
+from forwarder.loop import shared_key
+
+from conftest import event
+
+
+def stored(tmp_path: Path, events: list[bytes]) -> Row:
+    """`events` committed as one row of a real queue file, then taken back."""
+    spool = Spool(tmp_path, budget_bytes=1 << 30, resume_in_flight=True)
+    try:
+        spool.append(events)
+        row = spool.take()
+    finally:
+        spool.close()
+    assert row is not None
+    return row
+
+
+def encoded(*events: dict[str, Any]) -> list[bytes]:
+    return [orjson.dumps(e) for e in events]
+
+
+def test_a_row_splits_back_into_its_events_bytes_unchanged(tmp_path: Path) -> None:
+    sent = encoded(
+        event(id="a", properties={"text": "comma,\nnewline and ,\\n escaped", "n": [1, 2]}),
+        event(id="b", properties={"unicode": "é😀", "nested": {"x": {"y": None}}}),
+        event(id="c"),
+    )
+    row = stored(tmp_path, sent)
+
+    assert row.lines() == sent
+    assert row.events() == [orjson.loads(raw) for raw in sent]  # still one JSON array
+
+
+def test_an_event_spread_over_several_lines_is_stored_compact(tmp_path: Path) -> None:
+    pretty = b'{\n  "id": "a",\n  "projectId": "p",\n  "env": "e"\n}'
+    row = stored(tmp_path, [pretty, orjson.dumps(event(id="b"))])
+
+    lines = row.lines()
+    assert len(lines) == 2
+    assert orjson.loads(lines[0]) == orjson.loads(pretty)
+    assert b"\n" not in lines[0]
+
+
+def test_a_row_written_before_events_had_lines_of_their_own_still_splits() -> None:
+    sent = encoded(event(id="a"), event(id="b", properties={"s": "x,y"}))
+    row = Row(1, b"[" + b",".join(sent) + b"]", 0.0)
+
+    assert row.lines() == sent
+
+
+def test_a_row_of_one_project_and_env_is_read_off_the_bytes() -> None:
+    lines = encoded(*(event(id=str(n), projectId="proj_a", env="staging") for n in range(5)))
+    data = b"[\n" + b",\n".join(lines) + b"\n]"
+
+    assert shared_key(data, lines) == ("proj_a", "staging")
+
+
+@pytest.mark.parametrize(
+    "odd_one",
+    [
+        {"projectId": "proj_b"},  # another project
+        {"env": "production"},  # another env
+        {"projectId": "proj_a2"},  # a project named with a prefix of the others'
+        # the same project and env, and a nested pair naming another: not decidable by count
+        {"properties": {"projectId": "proj_b", "env": "production"}},
+        # a backslash: quotes may be escaped, so occurrences cannot be trusted
+        {"properties": {"note": 'say \\"projectId\\":\\"proj_b\\"'}},
+    ],
+    ids=["project", "env", "prefix", "nested", "backslash"],
+)
+def test_a_row_not_certainly_of_one_project_and_env_is_left_to_per_event_parsing(
+    odd_one: dict[str, Any],
+) -> None:
+    base = {"projectId": "proj_a", "env": "staging"}
+    lines = encoded(event(id="1", **base), event(id="2", **{**base, **odd_one}), event(**base))
+    data = b"[\n" + b",\n".join(lines) + b"\n]"
+
+    assert shared_key(data, lines) is None
