@@ -57,14 +57,15 @@ Labels = tuple[str, ...]
 
 
 def label(value: Any) -> str:
+    if isinstance(value, str):  # nearly always: first, since it runs thrice per event
+        return value[:LABEL_CHARS]
     if value is None:
         return ""
     if isinstance(value, list | dict):
         # A client's array or object where a name belongs (an invalid event): its type, not
         # str() of it, which could be megabytes or nested too deep to print.
         return f"({type(value).__name__})"
-    text = value if isinstance(value, str) else str(value)
-    return text[:LABEL_CHARS]
+    return str(value)[:LABEL_CHARS]
 
 
 def minute_of(moment: float) -> int:
@@ -183,20 +184,27 @@ class EventCounter:
         self._names: set[str] = set()
         self._decisions: OrderedDict[str, tuple[float, list[Labels]]] = OrderedDict()
 
-    def received(self, events: Iterable[Any]) -> None:
-        self.counts.counter("events_received").update(map(_target, events))
+    def received(self, events: Iterable[Any]) -> list[Labels]:
+        """Count events as received; returns each one's target, for `accepted`."""
+        targets = list(map(_target, events))
+        self.counts.counter("events_received").update(targets)
+        return targets
 
     def rejected(self, reason: str, count: int = 1) -> None:
         self.counts.add("events_rejected", (reason,), count)
 
-    def accepted(self, events: list[dict[str, Any]], skipped: set[int]) -> None:
-        """Count accepted events; `skipped` holds the indexes not written (duplicates)."""
-        targets = [_target(event) for event in events]
+    def accepted(
+        self, events: list[dict[str, Any]], targets: list[Labels], skipped: set[int]
+    ) -> None:
+        """Count accepted events (`targets` are theirs, from `received`); `skipped` holds
+        the indexes not written (duplicates)."""
         self.counts.counter("events_accepted").update(targets)
         written = self.counts.counter("events_written")
-        written.update(t for i, t in enumerate(targets) if i not in skipped)
         if skipped:
+            written.update(t for i, t in enumerate(targets) if i not in skipped)
             self.counts.counter("events_deduplicated").update(targets[i] for i in skipped)
+        else:
+            written.update(targets)
         for index, event in enumerate(events):
             kind = event["type"]
             # A duplicate (a client's retry) is the same event again: counted once above as

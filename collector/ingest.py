@@ -29,7 +29,7 @@ OVERFLOW_ALLOWANCE = 0.10
 # zlib's window bits for "gzip header and trailer".
 GZIP_WBITS = 16 + zlib.MAX_WBITS
 # orjson writes at most this many levels of nested objects and arrays (the event itself
-# being the first); the forwarder re-encodes events with it, so deeper ones are refused.
+# being the first); events are stored as its output, so deeper ones are refused.
 MAX_EVENT_DEPTH = 254
 # The integers orjson reads exactly; beyond them it reads the nearest double.
 INT64_MIN, UINT64_MAX = -(2**63), 2**64 - 1
@@ -149,7 +149,7 @@ class Ingest:
 
     async def handle(self, body: bytes, key: ApiKey) -> Outcome:
         events = envelope_events(parse(body), self._max_events)
-        self._counter.received(events)
+        targets = self._counter.received(events)
         errors = invalid_events(events)
         encoded = encode(events, errors)
         for error in errors.values():
@@ -158,7 +158,10 @@ class Ingest:
             raise BadRequest(
                 "no event in the request is valid", validationErrors=_error_list(errors)
             )
-        valid = [event for i, event in enumerate(events) if i not in errors]
+        valid, valid_targets = events, targets
+        if errors:
+            kept = [i for i in range(len(events)) if i not in errors]
+            valid, valid_targets = [events[i] for i in kept], [targets[i] for i in kept]
         try:
             for event in valid:
                 key.require_target(event["projectId"], event["env"])
@@ -166,7 +169,7 @@ class Ingest:
         except CollectorError as exc:
             self._counter.rejected(type(exc).__name__, len(valid))
             raise
-        self._counter.accepted(valid, set(skipped))
+        self._counter.accepted(valid, valid_targets, set(skipped))
         return Outcome(accepted=len(valid), written=len(valid) - len(skipped), errors=errors)
 
 

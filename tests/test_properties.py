@@ -239,11 +239,11 @@ def body_of(events: list[Any], slow: bool = False, ascii: bool = True) -> bytes:
 def pipeline(body: bytes, counter: EventCounter) -> tuple[dict[int, str], list[bytes]]:
     """What the server does with a body, short of committing it."""
     events = envelope(parse(body), MAX_EVENTS)
-    counter.received(events)
+    targets = counter.received(events)
     errors = invalid_events(events)
     encoded = encode(events, errors)
-    valid = [event for i, event in enumerate(events) if i not in errors]
-    counter.accepted(valid, set())
+    kept = [i for i in range(len(events)) if i not in errors]
+    counter.accepted([events[i] for i in kept], [targets[i] for i in kept], set())
     return errors, [raw for _, raw in encoded]
 
 
