@@ -14,8 +14,10 @@ import multiprocessing
 import os
 import signal
 import socket
+import sqlite3
 import sys
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
@@ -28,11 +30,15 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from collector import limits, logs, notify
+from collector import limits, logs, notify, recovery
 from collector.auth import SCOPES, KeyStore, ensure_first_key, now_utc
+from collector.counts import DB_FILE as COUNTS_FILE
+from collector.deadletters import DB_FILE as DEAD_LETTERS_FILE
 from collector.deadletters import DeadLetters
-from collector.errors import CollectorError
+from collector.dedup import DB_FILE as SEEN_IDS_FILE
+from collector.errors import QueueFull, Unavailable
 from collector.settings import ConfigFileError, Settings, load_settings
+from collector.spool import DB_FILE as QUEUE_FILE
 from collector.spool import Spool
 from collector.supervisor import ForwarderChild
 
@@ -77,6 +83,37 @@ def settings_or_exit(config: Path | None, **flags: Any) -> Settings:
             name = ".".join(map(str, error["loc"]))
             typer.echo(f"error: setting '{name}': {error['msg']}", err=True)
     raise typer.Exit(2)
+
+
+# The data directory's SQLite files, named when one of them cannot be read.
+DATA_FILES = (QUEUE_FILE, SEEN_IDS_FILE, COUNTS_FILE, DEAD_LETTERS_FILE)
+
+
+@contextlib.contextmanager
+def readable(data_dir: Path) -> Iterator[None]:
+    """A data file that cannot be read becomes a one-line error naming it (exit 2).
+
+    Only the server and the forwarder move a corrupt file aside (`collector.recovery`),
+    when they start; a command run while they are down meets the file as it is.
+    """
+    try:
+        yield
+    except (sqlite3.Error, Unavailable) as exc:
+        corrupt = [
+            f"{name} ({reason})"
+            for name in DATA_FILES
+            if (data_dir / name).exists() and (reason := recovery.corruption(data_dir / name))
+        ]
+        if corrupt:
+            typer.echo(
+                f"error: corrupt data in {data_dir}: {', '.join(corrupt)}. The server and the"
+                " forwarder move a corrupt file aside when they start: start the collector,"
+                " or move the file away yourself.",
+                err=True,
+            )
+        else:
+            typer.echo(f"error: cannot read the data in {data_dir}: {exc}", err=True)
+        raise typer.Exit(2) from exc
 
 
 HostOption = Annotated[str | None, typer.Option(help="Address to bind (COLLECTOR_HOST).")]
@@ -336,28 +373,29 @@ def status(
     """Show what the collector is doing, from the data directory (works when it is down).
 
     Exit status: 0 healthy; 1 unhealthy (server or forwarder down, upstream key refused,
-    upstream failing for over 5 minutes, disk budget 90% used); 2 no data directory or
-    bad settings. Example: collector status --json
+    upstream failing for over 5 minutes, disk budget 90% used); 2 no data directory, bad
+    settings or a data file that cannot be read. Example: collector status --json
     """
     from collector import status as status_document
     from collector.statusview import render
 
     settings = settings_or_exit(config, data_dir=data_dir)
-    if not (settings.data_dir / "queue.db").exists():
+    if not (settings.data_dir / QUEUE_FILE).exists():
         typer.echo(f"error: no collector data in {settings.data_dir}", err=True)
         raise typer.Exit(2)
-    document = status_document.collect(settings)
-    if as_json:
-        typer.echo(json.dumps(document, indent=2))
-    elif watch:
-        live = Live(render(document), console=Console(), auto_refresh=False)
-        with live, contextlib.suppress(KeyboardInterrupt):
-            while True:
-                time.sleep(STATUS_REFRESH_S)
-                document = status_document.collect(settings)
-                live.update(render(document), refresh=True)
-    else:
-        Console().print(render(document))
+    with readable(settings.data_dir):
+        document = status_document.collect(settings)
+        if as_json:
+            typer.echo(json.dumps(document, indent=2))
+        elif watch:
+            live = Live(render(document), console=Console(), auto_refresh=False)
+            with live, contextlib.suppress(KeyboardInterrupt):
+                while True:
+                    time.sleep(STATUS_REFRESH_S)
+                    document = status_document.collect(settings)
+                    live.update(render(document), refresh=True)
+        else:
+            Console().print(render(document))
     raise typer.Exit(0 if document["healthy"] else 1)
 
 
@@ -401,8 +439,15 @@ def config_show(config: ConfigOption = None, data_dir: DataDirOption = None) -> 
         typer.echo(f"{name} = {json.dumps(value)}")
 
 
-def open_dead_letters(config: Path | None, data_dir: Path | None) -> DeadLetters:
-    return DeadLetters(settings_or_exit(config, data_dir=data_dir).data_dir)
+@contextlib.contextmanager
+def open_dead_letters(config: Path | None, data_dir: Path | None) -> Iterator[DeadLetters]:
+    directory = settings_or_exit(config, data_dir=data_dir).data_dir
+    with readable(directory):
+        dead = DeadLetters(directory)
+        try:
+            yield dead
+        finally:
+            dead.close()
 
 
 @dlq_app.command("list")
@@ -412,7 +457,8 @@ def dlq_list(
     data_dir: DataDirOption = None,
 ) -> None:
     """List dead-lettered events, oldest first. Example: collector dlq list --json"""
-    letters = open_dead_letters(config, data_dir).letters()
+    with open_dead_letters(config, data_dir) as dead:
+        letters = dead.letters()
     if as_json:
         typer.echo(json.dumps([letter.summary() for letter in letters]))
         return
@@ -439,7 +485,8 @@ def dlq_show(
     data_dir: DataDirOption = None,
 ) -> None:
     """Print one dead letter: its reason and the whole event. Example: collector dlq show 3"""
-    letters = open_dead_letters(config, data_dir).letters([letter_id])
+    with open_dead_letters(config, data_dir) as dead:
+        letters = dead.letters([letter_id])
     if not letters:
         typer.echo(f"error: no dead letter with id {letter_id}", err=True)
         raise typer.Exit(1)
@@ -463,24 +510,8 @@ def dlq_replay(
         typer.echo("error: give the ids to replay, or --all (not both)", err=True)
         raise typer.Exit(2)
     settings = settings_or_exit(config, data_dir=data_dir)
-    dead = DeadLetters(settings.data_dir)
-    wanted = dead.all_ids() if replay_all else list(ids or [])
-    spool = Spool(settings.data_dir, sync=settings.sync, budget_bytes=settings.disk_budget_bytes)
-    replayed = 0
-    try:
-        for start in range(0, len(wanted), REPLAY_CHUNK):
-            letters = dead.raw(wanted[start : start + REPLAY_CHUNK])
-            if not letters:
-                continue
-            # Into the queue first, then out of the store: a crash between the two leaves
-            # the event in both (sent twice), never in neither.
-            spool.append([raw for _, raw in letters])
-            replayed += dead.remove([letter_id for letter_id, _ in letters])
-    except CollectorError as exc:
-        typer.echo(f"error after replaying {replayed}: {exc.message}", err=True)
-        raise typer.Exit(1) from exc
-    finally:
-        spool.close()
+    with readable(settings.data_dir):
+        replayed, wanted = _replay(settings, ids or [], replay_all)
     missing = len(wanted) - replayed
     typer.echo(f"Replayed {replayed} dead letters into the queue.")
     if missing:
@@ -495,11 +526,35 @@ def dlq_purge(
     data_dir: DataDirOption = None,
 ) -> None:
     """Delete every dead letter for good. Example: collector dlq purge --yes"""
-    dead = open_dead_letters(config, data_dir)
-    count = dead.count()
-    if not yes and not typer.confirm(f"Delete {count} dead-lettered events for good?"):
-        raise typer.Exit(1)
-    typer.echo(f"Purged {dead.purge()} dead letters.")
+    with open_dead_letters(config, data_dir) as dead:
+        count = dead.count()
+        if not yes and not typer.confirm(f"Delete {count} dead-lettered events for good?"):
+            raise typer.Exit(1)
+        typer.echo(f"Purged {dead.purge()} dead letters.")
+
+
+def _replay(settings: Settings, ids: list[int], replay_all: bool) -> tuple[int, list[int]]:
+    """Move dead letters into the queue; (how many were, the ids asked for)."""
+    dead = DeadLetters(settings.data_dir)
+    spool = Spool(settings.data_dir, sync=settings.sync, budget_bytes=settings.disk_budget_bytes)
+    wanted = dead.all_ids() if replay_all else ids
+    replayed = 0
+    try:
+        for start in range(0, len(wanted), REPLAY_CHUNK):
+            letters = dead.raw(wanted[start : start + REPLAY_CHUNK])
+            if not letters:
+                continue
+            # Into the queue first, then out of the store: a crash between the two leaves
+            # the event in both (sent twice), never in neither.
+            spool.append([raw for _, raw in letters])
+            replayed += dead.remove([letter_id for letter_id, _ in letters])
+    except QueueFull as exc:  # the disk budget (a busy or corrupt file: see `readable`)
+        typer.echo(f"error after replaying {replayed}: {exc.message}", err=True)
+        raise typer.Exit(1) from exc
+    finally:
+        spool.close()
+        dead.close()
+    return replayed, wanted
 
 
 def _iso(timestamp: float) -> str:

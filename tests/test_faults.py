@@ -37,6 +37,7 @@ import httpx
 import pytest
 
 from collector import recovery
+from collector.counts import Counts
 from collector.deadletters import DeadLetters
 from collector.errors import QueueFull
 from collector.settings import Settings
@@ -653,6 +654,64 @@ def test_a_corrupt_file_another_process_has_open_is_left_in_place(tmp_path: Path
     assert not recovery.in_use(path)
     assert recovery.ensure_usable(path) is not None  # alone now: moved
     assert sorted(moved_files(tmp_path)) == ["queue.db"]
+
+
+# What each read-only command opens, so which corrupt file it must name.
+COMMANDS_READING = {
+    ("status",): {"queue.db", "counts.db", "dead-letters.db"},
+    ("status", "--json"): {"queue.db", "counts.db", "dead-letters.db"},
+    ("dlq", "list"): {"dead-letters.db"},
+    ("dlq", "show", "1"): {"dead-letters.db"},
+    ("dlq", "replay", "--all"): {"queue.db", "dead-letters.db"},
+    ("dlq", "purge", "--yes"): {"dead-letters.db"},
+}
+
+
+def damage_pages(path: Path) -> None:
+    """Overwrite the start of every page past the first two: the file stays a database
+    (its header and schema are sound) whose b-tree is damaged (a disk fault)."""
+    data = bytearray(path.read_bytes())
+    for page in range(2 * 4096, len(data), 4096):
+        data[page : page + 100] = b"\xff" * 100
+    path.write_bytes(data)
+
+
+@pytest.mark.parametrize("name", ["queue.db", "counts.db", "dead-letters.db"])
+@pytest.mark.parametrize("damage", [write_garbage, damage_pages], ids=["garbage", "malformed"])
+def test_commands_name_a_corrupt_file_while_the_collector_is_down_and_leave_it(
+    tmp_path: Path, name: str, damage: Callable[[Path], None]
+) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    events = [json.dumps({"id": f"e{n}", "pad": "x" * 2000}).encode() for n in range(100)]
+    spool = Spool(data_dir, budget_bytes=1 << 30)
+    spool.append(events)
+    spool.close()
+    dead = DeadLetters(data_dir)
+    dead.add(events, "rejected by upstream: 400")
+    dead.close()
+    counts = Counts(data_dir)
+    for n in range(2000):
+        counts.add("events_received", ("org", f"project-{n}", "production", "track"))
+    counts.flush()
+    counts.close()
+    for side in data_dir.glob("*.db-*"):  # everything checkpointed into the files
+        side.unlink()
+    damage(data_dir / name)
+    before = (data_dir / name).read_bytes()
+
+    for command, reads in COMMANDS_READING.items():
+        done = run_cli(*command, data_dir=data_dir)
+        assert "Traceback" not in done.stderr, (command, done.stderr)
+        if name in reads:
+            assert done.returncode == 2, (command, done.stdout, done.stderr)
+            assert done.stderr.startswith(f"error: corrupt data in {data_dir}: {name} ("), command
+            assert "start the collector" in done.stderr
+        else:
+            assert done.returncode in (0, 1), (command, done.stdout, done.stderr)
+    # Only the server and the forwarder move a corrupt file aside, never these commands.
+    assert (data_dir / name).read_bytes() == before
+    assert not moved_files(data_dir)
 
 
 # --- an upstream outage with a large backlog ----------------------------------------------
