@@ -3,7 +3,9 @@
     feed     take rows (non-blocking gets at a short interval: a blocking get does not see
              another process's put for up to 10 s), drop those past the maximum age into
              the dead-letter store, and sort events into batches per (project, env), since
-             upstream keys are scoped to one project and environment
+             upstream keys are scoped to one project and environment; events keep the
+             bytes the server stored (a row splits by line), and a row whose events all
+             share one (project, env) is sorted without parsing them (`shared_key`)
     send     `forward_in_flight` senders post batches (gzip, a batch id that stays the same
              across retries); `upstream.py` classifies the answer:
                Delivered    settle the batch's events
