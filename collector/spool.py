@@ -156,7 +156,8 @@ class Spool:
     # --- the server's side ----------------------------------------------------------
 
     def append(self, events: list[bytes]) -> None:
-        """Commit `events` (each one event's JSON) as one row, in one transaction.
+        """Commit `events` (each one event's compact JSON, as orjson writes it: the
+        forwarder reads keys off these bytes) as one row, in one transaction.
 
         Raises `QueueFull` when they would take the queue past the disk budget (nothing is
         written), and `QueueFull`/`QueueBusy` when SQLite fails.

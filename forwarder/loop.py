@@ -516,7 +516,9 @@ def shared_key(data: bytes, events: list[bytes]) -> BatchKey | None:
     read off the row's bytes without parsing each event; else None.
 
     Parsing every event only to learn its project and environment was a third of the
-    forwarder's time. Without a backslash in the row, every quote delimits a string, so
+    forwarder's time. Every event in the queue is orjson's compact output (the server's
+    `ingest.encode`; `Spool.append` requires it), so a key and its string value are
+    written `"name":"value"`. Without a backslash in the row, every quote delimits a string, so
     `"projectId":"` occurs once per top-level `projectId` (a required string) and once per
     nested one; as many occurrences as events means none is nested, and then as many of
     the first event's `"projectId":"<value>"` means every event has that value. The same
