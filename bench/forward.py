@@ -5,7 +5,9 @@ What it measures, for each backlog size N (default 1,000,000):
     fill      a fresh data directory's queue is filled directly with `Spool.append`, in rows
               of 1000 events (the way the server's group commit stores them): realistic SDK
               events (decisions, exposures, purchases, page views; `bench/ingest.py`'s
-              factory), every id unique over the run
+              factory), every id unique over the run; all of one project, or with
+              `--projects N` each row mixing N projects (as a row gathering several SDKs'
+              requests would), whose events the forwarder must then parse one by one
     upstream  a minimal HTTP/1.1 keep-alive server on uvloop, in its own process on
               127.0.0.1: it reads each request, gunzips it, parses it, counts its events and
               their distinct ids, and answers 200 at once (far faster than the forwarder,
@@ -26,7 +28,8 @@ thread holding the GIL, which is the part that cannot run in parallel.
 
 Run it by hand (it is not part of the test suite):
 
-    python bench/forward.py [--events 100000,1000000] [--in-flight N] [--profile [--profile-gil]]
+    python bench/forward.py [--events 100000,1000000] [--in-flight N] [--projects N]
+                             [--profile [--profile-gil]]
 
 It removes its data directories and stops its processes on exit, Ctrl-C included. Load only
 ever targets 127.0.0.1.
@@ -272,12 +275,16 @@ class Result:
         return self.events / self.delivered_s if self.delivered_s else 0.0
 
 
-def fill(data_dir: Path, events: int, seed: int) -> float:
-    """Queue `events` events in rows of ROW_EVENTS; returns the seconds it took."""
+def fill(data_dir: Path, events: int, seed: int, projects: int) -> float:
+    """Queue `events` events in rows of ROW_EVENTS, each row's events spread over
+    `projects` projects; returns the seconds it took."""
     templates = []
     for offset in range(TEMPLATES):
-        factory = EventFactory(seed + offset)
-        templates.append([orjson.dumps(event) for event in factory.events(ROW_EVENTS)])
+        made = EventFactory(seed + offset).events(ROW_EVENTS)
+        if projects > 1:
+            for index, event in enumerate(made):
+                event["projectId"] = f"proj_bench_{index % projects}"
+        templates.append([orjson.dumps(event) for event in made])
     began = time.monotonic()
     spool = Spool(data_dir, sync="normal", budget_bytes=1 << 50)
     try:
@@ -298,7 +305,7 @@ def run_one(events: int, workdir: Path, args: argparse.Namespace) -> Result:
     config = workdir / "collector.toml"
     config.write_text("")  # an empty file: /etc/collector/collector.toml is never read
     note(f"{events:,} events: filling the queue in rows of {ROW_EVENTS}")
-    result.fill_s = fill(data_dir, events, args.seed)
+    result.fill_s = fill(data_dir, events, args.seed, args.projects)
     result.queue_mib = sum(p.stat().st_size for p in data_dir.glob("queue.db*")) / MIB
     note(f"filled in {result.fill_s:.1f} s ({result.queue_mib:.0f} MiB); starting upstream")
 
@@ -430,6 +437,7 @@ def report(results: list[Result], args: argparse.Namespace) -> None:
     print(
         f"forwarder: collector forward, default settings (in flight {in_flight}, gzip level 1), "
         f"rows of {ROW_EVENTS} events"
+        + (f" mixing {args.projects} projects" if args.projects > 1 else " of one project")
     )
     print()
     header = (
@@ -541,6 +549,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=1, help="seed of the generated events")
     parser.add_argument(
+        "--projects", type=int, default=1, help="projects mixed in each row (default 1)"
+    )
+    parser.add_argument(
         "--tmp-dir", type=Path, default=None, help="where data dirs go (default: system tmp)"
     )
     parser.add_argument("--serve-upstream", action="store_true", help=argparse.SUPPRESS)
@@ -552,6 +563,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--events takes whole numbers, comma separated")
     if not args.sizes or min(args.sizes) < 1:
         parser.error("--events must be at least 1")
+    if args.projects < 1:
+        parser.error("--projects must be at least 1")
     return args
 
 
