@@ -22,13 +22,12 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from conftest import Server, create_key, event, free_port
+from conftest import Server, event
 
 ST = Path(sys.executable).with_name("st")
 DEFAULT_EXAMPLES = 150
@@ -37,18 +36,6 @@ SEED = 20260521
 EVENTS_ROUTES = "^/v1/events(/batch)?$"
 OTHER_ROUTES = "^/(healthz|readyz|metrics|v1/stats)$"
 ALL_BUT_NEGATIVE = ["--checks", "all", "--exclude-checks", "negative_data_rejection"]
-
-
-@pytest.fixture
-def fuzzed(tmp_path: Path) -> Iterator[Server]:
-    data_dir = tmp_path / "data"
-    server = Server(data_dir, free_port(), {})
-    server.key = create_key(data_dir, "--scope", "sdk:write", "--name", "fuzz")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def fuzz(server: Server, routes: str, checks: list[str], examples: int, seed: int | None) -> int:
@@ -93,8 +80,8 @@ def assert_unharmed(server: Server) -> None:
     assert "Traceback" not in log and "unexpected error" not in log, log[-3000:]
 
 
-def test_the_schema_describes_the_events_api(fuzzed: Server) -> None:
-    schema = httpx.get(f"{fuzzed.url}/schema/openapi.json", timeout=5).json()
+def test_the_schema_describes_the_events_api(server: Server) -> None:
+    schema = httpx.get(f"{server.url}/schema/openapi.json", timeout=5).json()
     for path in ("/v1/events", "/v1/events/batch"):
         operation = schema["paths"][path]["post"]
         body = operation["requestBody"]["content"]["application/json"]["schema"]
@@ -111,17 +98,17 @@ def test_the_schema_describes_the_events_api(fuzzed: Server) -> None:
     assert (scheme["type"], scheme["scheme"]) == ("http", "bearer")
 
 
-def test_fuzzing_the_api_from_its_schema_finds_no_server_error(fuzzed: Server) -> None:
-    events = fuzz(fuzzed, EVENTS_ROUTES, ALL_BUT_NEGATIVE, DEFAULT_EXAMPLES, SEED)
-    others = fuzz(fuzzed, OTHER_ROUTES, ["--checks", "not_a_server_error"], 50, SEED)
+def test_fuzzing_the_api_from_its_schema_finds_no_server_error(server: Server) -> None:
+    events = fuzz(server, EVENTS_ROUTES, ALL_BUT_NEGATIVE, DEFAULT_EXAMPLES, SEED)
+    others = fuzz(server, OTHER_ROUTES, ["--checks", "not_a_server_error"], 50, SEED)
     print(f"fuzz cases tried: {events + others}")
     assert events >= 500
-    assert_unharmed(fuzzed)
+    assert_unharmed(server)
 
 
 @pytest.mark.slow
-def test_fuzzing_at_length_with_a_fresh_seed_finds_no_server_error(fuzzed: Server) -> None:
-    events = fuzz(fuzzed, EVENTS_ROUTES, ALL_BUT_NEGATIVE, SLOW_EXAMPLES, None)
-    others = fuzz(fuzzed, OTHER_ROUTES, ["--checks", "not_a_server_error"], 300, None)
+def test_fuzzing_at_length_with_a_fresh_seed_finds_no_server_error(server: Server) -> None:
+    events = fuzz(server, EVENTS_ROUTES, ALL_BUT_NEGATIVE, SLOW_EXAMPLES, None)
+    others = fuzz(server, OTHER_ROUTES, ["--checks", "not_a_server_error"], 300, None)
     print(f"fuzz cases tried: {events + others}")
-    assert_unharmed(fuzzed)
+    assert_unharmed(server)

@@ -27,7 +27,7 @@ from traffical import TrafficalClient, TrafficalClientOptions
 from collector.proxy import Bundle as CachedBundle
 from collector.proxy import ConfigCache, Slot
 
-from conftest import COLLECTOR, ROOT, Server, create_key, free_port
+from conftest import COLLECTOR, ROOT, Server, serve_for_module
 from sdk_support import (
     CONTROL_UNIT,
     PARAMETER_DEFAULT,
@@ -82,14 +82,7 @@ def proxy_env(upstream: Upstream, **extra: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def collector(tmp_path_factory: pytest.TempPathFactory, upstream: Upstream) -> Iterator[Server]:
     """One `collector serve` for the module, pointed at `upstream`, with a write key."""
-    data_dir = tmp_path_factory.mktemp("proxy") / "data"
-    server = Server(data_dir, free_port(), proxy_env(upstream))
-    server.key = create_key(data_dir, "--scope", "sdk:write", "--name", "sdk")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from serve_for_module(tmp_path_factory, "proxy", **proxy_env(upstream))
 
 
 def config(
@@ -330,28 +323,25 @@ def test_last_good_bundle_is_served_stale_when_the_upstream_fails(
         assert other.status_code == int(failure)  # the upstream's own answer, passed on
 
 
-def test_stale_bundles_survive_a_collector_restart(tmp_path: Path, upstream: Upstream) -> None:
-    server = Server(tmp_path / "data", free_port(), proxy_env(upstream))
-    server.key = create_key(server.data_dir, "--scope", "sdk:write")
+def test_stale_bundles_survive_a_collector_restart(
+    start_server: Callable[..., Server], upstream: Upstream
+) -> None:
+    server = start_server(**proxy_env(upstream))
+    etag = config(server, server.key).headers["etag"]
+    server.stop()
+    upstream.down()
     server.start()
-    try:
-        etag = config(server, server.key).headers["etag"]
-        server.stop()
-        upstream.down()
-        server.start()
 
-        answer = config(server, server.key)
-        assert (answer.status_code, answer.headers[STALE]) == (200, "true")
-        assert answer.json() == inline_bundle()
-        assert answer.headers["etag"] == etag
-        client = sdk(server, server.key)
-        try:
-            assert client.wait_for_ready(10)
-            assert color(client, TREATMENT_UNIT) == "green"
-        finally:
-            client.close()
+    answer = config(server, server.key)
+    assert (answer.status_code, answer.headers[STALE]) == (200, "true")
+    assert answer.json() == inline_bundle()
+    assert answer.headers["etag"] == etag
+    client = sdk(server, server.key)
+    try:
+        assert client.wait_for_ready(10)
+        assert color(client, TREATMENT_UNIT) == "green"
     finally:
-        server.stop()
+        client.close()
 
 
 # --- keys the upstream refuses ---------------------------------------------------------------
@@ -543,19 +533,13 @@ def test_cors_preflight_and_answer_on_config_and_decide(collector: Server) -> No
     assert "etag" in exposed and STALE in exposed
 
 
-def test_without_an_upstream_these_calls_answer_503(tmp_path: Path) -> None:
-    server = Server(tmp_path / "data", free_port(), {})
-    server.key = create_key(server.data_dir, "--scope", "sdk:write")
-    server.start()
-    try:
-        answer = config(server, server.key)
-        body = assert_error_shape(answer, 503)
-        assert "upstream_url" in body["message"]
-        assert answer.headers["retry-after"] == "60"
-        resolve = httpx.post(f"{server.url}/v1/resolve", json={}, headers={"X-Env": ENV})
-        assert_error_shape(resolve, 503)
-    finally:
-        server.stop()
+def test_without_an_upstream_these_calls_answer_503(server: Server) -> None:
+    answer = config(server, server.key)
+    body = assert_error_shape(answer, 503)
+    assert "upstream_url" in body["message"]
+    assert answer.headers["retry-after"] == "60"
+    resolve = httpx.post(f"{server.url}/v1/resolve", json={}, headers={"X-Env": ENV})
+    assert_error_shape(resolve, 503)
 
 
 def test_proxied_calls_are_counted_in_status_and_metrics(

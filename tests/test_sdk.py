@@ -19,7 +19,7 @@ import pytest
 from traffical import TrafficalClient, TrafficalClientOptions
 from traffical.config.source import InlineConfigSource
 
-from conftest import Server, create_key, free_port
+from conftest import Server, serve_for_module
 from sdk_support import (
     CONTROL_UNIT,
     EXPECTED_EVENT_TYPES,
@@ -71,14 +71,7 @@ class Recorder(httpx.BaseTransport):
 @pytest.fixture(scope="module")
 def collector(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """One collector for the module; each test compares only the events it added."""
-    data_dir = tmp_path_factory.mktemp("sdk") / "data"
-    server = Server(data_dir, free_port(), {})
-    server.key = create_key(data_dir, "--scope", "sdk:write", "--name", "sdk")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from serve_for_module(tmp_path_factory, "sdk")
 
 
 @pytest.fixture
