@@ -43,6 +43,17 @@ def run_cli(
     )
 
 
+def terminate(process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    """SIGTERM `process` and wait for it; SIGKILL it if it has not exited by `timeout`."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 def create_key(data_dir: Path, *args: str) -> str:
     """A new key made with `collector keys create ARGS` (the secret is the last line)."""
     done = run_cli("keys", "create", *args, data_dir=data_dir)
@@ -117,12 +128,8 @@ class Server:
             self.process.wait(timeout=10)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        if self.process is not None:
+            terminate(self.process, timeout=10)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

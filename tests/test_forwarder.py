@@ -32,7 +32,7 @@ from collector import heartbeat
 from collector.deadletters import DeadLetters
 from collector.spool import DB_FILE as QUEUE_FILE
 
-from conftest import COLLECTOR, ROOT, Server, event, run_cli
+from conftest import COLLECTOR, ROOT, Server, event, run_cli, terminate
 from upstream import Received, Upstream
 
 QUEUE_TABLE = "ack_queue_events"  # persist-queue's table for the queue named "events"
@@ -178,13 +178,7 @@ def start_forwarder(tmp_path: Path) -> Iterator[Callable[..., Forwarder]]:
 
     yield start
     for forwarder in started:
-        if forwarder.process.poll() is None:
-            forwarder.process.send_signal(signal.SIGTERM)
-            try:
-                forwarder.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                forwarder.process.kill()
-                forwarder.process.wait()
+        terminate(forwarder.process)
 
 
 def wait_for(

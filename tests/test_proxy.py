@@ -12,7 +12,6 @@ is put back up and reset after each test.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -27,7 +26,7 @@ from traffical import TrafficalClient, TrafficalClientOptions
 from collector.proxy import Bundle as CachedBundle
 from collector.proxy import ConfigCache, Slot
 
-from conftest import COLLECTOR, ROOT, Server, serve_for_module
+from conftest import COLLECTOR, ROOT, Server, serve_for_module, terminate
 from sdk_support import (
     CONTROL_UNIT,
     PARAMETER_DEFAULT,
@@ -143,16 +142,6 @@ def start_forwarder(server: Server, upstream: Upstream) -> subprocess.Popen[byte
         log.close()
 
 
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 def eventually(check: Callable[[], Any], what: str, timeout: float = WAIT_S) -> Any:
     """`check()` once it returns something truthy (for state in another process)."""
     deadline = time.monotonic() + timeout
@@ -197,7 +186,7 @@ def test_sdk_in_bundle_mode_gets_ready_decides_and_its_events_reach_the_upstream
         assert fetch.headers["accept"] == "application/json"
     finally:
         client.close()
-        stop(forwarder)
+        terminate(forwarder)
 
     # The upstream goes away: a new SDK client still starts, from the collector's cache.
     upstream.down()

@@ -32,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from collector import srm
 from collector.counts import Counts
 
-from conftest import COLLECTOR, ROOT, Server, create_key, event, free_port, run_cli
+from conftest import COLLECTOR, ROOT, Server, create_key, event, free_port, run_cli, terminate
 from upstream import Upstream
 
 T = TypeVar("T")
@@ -258,13 +258,7 @@ class Forwarder:
     log_path: Path
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process)
 
 
 def launch_forwarder(data_dir: Path, upstream: Upstream, log_path: Path) -> Forwarder:
