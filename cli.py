@@ -1,7 +1,13 @@
-"""`collector`: the command line, a thin shell over the `collector` package.
+"""`collector`: the command line, a thin shell over the `collector` and `forwarder` packages.
 
-collector serve                 run the events server on the embedded defaults
-collector keys create|list|revoke   manage the API keys clients use
+Each command parses its options, calls the library and prints what it returns; nothing
+here knows a file name, a table or the HTTP stack.
+
+    collector run | serve | forward          run both halves, the server alone, the forwarder
+    collector status [--json|--watch]         what the collector is doing
+    collector keys create|import|list|revoke  the API keys clients use
+    collector dlq list|show|replay|purge      dead-lettered events
+    collector config check|show               the effective settings
 """
 
 from __future__ import annotations
@@ -9,38 +15,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import multiprocessing
-import os
-import signal
-import socket
-import sqlite3
 import sys
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
-from types import FrameType
 from typing import Annotated, Any
 
 import typer
-import uvicorn
 from pydantic import ValidationError
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from collector import limits, logs, notify, recovery
-from collector.auth import SCOPES, KeyStore, ensure_first_key, now_utc
-from collector.counts import DB_FILE as COUNTS_FILE
-from collector.deadletters import DB_FILE as DEAD_LETTERS_FILE
-from collector.deadletters import DeadLetters
-from collector.dedup import DB_FILE as SEEN_IDS_FILE
-from collector.errors import QueueFull, Unavailable
-from collector.settings import ConfigFileError, Settings, load_settings
-from collector.spool import DB_FILE as QUEUE_FILE
-from collector.spool import Spool
-from collector.supervisor import ForwarderChild
+from collector.errors import AlreadyRunning, ConfigFileError, Unavailable
+from collector.ops import logs
+from collector.ops.status import iso
+from collector.ops.supervisor import ForwarderChild
+from collector.server.auth import SCOPES, KeyStore, now_utc
+from collector.settings import Settings, load_settings
+from collector.store import recovery
+from collector.store.datadir import DataDir
+from collector.store.deadletters import DeadLetters, replay
 
 app = typer.Typer(help="Edge collector for Traffical experiment events.", no_args_is_help=True)
 keys_app = typer.Typer(help="Manage the API keys clients use.", no_args_is_help=True)
@@ -50,18 +47,8 @@ app.add_typer(config_app, name="config")
 dlq_app = typer.Typer(help="Inspect, replay and purge dead-lettered events.", no_args_is_help=True)
 app.add_typer(dlq_app, name="dlq")
 
-# Seconds within which a second SIGINT is taken as the same Ctrl-C (see NotifyingServer).
-REPEAT_WINDOW_S = 0.5
-# Where a first start under systemd leaves the key it made (the journal must not hold it).
-FIRST_KEY_FILE = "first-api-key"
-# Settings whose values `config show` never prints.
-SECRET_SETTINGS = frozenset({"upstream_key"})
 # How often `status --watch` refreshes: as often as the processes write their heartbeat.
 STATUS_REFRESH_S = 2.0
-# Dead letters replayed per queue row (and per transaction).
-REPLAY_CHUNK = 500
-# Seconds a client connection may sit idle between requests.
-KEEP_ALIVE_S = 30
 
 ConfigOption = Annotated[
     Path | None,
@@ -85,25 +72,17 @@ def settings_or_exit(config: Path | None, **flags: Any) -> Settings:
     raise typer.Exit(2)
 
 
-# The data directory's SQLite files, named when one of them cannot be read.
-DATA_FILES = (QUEUE_FILE, SEEN_IDS_FILE, COUNTS_FILE, DEAD_LETTERS_FILE)
-
-
 @contextlib.contextmanager
 def readable(data_dir: Path) -> Iterator[None]:
     """A data file that cannot be read becomes a one-line error naming it (exit 2).
 
-    Only the server and the forwarder move a corrupt file aside (`collector.recovery`),
+    Only the server and the forwarder move a corrupt file aside (`collector.store.recovery`),
     when they start; a command run while they are down meets the file as it is.
     """
     try:
         yield
-    except (sqlite3.Error, Unavailable) as exc:
-        corrupt = [
-            f"{name} ({reason})"
-            for name in DATA_FILES
-            if (data_dir / name).exists() and (reason := recovery.corruption(data_dir / name))
-        ]
+    except Unavailable as exc:
+        corrupt = [f"{name} ({reason})" for name, reason in recovery.diagnose(DataDir(data_dir))]
         if corrupt:
             typer.echo(
                 f"error: corrupt data in {data_dir}: {', '.join(corrupt)}. The server and the"
@@ -112,7 +91,7 @@ def readable(data_dir: Path) -> Iterator[None]:
                 err=True,
             )
         else:
-            typer.echo(f"error: cannot read the data in {data_dir}: {exc}", err=True)
+            typer.echo(f"error: cannot read the data in {data_dir}: {exc.message}", err=True)
         raise typer.Exit(2) from exc
 
 
@@ -140,7 +119,7 @@ def run(
     )
     child.start()
     try:
-        serve_until_stopped(settings)
+        _serve(settings)
     finally:
         child.stop()
 
@@ -155,7 +134,7 @@ def serve(
     """Run the events server alone. Example: collector serve --port 8787"""
     settings = settings_or_exit(config, data_dir=data_dir, host=host, port=port)
     setup_logging(settings)
-    serve_until_stopped(settings)
+    _serve(settings)
 
 
 @app.command()
@@ -165,15 +144,15 @@ def forward(
     parent_pid: Annotated[int | None, typer.Option(hidden=True)] = None,
 ) -> None:
     """Run the forwarder alone: drain the queue to the upstream. Example: collector forward"""
-    from forwarder import loop
+    from forwarder import process
 
     settings = settings_or_exit(config, data_dir=data_dir)
     setup_logging(settings)
     try:
         asyncio.run(
-            loop.run(settings, lambda: load_settings(config, data_dir=data_dir), parent_pid)
+            process.run(settings, lambda: load_settings(config, data_dir=data_dir), parent_pid)
         )
-    except loop.AlreadyRunning as exc:
+    except AlreadyRunning as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
     except ConfigFileError as exc:
@@ -181,84 +160,10 @@ def forward(
         raise typer.Exit(2) from exc
 
 
-def serve_until_stopped(settings: Settings) -> None:
-    """Serve HTTP until SIGTERM or Ctrl-C (uvicorn stops cleanly on both)."""
-    from collector.app import create_app
+def _serve(settings: Settings) -> None:
+    from collector.server import bootstrap  # imported when used: litestar is slow to import
 
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    first = ensure_first_key(KeyStore(settings.keys_file))
-    if first is not None:
-        show_first_key(first, settings.data_dir)
-    logging.getLogger("collector.server").info(
-        "serving on http://%s:%d, queue in %s (sync=%s)",
-        settings.host,
-        settings.port,
-        settings.data_dir,
-        settings.sync,
-    )
-    # uvicorn re-raises the signal that stopped it once it has shut down; a handler of our
-    # own receives it, so a SIGTERM ends the command normally (exit 0, `run` stops its
-    # forwarder) instead of killing the process on the spot.
-    for stop_signal in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(stop_signal, lambda received, frame: None)
-    config = uvicorn.Config(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_config=None,  # our handlers (collector.logs) carry uvicorn's records too
-        access_log=False,
-        loop="uvloop",
-        # httptools, with the head size limit, head and body deadlines and connection cap
-        # that uvicorn lacks (collector.limits): slow or idle clients cannot pile up.
-        http=limits.protocol_class(settings),
-        # A connection idle this long after an answer is closed.
-        timeout_keep_alive=KEEP_ALIVE_S,
-    )
-    limits.raise_open_files_limit(settings.max_connections)
-    NotifyingServer(config).run()
-
-
-class NotifyingServer(uvicorn.Server):
-    """uvicorn's server, telling systemd when it serves and when it stops."""
-
-    _exit_at = 0.0
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets)
-        if self.started:
-            notify.notify("READY=1")
-            self._watchdog = asyncio.create_task(notify.keep_watchdog_fed())
-
-    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        notify.notify("STOPPING=1")
-        await super().shutdown(sockets)
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        # A Ctrl-C reaches the one-file build twice (from the terminal, and passed on by
-        # its loader); uvicorn would take the second for "force quit" and skip the clean
-        # shutdown. A repeat within a moment of the first is the same Ctrl-C.
-        now = time.monotonic()
-        if sig == signal.SIGINT and self.should_exit and now - self._exit_at < REPEAT_WINDOW_S:
-            return
-        if not self.should_exit:
-            self._exit_at = now
-        super().handle_exit(sig, frame)
-
-
-def show_first_key(secret: str, data_dir: Path) -> None:
-    """Print the key made on a first start, once; under systemd (whose journal keeps
-    stdout) write it to a file only the service user can read instead."""
-    if "INVOCATION_ID" not in os.environ:
-        typer.echo("No API key existed, so one was created. It is shown only this once:")
-        typer.echo(secret)
-        return
-    path = data_dir / FIRST_KEY_FILE
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(secret + "\n")
-    logging.getLogger("collector.server").warning(
-        "no API key existed: one was created and written to %s (delete it once copied)", path
-    )
+    bootstrap.serve(settings)
 
 
 def _path_flag(flag: str, value: Path | None) -> list[str]:
@@ -287,7 +192,7 @@ def keys_create(
     Example: collector keys create --scope sdk:write --project web --name web-prod
     """
     settings = settings_or_exit(config, data_dir=data_dir)
-    store = KeyStore(settings.keys_file)
+    store = KeyStore(DataDir(settings.data_dir))
     try:
         key, secret = store.create(
             scope, name=name, project=project, env=env, expires=expires, publishable=publishable
@@ -319,7 +224,7 @@ def keys_import(
     settings = settings_or_exit(config, data_dir=data_dir)
     secret = sys.stdin.readline().strip()
     try:
-        key, _ = KeyStore(settings.keys_file).create(
+        key, _ = KeyStore(DataDir(settings.data_dir)).create(
             scope, name=name, project=project, env=env, existing=secret
         )
     except ValueError as exc:
@@ -334,7 +239,7 @@ def keys_list(config: ConfigOption = None, data_dir: DataDirOption = None) -> No
     settings = settings_or_exit(config, data_dir=data_dir)
     table = Table("name", "prefix", "scopes", "project", "env", "expires", "status")
     now = now_utc()
-    for key in KeyStore(settings.keys_file).list_keys():
+    for key in KeyStore(DataDir(settings.data_dir)).list_keys():
         table.add_row(
             key.name,
             key.prefix + "…",
@@ -356,7 +261,7 @@ def keys_revoke(
     """Revoke a key at once, without a restart. Example: collector keys revoke web-prod"""
     settings = settings_or_exit(config, data_dir=data_dir)
     try:
-        key = KeyStore(settings.keys_file).revoke(name_or_prefix)
+        key = KeyStore(DataDir(settings.data_dir)).revoke(name_or_prefix)
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
@@ -376,11 +281,11 @@ def status(
     upstream failing for over 5 minutes, disk budget 90% used); 2 no data directory, bad
     settings or a data file that cannot be read. Example: collector status --json
     """
-    from collector import status as status_document
-    from collector.statusview import render
+    from collector.ops import status as status_document
+    from collector.ops.statusview import render
 
     settings = settings_or_exit(config, data_dir=data_dir)
-    if not (settings.data_dir / QUEUE_FILE).exists():
+    if not DataDir(settings.data_dir).holds_data():
         typer.echo(f"error: no collector data in {settings.data_dir}", err=True)
         raise typer.Exit(2)
     with readable(settings.data_dir):
@@ -431,19 +336,17 @@ def config_check(
 def config_show(config: ConfigOption = None, data_dir: DataDirOption = None) -> None:
     """Print the effective settings, secrets masked. Example: collector config show"""
     settings = settings_or_exit(config, data_dir=data_dir)
-    for name, value in settings.model_dump(mode="json").items():
-        if name in SECRET_SETTINGS and value:
-            value = "********"
-        elif name == "upstream_keys":
-            value = [{**entry, "key": "********" if entry["key"] else None} for entry in value]
+    for name, value in settings.shown().items():
         typer.echo(f"{name} = {json.dumps(value)}")
 
 
 @contextlib.contextmanager
-def open_dead_letters(config: Path | None, data_dir: Path | None) -> Iterator[DeadLetters]:
+def open_dead_letters(
+    config: Path | None, data_dir: Path | None, *, write: bool = False
+) -> Iterator[DeadLetters]:
     directory = settings_or_exit(config, data_dir=data_dir).data_dir
     with readable(directory):
-        dead = DeadLetters(directory)
+        dead = (DeadLetters.writer if write else DeadLetters.reader)(DataDir(directory))
         try:
             yield dead
         finally:
@@ -467,7 +370,7 @@ def dlq_list(
         row = letter.summary()
         table.add_row(
             str(row["id"]),
-            _iso(row["dead_at"]),
+            iso(row["dead_at"]),
             str(row["type"]),
             str(row["event_id"]),
             str(row["project"]),
@@ -491,7 +394,7 @@ def dlq_show(
         typer.echo(f"error: no dead letter with id {letter_id}", err=True)
         raise typer.Exit(1)
     letter = letters[0]
-    document = {**letter.summary(), "dead_at": _iso(letter.dead_at), "event": letter.event}
+    document = {**letter.summary(), "dead_at": iso(letter.dead_at), "event": letter.event}
     typer.echo(json.dumps(document, indent=2))
 
 
@@ -511,9 +414,17 @@ def dlq_replay(
         raise typer.Exit(2)
     settings = settings_or_exit(config, data_dir=data_dir)
     with readable(settings.data_dir):
-        replayed, wanted = _replay(settings, ids or [], replay_all)
-    missing = len(wanted) - replayed
-    typer.echo(f"Replayed {replayed} dead letters into the queue.")
+        done = replay(
+            DataDir(settings.data_dir),
+            None if replay_all else ids,
+            sync=settings.sync,
+            budget_bytes=settings.disk_budget_bytes,
+        )
+    if done.refused is not None:
+        typer.echo(f"error after replaying {done.moved}: {done.refused.message}", err=True)
+        raise typer.Exit(1)
+    missing = done.wanted - done.moved
+    typer.echo(f"Replayed {done.moved} dead letters into the queue.")
     if missing:
         typer.echo(f"error: {missing} of the ids given were not found", err=True)
         raise typer.Exit(1)
@@ -526,39 +437,11 @@ def dlq_purge(
     data_dir: DataDirOption = None,
 ) -> None:
     """Delete every dead letter for good. Example: collector dlq purge --yes"""
-    with open_dead_letters(config, data_dir) as dead:
+    with open_dead_letters(config, data_dir, write=True) as dead:
         count = dead.count()
         if not yes and not typer.confirm(f"Delete {count} dead-lettered events for good?"):
             raise typer.Exit(1)
         typer.echo(f"Purged {dead.purge()} dead letters.")
-
-
-def _replay(settings: Settings, ids: list[int], replay_all: bool) -> tuple[int, list[int]]:
-    """Move dead letters into the queue; (how many were, the ids asked for)."""
-    dead = DeadLetters(settings.data_dir)
-    spool = Spool(settings.data_dir, sync=settings.sync, budget_bytes=settings.disk_budget_bytes)
-    wanted = dead.all_ids() if replay_all else ids
-    replayed = 0
-    try:
-        for start in range(0, len(wanted), REPLAY_CHUNK):
-            letters = dead.raw(wanted[start : start + REPLAY_CHUNK])
-            if not letters:
-                continue
-            # Into the queue first, then out of the store: a crash between the two leaves
-            # the event in both (sent twice), never in neither.
-            spool.append([raw for _, raw in letters])
-            replayed += dead.remove([letter_id for letter_id, _ in letters])
-    except QueueFull as exc:  # the disk budget (a busy or corrupt file: see `readable`)
-        typer.echo(f"error after replaying {replayed}: {exc.message}", err=True)
-        raise typer.Exit(1) from exc
-    finally:
-        spool.close()
-        dead.close()
-    return replayed, wanted
-
-
-def _iso(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")
 
 
 def main() -> None:

@@ -71,7 +71,8 @@ from ingest import (
     version_of,
 )
 
-from collector.spool import QUEUE_NAME, Spool
+from collector.store.datadir import DataDir
+from collector.store.spool import TABLE, Spool
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -238,7 +239,7 @@ def cpu_seconds(pid: int) -> float:
 def queue_rows(data_dir: Path) -> int:
     conn = sqlite3.connect(f"file:{data_dir / 'queue.db'}?mode=ro", uri=True, timeout=10)
     try:
-        (rows,) = conn.execute(f"SELECT COUNT(*) FROM ack_queue_{QUEUE_NAME}").fetchone()
+        (rows,) = conn.execute(f"SELECT COUNT(*) FROM {TABLE}").fetchone()
         return int(rows)
     finally:
         conn.close()
@@ -286,7 +287,7 @@ def fill(data_dir: Path, events: int, seed: int, projects: int) -> float:
                 event["projectId"] = f"proj_bench_{index % projects}"
         templates.append([orjson.dumps(event) for event in made])
     began = time.monotonic()
-    spool = Spool(data_dir, sync="normal", budget_bytes=1 << 50)
+    spool = Spool(DataDir(data_dir), sync="normal", budget_bytes=1 << 50)
     try:
         for row in range(-(-events // ROW_EVENTS)):
             count = min(ROW_EVENTS, events - row * ROW_EVENTS)

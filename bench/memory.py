@@ -62,7 +62,7 @@ from ingest import (
     stopped_by_signals,
 )
 
-from collector.spool import QUEUE_NAME
+from collector.store.spool import TABLE
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -239,7 +239,7 @@ def queued_events(data_dir: Path) -> int:
     conn = sqlite3.connect(f"file:{data_dir / 'queue.db'}?mode=ro", uri=True, timeout=10)
     try:
         (events,) = conn.execute(
-            f"SELECT COALESCE(SUM(json_array_length(data)), 0) FROM ack_queue_{QUEUE_NAME}"
+            f"SELECT COALESCE(SUM(json_array_length(data)), 0) FROM {TABLE}"
         ).fetchone()
         return int(events)
     finally:

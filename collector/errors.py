@@ -20,6 +20,12 @@ statuses in one place (`STATUS_FOR`), so the rules of the events API live in one
         ├── UpstreamUnreachable    connection refused, reset or cut, or a name not resolved
         ├── UpstreamTimeout        no whole answer within the call's timeout
         └── UpstreamRedirect       the upstream answered 3xx, which is never passed on
+
+Two more stop a command or a process rather than answer a request (the CLI prints them as
+one line and exits non-zero):
+
+    ConfigFileError   the settings file is missing or not TOML, or a secret file unreadable
+    AlreadyRunning    another forwarder holds the data directory's lock
 """
 
 from __future__ import annotations
@@ -126,3 +132,12 @@ class UpstreamTimeout(UpstreamFailed):
 
 class UpstreamRedirect(UpstreamFailed):
     pass
+
+
+class ConfigFileError(Exception):
+    """The TOML file named by `--config` is missing or is not valid TOML, or a secret file
+    it names cannot be read."""
+
+
+class AlreadyRunning(Exception):
+    """Another forwarder holds this data directory's lock."""

@@ -2,7 +2,8 @@
 
 Settings come from, in rising precedence: a TOML file (`--config FILE`, or
 `/etc/collector/collector.toml` when it exists), environment variables named
-`COLLECTOR_<NAME>`, and command-line flags. The README's settings table mirrors this class.
+`COLLECTOR_<NAME>`, and command-line flags. `docs/reference.md` lists every one (a test
+checks that it does).
 """
 
 from __future__ import annotations
@@ -20,10 +21,15 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from collector.errors import ConfigFileError
+
 DEFAULT_CONFIG_FILE = Path("/etc/collector/collector.toml")
 
 GIB = 1024**3
 MIB = 1024**2
+# Settings whose values are never printed (`collector config show`).
+SECRET_SETTINGS = frozenset({"upstream_key"})
+MASK = "********"
 
 
 def default_data_dir() -> Path:
@@ -181,13 +187,16 @@ class Settings(BaseSettings):
         # Flags (init) beat the environment, which beats the TOML file.
         return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
 
-    @property
-    def queue_dir(self) -> Path:
-        return self.data_dir / "queue"
-
-    @property
-    def keys_file(self) -> Path:
-        return self.data_dir / "keys.json"
+    def shown(self) -> dict[str, Any]:
+        """Every setting's effective value as JSON values, secrets masked."""
+        values = self.model_dump(mode="json")
+        for name in SECRET_SETTINGS:
+            if values[name]:
+                values[name] = MASK
+        values["upstream_keys"] = [
+            {**entry, "key": MASK if entry["key"] else None} for entry in values["upstream_keys"]
+        ]
+        return values
 
     def upstream_key_value(self) -> str | None:
         """The default upstream key, from `upstream_key` or `upstream_key_file`."""
@@ -220,10 +229,6 @@ def read_secret(path: Path) -> str:
     if not secret:
         raise ConfigFileError(f"secret file {path} is empty")
     return secret
-
-
-class ConfigFileError(Exception):
-    """The TOML file named by `--config` is missing or is not valid TOML."""
 
 
 def load_settings(config_file: Path | None = None, **flags: Any) -> Settings:

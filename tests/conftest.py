@@ -1,7 +1,8 @@
 """Shared fixtures: a real `collector serve` subprocess on 127.0.0.1 with its own data dir.
 
-Tests talk to it over real HTTP and read what it committed from the real SQLite file
-through `Spool`, the same module the forwarder uses. Nothing of ours is mocked.
+Tests talk to it over real HTTP and read what it committed from the real SQLite file,
+read-only, with the queue's own row format (`collector.store.rows`). Nothing of ours is
+mocked.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -18,9 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 
-from collector.spool import Spool
+from collector.store import rows, spool
+from collector.store.datadir import DataDir
 
 COLLECTOR = [sys.executable, "-m", "cli"]
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,11 +66,18 @@ def create_key(data_dir: Path, *args: str) -> str:
 
 
 def stored_events(data_dir: Path) -> list[dict[str, Any]]:
-    spool = Spool(data_dir, budget_bytes=1 << 40)
+    """Every event in the queue file not yet acknowledged, oldest first."""
+    path = DataDir(data_dir).queue
+    if not path.exists():
+        return []
+    conn = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=10)
     try:
-        return list(spool.stored_events())
+        found = conn.execute(
+            f"SELECT data FROM {spool.TABLE} WHERE status < {spool.DONE} ORDER BY _id"
+        ).fetchall()
     finally:
-        spool.close()
+        conn.close()
+    return [orjson.loads(line) for (data,) in found for line in rows.split(data)]
 
 
 def wait_until_serving(

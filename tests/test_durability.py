@@ -2,7 +2,7 @@
 
 Each test runs the real `collector serve` in a subprocess on 127.0.0.1 and reads what it
 committed from the real SQLite files; the crash test kills it with SIGKILL mid-stream. The
-forwarder's side of the queue is played by `collector.spool.Spool` in the test process.
+forwarder's side of the queue is played by `collector.store.spool.Spool` in the test process.
 """
 
 from __future__ import annotations
@@ -20,11 +20,12 @@ import httpx
 import orjson
 import pytest
 
-from collector.commit import GroupWriter, WriterConfig
-from collector.dedup import DB_FILE as SEEN_IDS_FILE
 from collector.errors import QueueFull
-from collector.spool import DB_FILE as QUEUE_FILE
-from collector.spool import Spool
+from collector.server.commit import GroupWriter, WriterConfig
+from collector.store.datadir import QUEUE as QUEUE_FILE
+from collector.store.datadir import SEEN_IDS as SEEN_IDS_FILE
+from collector.store.datadir import DataDir
+from collector.store.spool import Spool, summary
 
 from conftest import Server, event, free_port, run_cli, stored_events
 
@@ -164,7 +165,7 @@ def test_a_repeat_of_a_refused_request_in_the_same_group_is_refused_too(tmp_path
     small = event(id="trk_shared")
 
     writer = GroupWriter(WriterConfig(tmp_path, "full", 1 << 30, 3600))
-    writer.spool.budget_bytes = writer.spool.used_bytes() + 1000  # room for small, not big
+    writer.spool.budget_bytes = summary(DataDir(tmp_path)).used_bytes + 1000  # small, not big
     try:
         writer.commit([[("trk_shared", orjson.dumps(big))], [("trk_shared", orjson.dumps(small))]])
         outcome: list[int] | QueueFull = []
@@ -260,7 +261,7 @@ def test_a_full_disk_budget_answers_503_drops_nothing_and_recovers_when_space_is
     assert_unavailable(httpx.get(f"{server.url}/readyz"))
 
     # The forwarder delivers everything and frees the space, while the server runs.
-    forwarder = Spool(server.data_dir, budget_bytes=budget, resume_in_flight=True)
+    forwarder = Spool(DataDir(server.data_dir), budget_bytes=budget, resume_in_flight=True)
     try:
         while (taken := forwarder.take()) is not None:
             forwarder.ack([taken.id])
@@ -370,12 +371,12 @@ def test_an_invalid_sync_setting_stops_serve_with_a_message_naming_it(tmp_path: 
 
 def test_server_restart_does_not_resume_in_flight_rows(server: Server) -> None:
     assert server.post({"events": [event(id="trk_in_flight")]}).status_code == 200
-    forwarder = Spool(server.data_dir, budget_bytes=1 << 30, resume_in_flight=True)
+    forwarder = Spool(DataDir(server.data_dir), budget_bytes=1 << 30, resume_in_flight=True)
     try:
         taken = forwarder.take()
         assert taken is not None
         row_id = taken.id
-        assert ids(taken.events()) == ["trk_in_flight"]
+        assert ids(orjson.loads(taken.data)) == ["trk_in_flight"]
 
         server.stop()
         server.start()
@@ -388,7 +389,7 @@ def test_server_restart_does_not_resume_in_flight_rows(server: Server) -> None:
         again = forwarder.take()
         assert again is not None
         assert again.id != row_id
-        assert ids(again.events()) == ["trk_after_restart"]
+        assert ids(orjson.loads(again.data)) == ["trk_after_restart"]
     finally:
         forwarder.close()
 
@@ -401,7 +402,7 @@ def test_taking_and_acking_rows_keeps_nothing_in_memory(tmp_path: Path) -> None:
             writer.commit([[(f"trk_{n}", orjson.dumps(event(id=f"trk_{n}")))]])
     finally:
         writer.close()
-    forwarder = Spool(tmp_path, budget_bytes=1 << 30, resume_in_flight=True)
+    forwarder = Spool(DataDir(tmp_path), budget_bytes=1 << 30, resume_in_flight=True)
     try:
         taken = [row for row in iter(forwarder.take, None)]
         forwarder.ack([row.id for row in taken])

@@ -36,15 +36,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from collector import recovery
-from collector.counts import Counts
-from collector.deadletters import DeadLetters
 from collector.errors import QueueFull
+from collector.ops.status import collect
 from collector.settings import Settings
-from collector.spool import Spool, free_bytes
-from collector.status import collect
+from collector.store import recovery
+from collector.store.counts import Count, Counts
+from collector.store.datadir import DataDir
+from collector.store.deadletters import DeadLetters
+from collector.store.spool import Spool, free_bytes
 
-from conftest import ROOT, Server, run_cli
+from conftest import ROOT, Server, run_cli, stored_events
 from test_durability import assert_unavailable, batch, ids, post_until_the_server_dies
 from test_forward_faults import (  # noqa: F401  (the fixtures are used as arguments)
     Forwarder,
@@ -74,7 +75,7 @@ def seeded(request: pytest.FixtureRequest) -> random.Random:
 
 
 def dead_letter_count(data_dir: Path) -> int:
-    dead = DeadLetters(data_dir)
+    dead = DeadLetters.reader(DataDir(data_dir))
     try:
         return dead.count()
     finally:
@@ -405,7 +406,7 @@ def test_sqlite_running_out_of_disk_mid_commit_is_a_clean_refusal(small_disk: Pa
     """Below the reserve check (space taken between the check and the write): SQLite's own
     "database or disk is full" is QueueFull, nothing half-written, and the queue is usable
     as soon as space returns."""
-    spool = Spool(small_disk, budget_bytes=1 << 40)
+    spool = Spool(DataDir(small_disk), budget_bytes=1 << 40)
     spool.reserve_bytes = 0  # let the write reach SQLite
     try:
         spool.append([b'{"id":"before"}'])
@@ -414,7 +415,7 @@ def test_sqlite_running_out_of_disk_mid_commit_is_a_clean_refusal(small_disk: Pa
             spool.append([b'{"id":"x%d","pad":"%s"}' % (n, b"p" * 2000) for n in range(2000)])
         (small_disk / "filler").unlink()
         spool.append([b'{"id":"after"}'])
-        assert [e["id"] for e in spool.stored_events()] == ["before", "after"]
+        assert [e["id"] for e in stored_events(small_disk)] == ["before", "after"]
     finally:
         spool.close()
 
@@ -694,15 +695,15 @@ def test_commands_name_a_corrupt_file_while_the_collector_is_down_and_leave_it(
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     events = [json.dumps({"id": f"e{n}", "pad": "x" * 2000}).encode() for n in range(100)]
-    spool = Spool(data_dir, budget_bytes=1 << 30)
+    spool = Spool(DataDir(data_dir), budget_bytes=1 << 30)
     spool.append(events)
     spool.close()
-    dead = DeadLetters(data_dir)
+    dead = DeadLetters.writer(DataDir(data_dir))
     dead.add(events, "rejected by upstream: 400")
     dead.close()
-    counts = Counts(data_dir)
+    counts = Counts.writer(DataDir(data_dir))
     for n in range(2000):
-        counts.add("events_received", ("org", f"project-{n}", "production", "track"))
+        counts.add(Count.EVENTS_RECEIVED, ("org", f"project-{n}", "production", "track"))
     counts.flush()
     counts.close()
     for side in data_dir.glob("*.db-*"):  # everything checkpointed into the files

@@ -3,7 +3,7 @@
 Everything here is the real thing: `collector serve`, `collector forward` and `collector run`
 as subprocesses on their own data directories, a real HTTP upstream on 127.0.0.1
 (`tests/upstream.py`, or a second collector), and the real SQLite queue file read through
-`collector.spool.Spool`. Waits are on conditions (upstream records, queue depth, state
+`collector.store.spool`. Waits are on conditions (upstream records, queue depth, state
 files, process exits), never on fixed sleeps.
 """
 
@@ -24,9 +24,10 @@ import httpx
 import orjson
 import pytest
 
-from collector import heartbeat
-from collector.spool import DB_FILE as QUEUE_FILE
-from collector.spool import Spool
+from collector.store import heartbeats
+from collector.store.datadir import QUEUE as QUEUE_FILE
+from collector.store.datadir import DataDir
+from collector.store.spool import summary
 
 from conftest import COLLECTOR, ROOT, Server, create_key, event, free_port, wait_until_serving
 from upstream import Upstream
@@ -92,11 +93,7 @@ def post(server: Server, events: list[Json], per_request: int = ROW_EVENTS) -> N
 
 def queue_depth(data_dir: Path) -> int:
     """Rows in the queue not yet delivered (ready or in flight), read from the file."""
-    spool = Spool(data_dir, budget_bytes=1 << 40)
-    try:
-        return spool.depth()[0]
-    finally:
-        spool.close()
+    return summary(DataDir(data_dir)).rows
 
 
 def pid_alive(pid: int) -> bool:
@@ -138,7 +135,7 @@ def descendants(pid: int) -> set[int]:
 
 def forwarder_pid(data_dir: Path) -> int | None:
     """The pid in the forwarder's state file, if that forwarder is alive."""
-    state = heartbeat.read(heartbeat.state_path(data_dir, "forwarder"))
+    state = heartbeats.read(DataDir(data_dir).forwarder_state)
     pid = int(state.get("pid", 0)) if state else 0
     return pid if pid and pid_alive(pid) else None
 
@@ -398,11 +395,7 @@ SLACK_BYTES = 64 * 4096  # 64 SQLite pages
 
 def queue_used_bytes(data_dir: Path) -> int:
     """Bytes of the queue file's pages in use (free pages, kept for reuse, do not count)."""
-    spool = Spool(data_dir, budget_bytes=1 << 40)
-    try:
-        return spool.used_bytes()
-    finally:
-        spool.close()
+    return summary(DataDir(data_dir)).used_bytes
 
 
 def test_queue_file_stops_growing_in_steady_state(
@@ -538,7 +531,7 @@ def test_collector_run_forwards_restarts_its_forwarder_and_stops_cleanly(
         left = {pid: command_line(pid) for pid in family if pid_alive(pid)}
         raise AssertionError(f"processes left behind: {left}\n{run.log()}") from None
     # No forwarder was started while `run` was stopping (it would be left running).
-    last = heartbeat.read(heartbeat.state_path(run.server.data_dir, "forwarder"))
+    last = heartbeats.read(DataDir(run.server.data_dir).forwarder_state)
     assert last is not None and last["pid"] in family, run.log()
     assert httpx_refused(run.server.url)
 

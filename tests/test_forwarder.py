@@ -28,9 +28,10 @@ from typing import Any
 import orjson
 import pytest
 
-from collector import heartbeat
-from collector.deadletters import DeadLetters
-from collector.spool import DB_FILE as QUEUE_FILE
+from collector.store import heartbeats
+from collector.store.datadir import QUEUE as QUEUE_FILE
+from collector.store.datadir import DataDir
+from collector.store.deadletters import DeadLetters
 
 from conftest import COLLECTOR, ROOT, Server, event, run_cli, terminate
 from upstream import Received, Upstream
@@ -111,7 +112,7 @@ class Forwarder:
         return self.log_path.read_text(errors="replace")
 
     def state(self) -> dict[str, Any]:
-        return heartbeat.read(heartbeat.state_path(self.data_dir, "forwarder")) or {}
+        return heartbeats.read(DataDir(self.data_dir).forwarder_state) or {}
 
     def wait_for_state(
         self, upstream: str, timeout: float = WAIT_S, **fields: Any
@@ -223,7 +224,7 @@ def dlq_list_json(data_dir: Path) -> list[dict[str, Any]]:
 
 def dead_letters(data_dir: Path) -> list[dict[str, Any]]:
     """The same, read in this process (a CLI run costs a few tenths of a second)."""
-    store = DeadLetters(data_dir)
+    store = DeadLetters.reader(DataDir(data_dir))
     try:
         return [letter.summary() for letter in store.letters()]
     finally:

@@ -34,11 +34,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from collector.counts import Counts, EventCounter
 from collector.errors import BadRequest, CollectorError, PayloadTooLarge
 from collector.events import invalid_events
-from collector.ingest import MAX_EVENT_DEPTH, OVERFLOW_ALLOWANCE, decode_body, encode, parse
-from collector.ingest import envelope_events as envelope
+from collector.server.counting import EventCounter
+from collector.server.ingest import MAX_EVENT_DEPTH, OVERFLOW_ALLOWANCE, decode_body, encode, parse
+from collector.server.ingest import envelope_events as envelope
+from collector.store.counts import Counts
+from collector.store.datadir import DataDir
 
 MAX_EVENTS = 1000
 LIMIT = int(MAX_EVENTS * (1 + OVERFLOW_ALLOWANCE))
@@ -64,7 +66,7 @@ def report_examples() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def counter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EventCounter]:
-    counts = Counts(tmp_path_factory.mktemp("counts"))
+    counts = Counts.writer(DataDir(tmp_path_factory.mktemp("counts")))
     yield EventCounter(counts)
     counts.close()
 

@@ -23,8 +23,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from traffical import TrafficalClient, TrafficalClientOptions
 
-from collector.proxy import Bundle as CachedBundle
-from collector.proxy import ConfigCache, Slot
+from collector.store.configcache import Bundle as CachedBundle
+from collector.store.configcache import ConfigCache, Slot
+from collector.store.datadir import DataDir
 
 from conftest import COLLECTOR, ROOT, Server, serve_for_module, terminate
 from sdk_support import (
@@ -595,7 +596,7 @@ def bundle_of(size: int, at: float | None = None) -> CachedBundle:
 
 
 def test_cache_keeps_the_most_recently_used_within_its_bounds(tmp_path: Path) -> None:
-    cache = ConfigCache(tmp_path / "cache.db", max_entries=2, max_bytes=1000, max_stale_seconds=60)
+    cache = ConfigCache(DataDir(tmp_path), max_entries=2, max_bytes=1000, max_stale_seconds=60)
     try:
         a, b, c = (Slot("p", "env=production", key) for key in ("ka", "kb", "kc"))
         cache.put(a, bundle_of(100))
@@ -623,7 +624,7 @@ def test_cache_keeps_the_most_recently_used_within_its_bounds(tmp_path: Path) ->
 def test_an_unreadable_cache_file_is_started_afresh(tmp_path: Path) -> None:
     path = tmp_path / "config-cache.db"
     path.write_bytes(b"this is not a database" * 100)
-    cache = ConfigCache(path, max_entries=10, max_bytes=1000, max_stale_seconds=60)
+    cache = ConfigCache(DataDir(tmp_path), max_entries=10, max_bytes=1000, max_stale_seconds=60)
     try:
         assert cache.summary() == (0, 0)
         cache.put(Slot("p", "env=e", "k"), bundle_of(10))

@@ -14,7 +14,7 @@ import httpx
 import typer.main
 
 from cli import app
-from collector import heartbeat
+from collector.store import heartbeats
 
 from conftest import ROOT, event, stored_events, wait_until_serving
 
@@ -72,7 +72,7 @@ def test_collector_run_works_on_embedded_defaults(tmp_path: Path) -> None:
 def wait_for_state(path: Path) -> dict[str, Any]:
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        state = heartbeat.read(path)
+        state = heartbeats.read(path)
         if state is not None:
             return state
         time.sleep(0.05)  # the forwarder writes its state when it starts

@@ -12,15 +12,16 @@ from typing import Any
 import orjson
 import pytest
 
-from collector.spool import Row, Spool
-from forwarder.loop import shared_key
+from collector.store.datadir import DataDir
+from collector.store.rows import shared_target as shared_key
+from collector.store.spool import Row, Spool
 
 from conftest import event
 
 
 def stored(tmp_path: Path, events: list[bytes]) -> Row:
     """`events` committed as one row of a real queue file, then taken back."""
-    spool = Spool(tmp_path, budget_bytes=1 << 30, resume_in_flight=True)
+    spool = Spool(DataDir(tmp_path), budget_bytes=1 << 30, resume_in_flight=True)
     try:
         spool.append(events)
         row = spool.take()
@@ -43,7 +44,7 @@ def test_a_row_splits_back_into_its_events_bytes_unchanged(tmp_path: Path) -> No
     row = stored(tmp_path, sent)
 
     assert row.lines() == sent
-    assert row.events() == [orjson.loads(raw) for raw in sent]  # still one JSON array
+    assert orjson.loads(row.data) == [orjson.loads(raw) for raw in sent]  # still one array
 
 
 def test_an_event_spread_over_several_lines_is_stored_compact(tmp_path: Path) -> None:

@@ -36,11 +36,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from collector import auth
-from collector.auth import ApiKey, KeyStore
 from collector.errors import RateLimited, Unauthorized
-from collector.ratelimit import RateLimiter
+from collector.server import auth
+from collector.server.auth import ApiKey, KeyStore
+from collector.server.ratelimit import RateLimiter
 from collector.settings import Settings
+from collector.store.datadir import DataDir
 
 from conftest import (
     COLLECTOR,
@@ -269,7 +270,7 @@ def test_keys_json_is_0600_after_the_first_start(tmp_path: Path) -> None:
 def test_keys_are_judged_by_compare_digest_on_their_digests(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store = KeyStore(tmp_path / "keys.json")
+    store = KeyStore(DataDir(tmp_path))
     key, secret = store.create(["sdk:write"], name="k")
     calls: list[tuple[str, str]] = []
     real = auth.hmac.compare_digest
@@ -403,7 +404,7 @@ def _wait_for_dead_letters(data_dir: Path, count: int) -> None:
 def test_the_server_log_at_debug_level_is_really_written(tmp_path: Path) -> None:
     """The check above means something only if debug records reach the log: make sure."""
     done = subprocess.run(
-        [sys.executable, "-c", "import logging; from collector import logs; "
+        [sys.executable, "-c", "import logging; from collector.ops import logs; "
          "logs.setup('debug'); logging.getLogger('collector.x').debug('hello-debug')"],
         cwd=ROOT, capture_output=True, text=True, timeout=30,
     )  # fmt: skip

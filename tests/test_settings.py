@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from collector.settings import ConfigFileError, load_settings
+from collector.errors import ConfigFileError
+from collector.settings import load_settings
 
 from conftest import run_cli
 

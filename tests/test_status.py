@@ -29,8 +29,9 @@ import pytest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from collector import srm
-from collector.counts import Counts
+from collector.ops import srm
+from collector.store.counts import Counts
+from collector.store.datadir import DataDir
 
 from conftest import COLLECTOR, ROOT, Server, create_key, event, free_port, run_cli, terminate
 from upstream import Upstream
@@ -243,9 +244,9 @@ def top(
 
 def count_totals(data_dir: Path, name: str) -> dict[tuple[str, ...], float]:
     """Running totals of one count, read from the data directory's counts.db."""
-    counts = Counts(data_dir)
+    counts = Counts.reader(DataDir(data_dir))
     try:
-        return counts.totals(name)
+        return counts.all_totals().get(name, {})
     finally:
         counts.close()
 

@@ -25,7 +25,6 @@ import logging
 import multiprocessing
 import os
 import signal
-import sqlite3
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -33,10 +32,11 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from collector import logs
-from collector.dedup import SeenIds
-from collector.errors import CollectorError, QueueBusy, QueueFull
-from collector.spool import Spool, Sync
+from collector.errors import CollectorError, QueueBusy, QueueFull, Unavailable
+from collector.ops import logs
+from collector.store.datadir import DataDir
+from collector.store.seen import SeenIds
+from collector.store.spool import Spool, Sync
 
 log = logging.getLogger("collector.commit")
 
@@ -62,14 +62,15 @@ class GroupWriter:
     """Commits groups of requests' events to the spool, without ids already stored."""
 
     def __init__(self, config: WriterConfig) -> None:
+        data_dir = DataDir(config.data_dir)
         self.spool = Spool(
-            config.data_dir,
+            data_dir,
             sync=config.sync,
             budget_bytes=config.budget_bytes,
             resume_in_flight=False,  # only the forwarder may resume its in-flight rows
             recover=True,
         )
-        self.seen = SeenIds(config.data_dir, config.dedup_window_s, recover=True)
+        self.seen = SeenIds(data_dir, config.dedup_window_s, recover=True)
 
     def close(self) -> None:
         self.spool.close()
@@ -83,10 +84,7 @@ class GroupWriter:
         answered "already held" on the strength of another request's events that were
         refused.
         """
-        try:
-            known = self.seen.seen([eid for events in requests for eid, _ in events if eid])
-        except sqlite3.Error as exc:
-            raise QueueBusy(f"seen ids unavailable ({exc}); retry later") from exc
+        known = self.seen.seen([eid for events in requests for eid, _ in events if eid])
         rows: list[bytes] = []
         ids: list[str] = []
         skipped: list[list[int]] = []
@@ -106,10 +104,10 @@ class GroupWriter:
         if ids:
             try:
                 self.seen.remember(ids)
-            except sqlite3.Error as exc:
+            except Unavailable as exc:
                 # The events are committed, so the answer stays 200; only their ids are
                 # forgotten, and a retry may be stored twice (at-least-once).
-                log.warning("could not remember %d event ids: %s", len(ids), exc)
+                log.warning("could not remember %d event ids: %s", len(ids), exc.message)
         return skipped
 
 

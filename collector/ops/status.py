@@ -1,8 +1,9 @@
 """The status document: what the collector is doing, read from the data directory alone.
 
 `collector status`, `GET /v1/stats` and `GET /metrics` all start from `collect()`, which
-reads only files (the heartbeats, the queue, the counts, the dead letters), so it works
-whether the server and the forwarder run or not. Its keys are documented in the README.
+reads only files (the heartbeats, the queue, the counts, the dead letters), read-only, so it
+works whether the server and the forwarder run or not, and changes nothing it looks at. Its
+fields are listed in `docs/reference.md`.
 
 Health: the collector is healthy when the server and the forwarder are up, the upstream
 has not refused the key, the upstream has not been failing for more than
@@ -18,11 +19,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from collector import heartbeat, proxy, recovery, srm
-from collector.counts import Counts
-from collector.deadletters import DeadLetters
+from collector.ops import srm
 from collector.settings import Settings
-from collector.spool import Spool
+from collector.store import configcache, heartbeats, recovery, spool
+from collector.store.counts import Count, Counts, ProxyRoute
+from collector.store.datadir import QUEUE, DataDir
+from collector.store.deadletters import DeadLetters
+from collector.store.heartbeats import UpstreamState
 
 OUTAGE_UNHEALTHY_S = 300.0
 BUDGET_UNHEALTHY = 0.9
@@ -32,23 +35,23 @@ TOP_EVENTS = 10
 
 def collect(settings: Settings) -> dict[str, Any]:
     """The whole status document."""
-    data_dir = settings.data_dir
+    data_dir = DataDir(settings.data_dir)
     now = time.time()
-    counts = Counts(data_dir, settings.counts_window_minutes)
+    counts = Counts.reader(data_dir, settings.counts_window_minutes)
     try:
         document: dict[str, Any] = {
-            "generated_at": _iso(now),
-            "data_dir": str(data_dir),
-            "server": _process(data_dir, "server", now),
-            "forwarder": _forwarder(data_dir, now),
-            "queue": _queue(settings, now),
+            "generated_at": iso(now),
+            "data_dir": str(settings.data_dir),
+            "server": _process(data_dir.server_state, now),
+            "forwarder": _forwarder(data_dir.forwarder_state, now),
+            "queue": _queue(data_dir, settings.disk_budget_bytes, now),
             "rates": _rates(counts, now),
             "top_events": _top_events(counts, settings.counts_window_minutes),
             "allocations": _allocations(counts, settings.counts_window_minutes),
             "sample_ratio": _sample_ratio(counts, settings.counts_window_minutes),
             "rejected": _rejected(counts, settings.counts_window_minutes),
             "dead_letters": _dead_letters(data_dir),
-            "recovered": recovery.moved_aside(data_dir),
+            "recovered": recovery.moved_aside(data_dir.path),
             "proxy": _proxy(counts, settings),
         }
     finally:
@@ -57,42 +60,37 @@ def collect(settings: Settings) -> dict[str, Any]:
     return {"healthy": not problems, "problems": problems, "warnings": warnings, **document}
 
 
-def _process(data_dir: Path, name: str, now: float) -> dict[str, Any]:
-    state = heartbeat.read(heartbeat.state_path(data_dir, name)) or {}
-    up = heartbeat.is_alive(state, now)
+def _process(path: Path, now: float) -> dict[str, Any]:
+    state = heartbeats.read(path) or {}
+    up = heartbeats.is_alive(state, now)
     beat = state.get("heartbeat")
     return {
         "up": up,
         "pid": state.get("pid") if up else None,
-        "last_heartbeat": _iso(beat) if beat else None,
+        "last_heartbeat": iso(beat) if beat else None,
         **{k: v for k, v in state.items() if k not in ("pid", "heartbeat")},
     }
 
 
-def _forwarder(data_dir: Path, now: float) -> dict[str, Any]:
-    process = _process(data_dir, "forwarder", now)
+def _forwarder(path: Path, now: float) -> dict[str, Any]:
+    process = _process(path, now)
     for key in ("since", "last_success", "outage_since"):
         if isinstance(process.get(key), int | float):
-            process[key] = _iso(process[key])
+            process[key] = iso(process[key])
     if not process["up"]:
         process["upstream"] = "unknown (forwarder down)"
     return process
 
 
-def _queue(settings: Settings, now: float) -> dict[str, Any]:
-    spool = Spool(settings.data_dir, budget_bytes=settings.disk_budget_bytes)
-    try:
-        events, rows, size, oldest = spool.summary()
-        used = spool.used_bytes()
-    finally:
-        spool.close()
+def _queue(data_dir: DataDir, budget_bytes: int, now: float) -> dict[str, Any]:
+    held = spool.summary(data_dir)
     return {
-        "events": events,
-        "rows": rows,
-        "bytes": size,
-        "oldest_event_age_seconds": round(now - oldest, 3) if oldest else None,
-        "disk_budget_bytes": settings.disk_budget_bytes,
-        "disk_budget_used": round(used / settings.disk_budget_bytes, 4),
+        "events": held.events,
+        "rows": held.rows,
+        "bytes": held.bytes,
+        "oldest_event_age_seconds": round(now - held.oldest, 3) if held.oldest else None,
+        "disk_budget_bytes": budget_bytes,
+        "disk_budget_used": round(held.used_bytes / budget_bytes, 4),
     }
 
 
@@ -101,11 +99,11 @@ def _rates(counts: Counts, now: float) -> dict[str, dict[str, float]]:
     into_minute = now % 60
     rates: dict[str, dict[str, float]] = {}
     for name, key in (
-        ("events_accepted", "accepted"),
-        ("events_written", "written"),
-        ("events_rejected", "rejected"),
-        ("forwarded", "forwarded"),
-        ("dead_lettered", "dead_lettered"),
+        (Count.EVENTS_ACCEPTED, "accepted"),
+        (Count.EVENTS_WRITTEN, "written"),
+        (Count.EVENTS_REJECTED, "rejected"),
+        (Count.FORWARDED, "forwarded"),
+        (Count.DEAD_LETTERED, "dead_lettered"),
     ):
         rates[key] = {}
         for minutes in RATE_WINDOWS:
@@ -117,7 +115,7 @@ def _rates(counts: Counts, now: float) -> dict[str, dict[str, float]]:
 
 
 def _top_events(counts: Counts, window: int) -> list[dict[str, Any]]:
-    tracked = counts.recent("track_events", window)
+    tracked = counts.recent(Count.TRACK_EVENTS, window)
     top = sorted(tracked.items(), key=lambda item: -item[1])[:TOP_EVENTS]
     return [
         {"project": project, "env": env, "event": event, "count": int(count)}
@@ -135,18 +133,20 @@ def _allocations(counts: Counts, window: int) -> list[dict[str, Any]]:
             (project, env, policy, allocation), {**fresh, "exposures": 0, "conversions": 0}
         )
 
-    for (project, env, _layer, policy, allocation), n in counts.recent("exposures", window).items():
+    for (project, env, _layer, policy, allocation), n in counts.recent(
+        Count.EXPOSURES, window
+    ).items():
         row(project, env, policy, allocation)["exposures"] += int(n)
-    conversions = counts.recent("conversions", window)
+    conversions = counts.recent(Count.CONVERSIONS, window)
     for (project, env, policy, allocation, _event), n in conversions.items():
         row(project, env, policy, allocation)["conversions"] += int(n)
     return [rows[key] for key in sorted(rows)]
 
 
 def _sample_ratio(counts: Counts, window: int) -> list[dict[str, Any]]:
-    exposures = counts.recent("exposures", window)
-    share_sums = counts.recent("exposure_shares", window)
-    share_counts = counts.recent("exposure_shares_n", window)
+    exposures = counts.recent(Count.EXPOSURES, window)
+    share_sums = counts.recent(Count.EXPOSURE_SHARES, window)
+    share_counts = counts.recent(Count.EXPOSURE_SHARES_N, window)
     policies: dict[tuple[str, str, str], dict[str, list[float]]] = {}
     for key, n in exposures.items():
         project, env, _layer, policy, allocation = key
@@ -171,21 +171,21 @@ def _sample_ratio(counts: Counts, window: int) -> list[dict[str, Any]]:
 
 
 def _rejected(counts: Counts, window: int) -> dict[str, int]:
-    return {reason: int(n) for (reason,), n in counts.recent("events_rejected", window).items()}
+    return {reason: int(n) for (reason,), n in counts.recent(Count.EVENTS_REJECTED, window).items()}
 
 
 def _proxy(counts: Counts, settings: Settings) -> dict[str, Any]:
     """Config, resolve and decide calls passed upstream in the window, and the cache's size."""
-    requests: dict[str, dict[str, int]] = {route: {} for route in proxy.ROUTES}
-    recent = counts.recent("proxy_requests", settings.counts_window_minutes)
+    requests: dict[str, dict[str, int]] = {route.value: {} for route in ProxyRoute}
+    recent = counts.recent(Count.PROXY_REQUESTS, settings.counts_window_minutes)
     for (route, outcome), n in sorted(recent.items()):
         requests.setdefault(route, {})[outcome] = int(n)
-    entries, size = proxy.cache_summary(settings.data_dir)
+    entries, size = configcache.summary(DataDir(settings.data_dir))
     return {"requests": requests, "cache": {"entries": entries, "bytes": size}}
 
 
-def _dead_letters(data_dir: Path) -> int:
-    dead = DeadLetters(data_dir)
+def _dead_letters(data_dir: DataDir) -> int:
+    dead = DeadLetters.reader(data_dir)
     try:
         return dead.count()
     finally:
@@ -201,11 +201,11 @@ def _judge(document: dict[str, Any]) -> tuple[list[str], list[str]]:
     if not forwarder["up"]:
         problems.append("forwarder is down")
     upstream = forwarder.get("upstream")
-    if upstream == "key_rejected":
+    if upstream == UpstreamState.KEY_REJECTED:
         problems.append(f"upstream refused the key: {forwarder.get('message', '')}")
-    elif upstream == "not_configured":
+    elif upstream == UpstreamState.NOT_CONFIGURED:
         warnings.append("no upstream configured: events stay queued")
-    elif upstream == "retrying":
+    elif upstream == UpstreamState.RETRYING:
         outage = forwarder.get("outage_since")
         seconds = time.time() - datetime.fromisoformat(outage).timestamp() if outage else 0
         note = f"upstream failing for {seconds:.0f} s: {forwarder.get('message', '')}"
@@ -215,7 +215,7 @@ def _judge(document: dict[str, Any]) -> tuple[list[str], list[str]]:
     if document["dead_letters"]:
         warnings.append(f"{document['dead_letters']} dead-lettered events (collector dlq list)")
     for moved in document["recovered"]:
-        lost = " (events queued in it were not forwarded)" if moved["file"] == "queue.db" else ""
+        lost = " (events queued in it were not forwarded)" if moved["file"] == QUEUE else ""
         warnings.append(
             f"{moved['file']} was corrupt and moved aside to {moved['moved_to']} at "
             f"{moved['at']}{lost}; delete it once inspected"
@@ -229,5 +229,6 @@ def _judge(document: dict[str, Any]) -> tuple[list[str], list[str]]:
     return problems, warnings
 
 
-def _iso(moment: float) -> str:
+def iso(moment: float) -> str:
+    """A Unix time as ISO 8601 in UTC, to the second (how every time in status reads)."""
     return datetime.fromtimestamp(moment, UTC).isoformat(timespec="seconds")

@@ -1,50 +1,44 @@
 """The ids of events already stored, so a client's retry is accepted but not stored twice.
 
-Ids live in their own SQLite file (`seen-ids.db` in the data directory), not in the queue
-file: they must outlive the events' stay in the queue (24 hours by default), and their
-space must not count against the queue's disk budget. An id is remembered only *after*
-the queue commit of its event, so a crash between the two can at worst let a retry be
-stored twice (at-least-once), never make an event "seen" but lost. For the same reason
-this file needs no fsync per commit (`synchronous=NORMAL`): losing its tail to a power cut
-only forgets ids.
+Ids live in their own SQLite file (`seen-ids.db`), not in the queue file: they must
+outlive the events' stay in the queue (24 hours by default), and their space must not
+count against the queue's disk budget. An id is remembered only *after* the queue commit
+of its event, so a crash between the two can at worst let a retry be stored twice
+(at-least-once), never make an event "seen" but lost. For the same reason this file needs
+no fsync per commit (`synchronous=NORMAL`): losing its tail to a power cut only forgets
+ids.
 """
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
-from pathlib import Path
 
 import orjson
 
-from collector import recovery
+from collector.store import db
+from collector.store.datadir import DataDir
 
-DB_FILE = "seen-ids.db"
 # How often expired ids are deleted, and at most how many per pass, so pruning never holds
 # the write lock long enough to be felt by a request.
 PRUNE_EVERY_S = 60.0
 PRUNE_BATCH = 50_000
+SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS seen_ids (id TEXT PRIMARY KEY, seen REAL NOT NULL) WITHOUT ROWID",
+    "CREATE INDEX IF NOT EXISTS seen_ids_by_time ON seen_ids (seen)",
+)
+_translated = db.translated("seen ids")
 
 
 class SeenIds:
-    """A time-windowed set of event ids, on disk."""
+    """A time-windowed set of event ids, on disk. Raises `QueueBusy`/`QueueFull`."""
 
-    def __init__(self, data_dir: Path, window_s: float, *, recover: bool = False) -> None:
+    def __init__(self, data_dir: DataDir, window_s: float, *, recover: bool = False) -> None:
         self.window_s = window_s
-        if recover:  # see collector.recovery: a corrupt file is moved aside, not crashed on
-            recovery.ensure_usable(data_dir / DB_FILE)
-        self._conn = sqlite3.connect(data_dir / DB_FILE, check_same_thread=False, timeout=5)
+        with _translated:
+            self._conn = db.open_writer(data_dir.seen_ids, SCHEMA, recover=recover)
         self._lock = threading.Lock()
         self._last_prune = 0.0
-        with self._conn:
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=NORMAL")
-            self._conn.execute(
-                "CREATE TABLE IF NOT EXISTS seen_ids (id TEXT PRIMARY KEY, seen REAL NOT NULL)"
-                " WITHOUT ROWID"
-            )
-            self._conn.execute("CREATE INDEX IF NOT EXISTS seen_ids_by_time ON seen_ids (seen)")
 
     def close(self) -> None:
         self._conn.close()
@@ -56,7 +50,7 @@ class SeenIds:
         since = time.time() - self.window_s
         # One statement over a JSON array, not one bound parameter or call per id: each
         # SQLite call must retake the GIL, which the event loop holds in long stretches.
-        with self._lock:
+        with self._lock, _translated:
             rows = self._conn.execute(
                 "SELECT id FROM seen_ids WHERE seen >= ? AND id IN"
                 " (SELECT value FROM json_each(?))",
@@ -67,7 +61,7 @@ class SeenIds:
     def remember(self, ids: list[str]) -> None:
         """Record `ids` as stored now (call only after their events are committed)."""
         now = time.time()
-        with self._lock, self._conn:
+        with self._lock, _translated, self._conn:
             self._conn.execute(
                 "INSERT OR REPLACE INTO seen_ids (id, seen) SELECT value, ? FROM json_each(?)",
                 (now, orjson.dumps(ids)),

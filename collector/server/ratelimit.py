@@ -13,8 +13,8 @@ import math
 import time
 from collections.abc import Callable
 
-from collector.auth import ApiKey
 from collector.errors import RateLimited
+from collector.server.auth import ApiKey
 
 # Rounding slack in token arithmetic, so that waiting `Retry-After` is always enough.
 EPSILON = 1e-9

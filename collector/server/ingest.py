@@ -2,7 +2,8 @@
 
 Steps, in order: decompress (with a cap on the decompressed size), parse, check the
 envelope, validate each event (`events.py`), check the key's project/environment limits,
-encode each valid event as the client's own JSON, and commit (`commit.py`). Invalid
+encode each valid event as the client's own JSON (`collector.store.rows`), and commit
+(`commit.py`). Invalid
 events are reported by index and never stop the valid ones.
 """
 
@@ -16,11 +17,12 @@ from typing import Any
 
 import orjson
 
-from collector.auth import ApiKey
-from collector.commit import Committer, EncodedEvent
-from collector.counts import EventCounter
 from collector.errors import BadRequest, CollectorError, PayloadTooLarge, UnsupportedMediaType
-from collector.events import invalid_events
+from collector.events import Target, invalid_events
+from collector.server.auth import ApiKey
+from collector.server.commit import Committer, EncodedEvent
+from collector.server.counting import EventCounter
+from collector.store.rows import encode_event
 
 # The browser SDK flushes its whole queue in one request, so a request may hold a few
 # more events than the documented maximum; refusing it would make the SDK drop them all.
@@ -130,7 +132,7 @@ def encode(events: list[Any], errors: dict[int, str]) -> list[EncodedEvent]:
         if index in errors:
             continue
         try:
-            raw = orjson.dumps(event)
+            raw = encode_event(event)
         except orjson.JSONEncodeError:
             errors[index] = _unstorable(event)
             continue
@@ -149,7 +151,7 @@ class Ingest:
 
     async def handle(self, body: bytes, key: ApiKey) -> Outcome:
         events = envelope_events(parse(body), self._max_events)
-        targets = self._counter.received(events)
+        labels = self._counter.received(events)
         errors = invalid_events(events)
         encoded = encode(events, errors)
         for error in errors.values():
@@ -158,18 +160,19 @@ class Ingest:
             raise BadRequest(
                 "no event in the request is valid", validationErrors=_error_list(errors)
             )
-        valid, valid_targets = events, targets
+        valid, valid_labels = events, labels
         if errors:
             kept = [i for i in range(len(events)) if i not in errors]
-            valid, valid_targets = [events[i] for i in kept], [targets[i] for i in kept]
+            valid, valid_labels = [events[i] for i in kept], [labels[i] for i in kept]
         try:
-            for event in valid:
-                key.require_target(event["projectId"], event["env"])
+            if key.restricted:
+                for event in valid:
+                    key.require_target(Target(event["projectId"], event["env"]))
             skipped = await self._committer.write(encoded)
         except CollectorError as exc:
             self._counter.rejected(type(exc).__name__, len(valid))
             raise
-        self._counter.accepted(valid, valid_targets, set(skipped))
+        self._counter.accepted(valid, valid_labels, set(skipped))
         return Outcome(accepted=len(valid), written=len(valid) - len(skipped), errors=errors)
 
 

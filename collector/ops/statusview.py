@@ -8,7 +8,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-PROXY_OUTCOMES = ("ok", "not_modified", "stale", "upstream_error", "rejected")
+from collector.store.counts import ProxyOutcome
 
 
 def render(document: dict[str, Any]) -> RenderableType:
@@ -126,9 +126,9 @@ def _proxy(proxy: dict[str, Any]) -> Table:
         f"SDK calls passed upstream (window); config cache: {cache['entries']:,} bundles, "
         f"{_bytes(cache['bytes'])}"
     )
-    table = Table("route", *PROXY_OUTCOMES, title=title, title_justify="left")
+    table = Table("route", *ProxyOutcome, title=title, title_justify="left")
     for route, outcomes in proxy["requests"].items():
-        table.add_row(route, *(f"{outcomes.get(o, 0):,}" for o in PROXY_OUTCOMES))
+        table.add_row(route, *(f"{outcomes.get(o, 0):,}" for o in ProxyOutcome))
     return table
 
 

@@ -24,10 +24,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from collector.errors import Forbidden, KeyStoreUnavailable, Unauthorized
+from collector.events import Target
+from collector.store.datadir import DataDir, atomic_write
 
 SCOPES = ("sdk:read", "sdk:write")
 SECRET_PREFIX = "traffical_sk_"
@@ -69,37 +70,38 @@ class ApiKey:
             return "expired"
         return "active"
 
-    def expires_at(self) -> float | None:
-        return datetime.fromisoformat(self.expires).timestamp() if self.expires else None
-
     def require(self, scope: str) -> None:
         if scope not in self.scopes:
             raise Forbidden(f"API key '{self.name}' lacks the {scope} scope")
 
-    def require_target(self, project: str, env: str) -> None:
+    @property
+    def restricted(self) -> bool:
+        """True when the key is limited to a project or an environment."""
+        return self.project is not None or self.env is not None
+
+    def require_target(self, target: Target) -> None:
         """Raise Forbidden when the key is limited to another project or environment."""
-        if self.project is not None and project != self.project:
+        if self.project is not None and target.project != self.project:
             raise Forbidden(f"API key '{self.name}' is restricted to project '{self.project}'")
-        if self.env is not None and env != self.env:
+        if self.env is not None and target.env != self.env:
             raise Forbidden(f"API key '{self.name}' is restricted to environment '{self.env}'")
 
 
-def bearer_token(header: str | None) -> str:
-    """The token of an `Authorization: Bearer <token>` header, or Unauthorized."""
-    if not header:
-        raise Unauthorized()
-    scheme, _, token = header.partition(" ")
+def bearer(header: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header, or None without one."""
+    scheme, _, token = (header or "").partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
-        raise Unauthorized()
+        return None
     return token
 
 
 class KeyStore:
     """Reads, judges and edits the keys in one `keys.json` file."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, data_dir: DataDir) -> None:
+        self.path = data_dir.keys
+        self._lock_path = data_dir.keys_lock
         self._signature: tuple[int, int, int] | None = None
         # digest -> (key, its expiry as Unix time or None), parsed once per file change
         self._by_hash: dict[str, tuple[ApiKey, float | None]] = {}
@@ -108,7 +110,9 @@ class KeyStore:
 
     def authenticate(self, header: str | None) -> ApiKey:
         """The active key named by an Authorization header; raises Unauthorized or 503."""
-        token = bearer_token(header)
+        token = bearer(header)
+        if token is None:
+            raise Unauthorized()
         self._refresh()
         wanted = digest(token)
         key, expires_at = self._by_hash.get(wanted, (None, None))
@@ -226,8 +230,7 @@ class KeyStore:
     def _locked(self) -> Iterator[list[ApiKey]]:
         """Hold the store's lock, yield its keys for editing, then write them atomically."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        lock_path = self.path.with_suffix(".lock")
-        with open(lock_path, "a") as lock:
+        with open(self._lock_path, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             keys = self.list_keys()
             yield keys
@@ -235,13 +238,7 @@ class KeyStore:
 
     def _write(self, keys: list[ApiKey]) -> None:
         document = {"version": 1, "keys": [asdict(key) for key in keys]}
-        tmp = self.path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as out:
-            json.dump(document, out, indent=2)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, self.path)
+        atomic_write(self.path, json.dumps(document, indent=2).encode())
 
 
 def ensure_first_key(store: KeyStore) -> str | None:

@@ -4,11 +4,9 @@ One SQLite file (`queue.db` in the data directory) holds persist-queue's `SQLite
 table. Facts that shape its use (measured on the reference machine, see design.md):
 
 - a commit costs an fsync, so one queue row holds a *group* of events (one or several
-  requests' worth, gathered by `commit.py`), stored as a JSON array of the clients' own
-  event objects: raw bytes, no pickle. Each event is on a line of its own (compact JSON
-  holds no newline), so the forwarder splits a row into its events' bytes without parsing
-  it (`Row.lines`);
-- acknowledged rows are deleted (`remove_acked`), never left for `get` to scan past;
+  requests' worth, gathered by `collector.server.commit`), stored as raw bytes in the row
+  format of `rows.py` (no pickle), which the forwarder splits without parsing;
+- acknowledged rows are deleted (`ack`), never left for `get` to scan past;
 - only the forwarder may turn in-flight rows back to ready, so the server opens the queue
   with `auto_resume=False`.
 
@@ -29,20 +27,25 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
 
-import orjson
 from persistqueue import SQLiteAckQueue
 from persistqueue.exceptions import Empty
 
-from collector import recovery
-from collector.errors import QueueBusy, QueueFull
+from collector.errors import QueueFull
+from collector.store import db, recovery, rows
+from collector.store.datadir import DataDir
 
-DB_FILE = "queue.db"
 QUEUE_NAME = "events"
+# persist-queue's table for QUEUE_NAME (`SQLiteAckQueue._table_name`), for readers that
+# open the file without persist-queue; and its status values: ready 1, in flight 2, and
+# from 5 on acknowledged or failed (rows we never keep: `ack` deletes them).
+TABLE = f"ack_queue_{QUEUE_NAME}"
+_translated = db.translated("queue")
+READY, IN_FLIGHT, DONE = 1, 2, 5
 # A request waits at most this long for SQLite's write lock (held briefly by the
 # forwarder's acks) before the client is told 503: long enough to ride out a checkpoint,
 # short enough that the SDK's own timeout (10 s in the Python SDK) does not fire first.
@@ -59,28 +62,29 @@ DISK_RESERVE_BYTES = 32 * 1024 * 1024
 
 Sync = Literal["full", "normal"]
 
-# A row is `[\n` + its events' JSON joined by `,\n` + `\n]`: still one JSON array (for
-# SQLite's json functions and any reader), and split into events by `bytes.split`.
-ROW_START, EVENT_SEPARATOR, ROW_END = b"[\n", b",\n", b"\n]"
-
 
 @dataclass(frozen=True)
 class Row:
-    """One queue row: a group of events committed together, as a JSON array."""
+    """One queue row: a group of events committed together (`rows.py` format)."""
 
     id: int
     data: bytes
     queued_at: float  # when the server committed it (Unix time)
 
-    def events(self) -> list[dict[str, Any]]:
-        return cast(list[dict[str, Any]], orjson.loads(self.data))
-
     def lines(self) -> list[bytes]:
         """Each event's JSON, exactly as stored."""
-        if self.data.startswith(ROW_START):
-            return self.data[len(ROW_START) : -len(ROW_END)].split(EVENT_SEPARATOR)
-        # A row written before events had lines of their own.
-        return [orjson.dumps(event) for event in self.events()]
+        return rows.split(self.data)
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What the queue holds, not yet delivered (ready or in flight)."""
+
+    events: int
+    rows: int
+    bytes: int
+    oldest: float | None  # when the oldest row was queued (Unix time)
+    used_bytes: int  # of the file, counted against the disk budget
 
 
 class _RawBytes:
@@ -96,7 +100,7 @@ class _RawBytes:
 
 
 class _Queue(SQLiteAckQueue):
-    """SQLiteAckQueue with our pragmas and the `seen_ids` table in the same file."""
+    """SQLiteAckQueue with the sync level of our choice."""
 
     def __init__(self, path: str, sync: Sync, **kwargs: Any) -> None:
         self._sync = sync
@@ -115,31 +119,33 @@ class Spool:
 
     def __init__(
         self,
-        data_dir: Path,
+        data_dir: DataDir,
         *,
         sync: Sync = "full",
         budget_bytes: int,
         resume_in_flight: bool = False,
         recover: bool = False,
     ) -> None:
-        """`recover`: move the file aside first if it is corrupt (`collector.recovery`);
-        only the server's writer and the forwarder do, never a reader such as status."""
-        self.path = data_dir / DB_FILE
+        """`recover`: move the file aside first if it is corrupt (`recovery.py`); only the
+        server's writer, the forwarder and `dlq replay` do, never a reader such as status
+        (which uses `summary`)."""
+        self.path = data_dir.queue
         self.budget_bytes = budget_bytes
         if recover:
             recovery.ensure_usable(self.path)
-        self._queue = _Queue(
-            str(data_dir),
-            sync,
-            name=QUEUE_NAME,
-            db_file_name=DB_FILE,
-            multithreading=True,
-            timeout=BUSY_TIMEOUT_S,
-            serializer=_RawBytes,
-            auto_resume=resume_in_flight,
-        )
-        self._table = self._queue._table_name
-        self.reserve_bytes = reserve_for(data_dir)
+        with _translated:
+            self._queue = _Queue(
+                str(self.path.parent),
+                sync,
+                name=QUEUE_NAME,
+                db_file_name=self.path.name,
+                multithreading=True,
+                timeout=BUSY_TIMEOUT_S,
+                serializer=_RawBytes,
+                auto_resume=resume_in_flight,
+            )
+        assert self._queue._table_name.strip("`") == TABLE  # persist-queue's own naming
+        self.reserve_bytes = reserve_for(self.path.parent)
         # persist-queue's writing connection: we read sizes and run checks on it too.
         self._conn = cast(sqlite3.Connection, self._queue._putter)
         self._lock = threading.Lock()
@@ -156,26 +162,26 @@ class Spool:
     # --- the server's side ----------------------------------------------------------
 
     def append(self, events: list[bytes]) -> None:
-        """Commit `events` (each one event's compact JSON, as orjson writes it: the
-        forwarder reads keys off these bytes) as one row, in one transaction.
+        """Commit `events` (each one event as `rows.encode_event` writes it: the forwarder
+        reads targets off these bytes) as one row, in one transaction.
 
         Raises `QueueFull` when they would take the queue past the disk budget (nothing is
         written), and `QueueFull`/`QueueBusy` when SQLite fails.
         """
         size = sum(map(len, events))
-        with self._lock, _sqlite_errors():
-            used = self._used_bytes(self._conn)
+        with self._lock, _translated:
+            used = _used_bytes(self._conn)
             if used + size > self.budget_bytes:
                 self._refused_at = used
                 raise QueueFull("disk budget reached; retry later")
             self._check_free_space(self._conn, size)
-            self._queue.put(_row(events))
+            self._queue.put(rows.join(events))
 
     def check_writable(self) -> None:
         """Raise QueueFull or QueueBusy unless a write could be committed now."""
-        with self._lock, _sqlite_errors():
+        with self._lock, _translated:
             conn = self._conn
-            used = self._used_bytes(conn)
+            used = _used_bytes(conn)
             if self._refused_at is not None and used < self._refused_at:
                 self._refused_at = None  # space was freed since the last refusal
             if used >= self.budget_bytes or self._refused_at is not None:
@@ -207,24 +213,11 @@ class Spool:
             )
         return writable
 
-    def used_bytes(self) -> int:
-        with self._lock, _sqlite_errors():
-            return self._used_bytes(self._conn)
-
-    @staticmethod
-    def _used_bytes(conn: sqlite3.Connection) -> int:
-        """Bytes of the file in use: SQLite reuses freed pages, so free ones do not count."""
-        (used,) = conn.execute(
-            "SELECT (p.page_count - f.freelist_count) * s.page_size"
-            " FROM pragma_page_count() p, pragma_freelist_count() f, pragma_page_size() s"
-        ).fetchone()
-        return int(used)
-
     # --- the forwarder's side -------------------------------------------------------
 
     def take(self) -> Row | None:
         """The oldest ready row, marked in flight, or None when nothing is ready."""
-        with self._lock, _sqlite_errors():
+        with self._lock, _translated:
             try:
                 row = self._queue.get(block=False, raw=True)
             except Empty:
@@ -240,61 +233,53 @@ class Spool:
         Deleting rather than marking them acked keeps the table free of rows that every
         `get` would scan past (175 ms per get with a million of them).
         """
-        self._by_ids("DELETE FROM {table} WHERE _id IN ({marks})", row_ids)
+        self._by_ids(f"DELETE FROM {TABLE} WHERE _id IN ({{marks}})", row_ids)
 
     def nack(self, row_ids: Sequence[int]) -> None:
         """The rows were not delivered: make them ready again."""
-        self._by_ids("UPDATE {table} SET status = 1 WHERE _id IN ({marks})", row_ids)
+        self._by_ids(f"UPDATE {TABLE} SET status = {READY} WHERE _id IN ({{marks}})", row_ids)
 
     def _by_ids(self, sql: str, row_ids: Sequence[int]) -> None:
         if not row_ids:
             return
-        with self._lock, _sqlite_errors(), self._queue.tran_lock, self._conn as conn:
+        with self._lock, _translated, self._queue.tran_lock, self._conn as conn:
             for start in range(0, len(row_ids), IDS_PER_STATEMENT):
                 chunk = row_ids[start : start + IDS_PER_STATEMENT]
-                conn.execute(sql.format(table=self._table, marks=",".join("?" * len(chunk))), chunk)
-
-    def depth(self) -> tuple[int, int]:
-        """(rows, bytes) not yet delivered, ready or in flight."""
-        with self._lock, _sqlite_errors():
-            rows, size = self._conn.execute(
-                f"SELECT COUNT(*), COALESCE(SUM(LENGTH(data)), 0) FROM {self._table}"
-                " WHERE status < 5"
-            ).fetchone()
-        return int(rows), int(size)
-
-    def summary(self) -> tuple[int, int, int, float | None]:
-        """(events, rows, bytes, when the oldest row was queued) of what is not delivered.
-
-        Counting events means reading every row's JSON array (in SQLite's C code, about a
-        second per gigabyte), which is why it is for status, not for the request path.
-        """
-        with self._lock, _sqlite_errors():
-            events, rows, size, oldest = self._conn.execute(
-                "SELECT COALESCE(SUM(json_array_length(data)), 0), COUNT(*),"
-                f" COALESCE(SUM(LENGTH(data)), 0), MIN(timestamp) FROM {self._table}"
-                " WHERE status < 5"
-            ).fetchone()
-        return int(events), int(rows), int(size), oldest
-
-    # --- reading what is stored (forwarder, status, tests) --------------------------
-
-    def stored_events(self) -> Iterator[dict[str, Any]]:
-        """Every event in rows not yet acknowledged, oldest first."""
-        with self._lock, _sqlite_errors():
-            rows = self._conn.execute(
-                f"SELECT data FROM {self._table} WHERE status < 5 ORDER BY _id"
-            ).fetchall()
-        for (data,) in rows:
-            yield from orjson.loads(data)
+                conn.execute(sql.format(marks=",".join("?" * len(chunk))), chunk)
 
 
-def _row(events: list[bytes]) -> bytes:
-    """The row holding `events`, one per line (see ROW_START)."""
-    joined = EVENT_SEPARATOR.join(events)
-    if joined.count(b"\n") != len(events) - 1:  # an event spread over lines: compact it
-        joined = EVENT_SEPARATOR.join(orjson.dumps(orjson.loads(raw)) for raw in events)
-    return ROW_START + joined + ROW_END
+def summary(data_dir: DataDir) -> Summary:
+    """What the queue file holds, read without opening it for writing (for status).
+
+    Counting events means reading every row's JSON array (in SQLite's C code, about a
+    second per gigabyte), which is why it is for status, not for the request path.
+    """
+    with _translated:
+        return _summary(db.open_reader(data_dir.queue))
+
+
+def _summary(conn: sqlite3.Connection | None) -> Summary:
+    try:
+        found = db.read(
+            conn,
+            "SELECT COALESCE(SUM(json_array_length(data)), 0), COUNT(*),"
+            f" COALESCE(SUM(LENGTH(data)), 0), MIN(timestamp) FROM {TABLE} WHERE status < {DONE}",
+        )
+        events, count, size, oldest = found[0] if found else (0, 0, 0, None)
+        used = _used_bytes(conn) if conn is not None else 0
+    finally:
+        if conn is not None:
+            conn.close()
+    return Summary(int(events), int(count), int(size), oldest, used)
+
+
+def _used_bytes(conn: sqlite3.Connection) -> int:
+    """Bytes of the file in use: SQLite reuses freed pages, so free ones do not count."""
+    (used,) = conn.execute(
+        "SELECT (p.page_count - f.freelist_count) * s.page_size"
+        " FROM pragma_page_count() p, pragma_freelist_count() f, pragma_page_size() s"
+    ).fetchone()
+    return int(used)
 
 
 def free_bytes(directory: Path) -> int:
@@ -310,20 +295,3 @@ def reserve_for(directory: Path) -> int:
     except OSError:
         return DISK_RESERVE_BYTES
     return min(DISK_RESERVE_BYTES, stat.f_blocks * stat.f_frsize // 2)
-
-
-class _sqlite_errors:
-    """Turn SQLite's failures into the queue's error types (503 for the client)."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any
-    ) -> None:
-        if not isinstance(exc, sqlite3.Error):
-            return
-        text = str(exc)
-        if "full" in text:
-            raise QueueFull("disk full; retry later") from exc
-        raise QueueBusy(f"queue unavailable ({text}); retry later") from exc

@@ -1,16 +1,16 @@
 """The HTTP face of the collector: the Litestar app, its routes, and errors mapped to HTTP.
 
 Routes: `POST /v1/events` and its alias `/v1/events/batch` (the events API), `GET /v1/stats`
-(the status document, for any valid key), `GET /metrics` (Prometheus), `GET /healthz` (the
-process answers) and `GET /readyz` (the queue can take a write and the disk budget is not
-reached). The queue, key store and group committer are opened in the lifespan and kept
-on `app.state`. Every failure is a `collector.errors` type; `STATUS_FOR` is the one place
-that says which HTTP status each becomes, and every error answer has the documented shape
-`{"error": <reason phrase>, "message": <what to fix>}`.
+(the status document of `collector.ops.status`, for any valid key), `GET /metrics`
+(Prometheus), `GET /healthz` (the process answers) and `GET /readyz` (the queue can take a
+write and the disk budget is not reached). The queue, key store and group committer are
+opened in the lifespan and kept on `app.state`. Every failure is a `collector.errors` type;
+`STATUS_FOR` is the one place that says which HTTP status each becomes, and every error
+answer has the documented shape `{"error": <reason phrase>, "message": <what to fix>}`.
 
 The SDK calls that are not events (`GET /v1/config/{projectId}`, `POST /v1/resolve`,
-`POST /v1/decide/...`) are passed to the upstream by `collector.proxy`, which also keeps
-the config bundle cache.
+`POST /v1/decide/...`) are passed to the upstream by `proxy.py`, which serves the config
+bundle cache through upstream outages.
 """
 
 from __future__ import annotations
@@ -29,13 +29,10 @@ from litestar import Litestar, MediaType, Request, Response, get, post
 from litestar.config.cors import CORSConfig
 from litestar.enums import ScopeType
 from litestar.exceptions import HTTPException
+from litestar.handlers import HTTPRouteHandler
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from collector import heartbeat, limits, openapi, status
-from collector.auth import KeyStore
-from collector.commit import Committer, WriterConfig
-from collector.counts import Counts, EventCounter
 from collector.errors import (
     BadRequest,
     CollectorError,
@@ -50,11 +47,19 @@ from collector.errors import (
     UpstreamNotConfigured,
     UpstreamTimeout,
 )
-from collector.ingest import Ingest, decode_body, require_json
-from collector.metrics import Metrics
-from collector.proxy import STALE_HEADER, Answer, Proxy, segment
-from collector.ratelimit import RateLimiter
+from collector.ops import status
+from collector.ops.metrics import Metrics
+from collector.server import limits, openapi
+from collector.server.auth import KeyStore
+from collector.server.commit import Committer, WriterConfig
+from collector.server.counting import EventCounter
+from collector.server.ingest import Ingest, decode_body, require_json
+from collector.server.proxy import STALE_HEADER, Answer, Proxy, segment
+from collector.server.ratelimit import RateLimiter
 from collector.settings import Settings
+from collector.store import heartbeats
+from collector.store.counts import Count, Counts, ProxyRoute
+from collector.store.datadir import DataDir
 
 log = logging.getLogger("collector.server")
 
@@ -83,7 +88,7 @@ CORS_ALLOW_HEADERS = [
     "X-SDK-Version",
 ]
 CORS_EXPOSE_HEADERS = ["ETag", STALE_HEADER]
-EVENTS_PATHS = frozenset({"/v1/events", "/v1/events/batch"})
+EVENTS_PATHS = ("/v1/events", "/v1/events/batch")
 # How often the server writes its counts to counts.db (and so how fresh status is).
 COUNTS_FLUSH_S = 1.0
 # Browsers may cache a preflight answer this many seconds (10 minutes: Chromium's cap).
@@ -136,12 +141,6 @@ def on_unexpected(_: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     return error_response(HTTPStatus.INTERNAL_SERVER_ERROR, "unexpected error; see the log")
 
 
-@post(
-    ["/v1/events", "/v1/events/batch"],
-    status_code=200,
-    include_in_schema=True,
-    operation_class=openapi.EventsOperation,
-)
 async def post_events(request: Request[Any, Any, Any]) -> Response[bytes]:
     """Accept a batch of exposure, decision and track events."""
     state = request.app.state
@@ -154,6 +153,16 @@ async def post_events(request: Request[Any, Any, Any]) -> Response[bytes]:
     )
     outcome = await state.ingest.handle(body, key)
     return json_response(outcome.answer())
+
+
+def events_route(settings: Settings) -> HTTPRouteHandler:
+    """The events route, described in OpenAPI with this app's limits."""
+    return post(
+        list(EVENTS_PATHS),
+        status_code=200,
+        operation_class=openapi.events_operation(settings.max_events_per_request),
+        name="events",
+    )(post_events)
 
 
 def proxied(answer: Answer) -> Response[bytes]:
@@ -183,7 +192,9 @@ async def post_resolve(request: Request[Any, Any, Any]) -> Response[bytes]:
     proxy: Proxy = request.app.state.proxy
     body = await request.body()
     return proxied(
-        await proxy.call("resolve", "/v1/resolve", query_of(request), request.headers, body)
+        await proxy.call(
+            ProxyRoute.RESOLVE, "/v1/resolve", query_of(request), request.headers, body
+        )
     )
 
 
@@ -193,7 +204,9 @@ async def post_decide_batch(request: Request[Any, Any, Any]) -> Response[bytes]:
     proxy: Proxy = request.app.state.proxy
     path = request.scope["path"]
     body = await request.body()
-    return proxied(await proxy.call("decide", path, query_of(request), request.headers, body))
+    return proxied(
+        await proxy.call(ProxyRoute.DECIDE, path, query_of(request), request.headers, body)
+    )
 
 
 @post("/v1/decide/{policy_id:str}", status_code=200)
@@ -204,7 +217,9 @@ async def post_decide(request: Request[Any, Any, Any], policy_id: str) -> Respon
     proxy: Proxy = request.app.state.proxy
     path = f"/v1/decide/{segment(policy_id)}"
     body = await request.body()
-    return proxied(await proxy.call("decide", path, query_of(request), request.headers, body))
+    return proxied(
+        await proxy.call(ProxyRoute.DECIDE, path, query_of(request), request.headers, body)
+    )
 
 
 @get("/v1/stats")
@@ -267,7 +282,7 @@ def measured(app: ASGIApp, metrics: Metrics, counts: Counts) -> ASGIApp:
             await app(scope, receive, send_status)
         finally:
             metrics.latency.observe(time.perf_counter() - started)
-            counts.add("requests", (str(status_code[0]),))
+            counts.add(Count.REQUESTS, (str(status_code[0]),))
 
     return wrapper
 
@@ -275,16 +290,16 @@ def measured(app: ASGIApp, metrics: Metrics, counts: Counts) -> ASGIApp:
 async def keep_house(settings: Settings, counts: Counts) -> None:
     """Every second flush the counts; every few, tell the data directory we are alive."""
     started = time.time()
-    path = heartbeat.state_path(settings.data_dir, "server")
+    path = DataDir(settings.data_dir).server_state
     beat = 0.0
     while True:
         await asyncio.sleep(COUNTS_FLUSH_S)
         try:
             await asyncio.to_thread(counts.write, counts.take())
-            if time.monotonic() - beat >= heartbeat.BEAT_EVERY_S:
+            if time.monotonic() - beat >= heartbeats.BEAT_EVERY_S:
                 beat = time.monotonic()
                 state = {"url": f"http://{settings.host}:{settings.port}", "started": started}
-                await asyncio.to_thread(heartbeat.write, path, state)
+                await asyncio.to_thread(heartbeats.write, path, state)
         except Exception as exc:  # never let this task die: status would call us down
             log.warning("could not write counts or heartbeat: %s", exc)
 
@@ -330,11 +345,12 @@ def create_app(settings: Settings) -> Litestar:
             expose_headers=CORS_EXPOSE_HEADERS,
             max_age=CORS_MAX_AGE_S,
         )
-    counts = Counts(settings.data_dir, settings.counts_window_minutes, recover=True)
+    data_dir = DataDir(settings.data_dir)
+    counts = Counts.writer(data_dir, settings.counts_window_minutes, recover=True)
     app_metrics = Metrics(settings)
     app = Litestar(
         route_handlers=[
-            post_events,
+            events_route(settings),
             get_config,
             post_resolve,
             post_decide_batch,
@@ -355,7 +371,7 @@ def create_app(settings: Settings) -> Litestar:
             Exception: on_unexpected,
         },
     )
-    app.state.key_store = KeyStore(settings.keys_file)
+    app.state.key_store = KeyStore(data_dir)
     app.state.rate_limiter = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
     app.state.max_body_bytes = settings.max_body_bytes
     app.state.settings = settings

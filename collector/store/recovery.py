@@ -1,15 +1,16 @@
 """Corrupt SQLite files found at start are moved aside, so the collector starts, fresh.
 
-The data directory holds four SQLite files: `queue.db`, `seen-ids.db`, `counts.db` and
-`dead-letters.db`. A file that SQLite cannot read as a database (a disk fault, a bad copy,
-a truncated restore) would make every start of the server or the forwarder fail the same
-way: a crash loop that takes nothing in. Instead, the processes that write these files
-(the server's writer process and the forwarder) call `ensure_usable` before opening each
-one. It runs `PRAGMA quick_check` (a read of the b-tree structure: 0.06 s for a 250 MB
-queue file here) and, when SQLite says the file is corrupt, renames it, with its `-wal`
-and `-shm`, to `<name>.corrupt-<UTC time>` (kept for inspection), logs an error, and
-lets the opener create a fresh file. `collector status` lists the moved files
-(`moved_aside`) and warns until they are deleted.
+A database of the data directory (`datadir.DATABASES`) that SQLite cannot read (a disk
+fault, a bad copy, a truncated restore) would make every start of the server or the
+forwarder fail the same way: a crash loop that takes nothing in. Instead, the processes
+that write these files (the server, its writer process and the forwarder) call
+`ensure_usable` before opening each one (`db.open_writer(recover=True)`). It runs
+`PRAGMA quick_check` (a read of the b-tree structure: 0.06 s for a 250 MB queue file here)
+and, when SQLite says the file is corrupt, renames it, with its `-wal` and `-shm`, to
+`<name>.corrupt-<UTC time>` (kept for inspection), logs an error, and lets the opener
+create a fresh file. `collector status` lists the moved files
+(`moved_aside`) and warns until they are deleted. A command that only reads (`status`,
+`dlq`) never moves anything: it names the corrupt files (`diagnose`) and stops.
 
 What is *not* corruption, and is left in place for the opener to report (503s, or a
 failed start with SQLite's message):
@@ -41,6 +42,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from collector.store.datadir import QUEUE, DataDir
 
 log = logging.getLogger("collector.recovery")
 
@@ -91,7 +94,7 @@ def ensure_usable(path: Path) -> Recovered | None:
         path,
         reason,
         moved.name,
-        " Events queued in it are not forwarded." if path.name == "queue.db" else "",
+        " Events queued in it are not forwarded." if path.name == QUEUE else "",
     )
     return Recovered(path.name, moved.name, reason)
 
@@ -114,6 +117,15 @@ def corruption(path: Path) -> str | None:
     if rows == [("ok",)]:
         return None
     return "quick_check: " + "; ".join(str(row[0]) for row in rows[:3])
+
+
+def diagnose(data_dir: DataDir) -> list[tuple[str, str]]:
+    """(file name, what SQLite says) for each corrupt database in `data_dir`, unmoved."""
+    return [
+        (path.name, reason)
+        for path in data_dir.databases()
+        if path.is_file() and (reason := corruption(path))
+    ]
 
 
 def in_use(path: Path) -> bool:

@@ -1,9 +1,10 @@
 """Each process's state and heartbeat, as a small JSON file in the data directory.
 
 The server and the forwarder are separate processes, and `collector status` must work when
-either (or both) is down, so each writes what it is doing to `<name>.json` (atomically:
-write, then rename) on every change and every few seconds. A reader judges a process up
-when its heartbeat is recent and its pid is alive.
+either (or both) is down, so each writes what it is doing to its state file
+(`DataDir.server_state`, `DataDir.forwarder_state`; atomically) on every change and every
+few seconds. A reader judges a process up when its heartbeat is recent and its pid is
+alive. The forwarder's `upstream` field takes the values of `UpstreamState`.
 """
 
 from __future__ import annotations
@@ -12,23 +13,31 @@ import contextlib
 import json
 import os
 import time
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
+
+from collector.store.datadir import atomic_write
 
 # How often a running process rewrites its file; readers allow three missed beats.
 BEAT_EVERY_S = 2.0
 STALE_AFTER_S = 3 * BEAT_EVERY_S
 
 
-def state_path(data_dir: Path, name: str) -> Path:
-    return data_dir / f"{name}.json"
+class UpstreamState(StrEnum):
+    """What the forwarder says of the upstream (its state file's `upstream`)."""
+
+    STARTING = "starting"
+    OK = "ok"
+    RETRYING = "retrying"  # a send failed; backing off (an outage once it lasts)
+    KEY_REJECTED = "key_rejected"  # 401/403, or no key: sending stopped, events kept
+    NOT_CONFIGURED = "not_configured"  # no upstream_url: events stay queued
 
 
 def write(path: Path, state: dict[str, Any]) -> None:
+    """Replace the state file at `path` with `state`, stamped with our pid and the time."""
     document = {**state, "pid": os.getpid(), "heartbeat": time.time()}
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(document, indent=1))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(document, indent=1).encode(), durable=False)
 
 
 def read(path: Path) -> dict[str, Any] | None:

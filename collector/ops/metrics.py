@@ -3,7 +3,7 @@
 Counters come from the running totals in `counts.db` (both processes add to them, and they
 survive restarts, so they only ever go up); gauges from the status document (queue, age,
 budget, processes, upstream state, sample ratio); the request latency histogram from this
-server process. Names (all prefixed `collector_`) are listed in the README.
+server process. Names (all prefixed `collector_`) are listed in `docs/reference.md`.
 """
 
 from __future__ import annotations
@@ -15,67 +15,70 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from collector import status
-from collector.counts import Counts, Labels
+from collector.ops import status
 from collector.settings import Settings
+from collector.store.counts import Count, Counts, Labels, ProxyOutcome, UpstreamOutcome
+from collector.store.datadir import DataDir
+from collector.store.heartbeats import UpstreamState
 
 # Seconds: from a lone event (~1 ms) to a big request waiting on a busy disk.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-UPSTREAM_STATES = ("ok", "retrying", "key_rejected", "not_configured")
+# The forwarder states exported as `collector_upstream_state` (its start is too brief).
+UPSTREAM_STATES = tuple(state for state in UpstreamState if state is not UpstreamState.STARTING)
 # Seconds: a decide answered from a near upstream (~5 ms) to a config call at its timeout.
 PROXY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0)
 
 # (counts name, metric name, help, label names)
-COUNTERS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
-    ("requests", "collector_requests", "Events API requests answered, by status.", ("status",)),
+COUNTERS: tuple[tuple[Count, str, str, tuple[str, ...]], ...] = (
+    (Count.REQUESTS, "collector_requests", "Events API requests answered, by status.", ("status",)),
     (
-        "events_received",
+        Count.EVENTS_RECEIVED,
         "collector_events_received",
         "Events received in well-formed requests.",
         ("org", "project", "env", "type"),
     ),
     (
-        "events_accepted",
+        Count.EVENTS_ACCEPTED,
         "collector_events_accepted",
         "Events that passed validation.",
         ("org", "project", "env", "type"),
     ),
     (
-        "events_written",
+        Count.EVENTS_WRITTEN,
         "collector_events_written",
         "Events committed to the queue.",
         ("org", "project", "env", "type"),
     ),
     (
-        "events_deduplicated",
+        Count.EVENTS_DEDUPLICATED,
         "collector_events_deduplicated",
         "Accepted events not written again because their id was already stored.",
         ("org", "project", "env", "type"),
     ),
-    ("events_rejected", "collector_events_rejected", "Events refused, by reason.", ("reason",)),
+    (Count.EVENTS_REJECTED, "collector_events_rejected", "Events refused, by reason.", ("reason",)),
     (
-        "forwarded",
+        Count.FORWARDED,
         "collector_events_forwarded",
         "Events the upstream accepted.",
         ("project", "env"),
     ),
     (
-        "upstream_requests",
+        Count.UPSTREAM_REQUESTS,
         "collector_upstream_requests",
-        "Upstream requests by outcome (delivered, retry, rejected, key_rejected).",
+        f"Upstream requests by outcome ({', '.join(UpstreamOutcome)}).",
         ("outcome",),
     ),
     (
-        "dead_lettered",
+        Count.DEAD_LETTERED,
         "collector_events_dead_lettered",
         "Events moved to the dead-letter store, by reason.",
         ("reason",),
     ),
     (
-        "proxy_requests",
+        Count.PROXY_REQUESTS,
         "collector_proxy_requests",
         "Config, resolve and decide calls passed upstream, by route and outcome "
-        "(ok, not_modified, stale, upstream_error, rejected).",
+        f"({', '.join(ProxyOutcome)}).",
         ("route", "outcome"),
     ),
 )
@@ -110,7 +113,7 @@ class _Figures(Collector):
         self._settings = settings
 
     def collect(self) -> Iterator[Metric]:
-        counts = Counts(self._settings.data_dir, self._settings.counts_window_minutes)
+        counts = Counts.reader(DataDir(self._settings.data_dir))
         try:
             totals = counts.all_totals()
         finally:

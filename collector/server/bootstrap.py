@@ -1,0 +1,111 @@
+"""Starting the server process: the data directory, a first key, uvicorn, and systemd.
+
+`serve(settings)` is what `collector serve` and `collector run` call. It makes the data
+directory, makes a first API key when there is none (printed once; under systemd, whose
+journal keeps stdout, written to `first-api-key`, mode 0600, instead), and runs the app
+(`app.py`) on uvicorn with uvloop and httptools, the connection limits of `limits.py`,
+until SIGTERM or Ctrl-C, telling systemd when it serves and when it stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+from types import FrameType
+
+import uvicorn
+
+from collector.ops import notify
+from collector.server import limits
+from collector.server.app import create_app
+from collector.server.auth import KeyStore, ensure_first_key
+from collector.settings import Settings
+from collector.store.datadir import DataDir, atomic_write
+
+log = logging.getLogger("collector.server")
+
+# Seconds within which a second SIGINT is taken as the same Ctrl-C (see NotifyingServer).
+REPEAT_WINDOW_S = 0.5
+# Seconds a client connection may sit idle between requests.
+KEEP_ALIVE_S = 30
+
+
+def serve(settings: Settings) -> None:
+    """Serve HTTP until SIGTERM or Ctrl-C (uvicorn stops cleanly on both)."""
+    data_dir = DataDir(settings.data_dir)
+    data_dir.create()
+    first = ensure_first_key(KeyStore(data_dir))
+    if first is not None:
+        show_first_key(first, data_dir)
+    log.info(
+        "serving on http://%s:%d, queue in %s (sync=%s)",
+        settings.host,
+        settings.port,
+        settings.data_dir,
+        settings.sync,
+    )
+    # uvicorn re-raises the signal that stopped it once it has shut down; a handler of our
+    # own receives it, so a SIGTERM ends the command normally (exit 0, `run` stops its
+    # forwarder) instead of killing the process on the spot.
+    for stop_signal in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop_signal, lambda received, frame: None)
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,  # our handlers (collector.ops.logs) carry uvicorn's records too
+        access_log=False,
+        loop="uvloop",
+        # httptools, with the head size limit, head and body deadlines and connection cap
+        # that uvicorn lacks (limits.py): slow or idle clients cannot pile up.
+        http=limits.protocol_class(settings),
+        # A connection idle this long after an answer is closed.
+        timeout_keep_alive=KEEP_ALIVE_S,
+    )
+    limits.raise_open_files_limit(settings.max_connections)
+    NotifyingServer(config).run()
+
+
+class NotifyingServer(uvicorn.Server):
+    """uvicorn's server, telling systemd when it serves and when it stops."""
+
+    _exit_at = 0.0
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            notify.notify("READY=1")
+            self._watchdog = asyncio.create_task(notify.keep_watchdog_fed())
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        notify.notify("STOPPING=1")
+        await super().shutdown(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # A Ctrl-C reaches the one-file build twice (from the terminal, and passed on by
+        # its loader); uvicorn would take the second for "force quit" and skip the clean
+        # shutdown. A repeat within a moment of the first is the same Ctrl-C.
+        now = time.monotonic()
+        if sig == signal.SIGINT and self.should_exit and now - self._exit_at < REPEAT_WINDOW_S:
+            return
+        if not self.should_exit:
+            self._exit_at = now
+        super().handle_exit(sig, frame)
+
+
+def show_first_key(secret: str, data_dir: DataDir) -> None:
+    """Print the key made on a first start, once; under systemd (whose journal keeps
+    stdout) write it to a file only the service user can read instead."""
+    if "INVOCATION_ID" not in os.environ:
+        print("No API key existed, so one was created. It is shown only this once:")
+        print(secret, flush=True)
+        return
+    atomic_write(data_dir.first_key, (secret + "\n").encode())
+    log.warning(
+        "no API key existed: one was created and written to %s (delete it once copied)",
+        data_dir.first_key,
+    )

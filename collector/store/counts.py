@@ -1,0 +1,211 @@
+"""Rolling per-minute counts of what the collector saw and did, persisted in the data directory.
+
+The server and the forwarder each add to counts in memory (cheap, on the request path) and
+flush them every second to `counts.db`, where they are kept per minute for `window` minutes
+(for rates, top event names and exposures per allocation) and as running totals (for
+Prometheus counters, which must never go down). Another process (`collector status`,
+`/metrics`) reads them from the file (`Counts.reader`), so they are there whether or not
+the server runs, and survive restarts.
+
+Every name and every fixed label value is a member of an enum below, which the writers
+(`collector.server`, `forwarder`) and the readers (`collector.ops`) all import: a renamed
+count cannot silently read 0. Names and their labels:
+
+    requests              status                                 (server)
+    events_received       org, project, env, type
+    events_accepted       org, project, env, type
+    events_written        org, project, env, type
+    events_deduplicated   org, project, env, type
+    events_rejected       reason
+    track_events          project, env, event
+    exposures             project, env, layer, policy, allocation
+    exposure_shares       project, env, layer, policy, allocation  (sum of declared probability)
+    exposure_shares_n     project, env, layer, policy, allocation  (exposures declaring one)
+    conversions           project, env, policy, allocation, event  (tracks attributed)
+    forwarded             project, env                           (forwarder)
+    upstream_requests     outcome (UpstreamOutcome)
+    dead_lettered         reason (DeadLetterReason)
+    proxy_requests        route (ProxyRoute), outcome (ProxyOutcome)   (server)
+
+Event names and labels are client-controlled; the server cuts and bounds them
+(`collector.server.counting`).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections import Counter
+from enum import StrEnum
+from typing import Any
+
+import orjson
+
+from collector.store import db
+from collector.store.datadir import DataDir
+
+SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS minutes (minute INTEGER, name TEXT, labels TEXT,"
+    " value REAL, PRIMARY KEY (minute, name, labels)) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS totals (name TEXT, labels TEXT, value REAL,"
+    " PRIMARY KEY (name, labels)) WITHOUT ROWID",
+)
+
+Labels = tuple[str, ...]
+
+
+class Count(StrEnum):
+    """The names counted (see the table above for their labels)."""
+
+    REQUESTS = "requests"
+    EVENTS_RECEIVED = "events_received"
+    EVENTS_ACCEPTED = "events_accepted"
+    EVENTS_WRITTEN = "events_written"
+    EVENTS_DEDUPLICATED = "events_deduplicated"
+    EVENTS_REJECTED = "events_rejected"
+    TRACK_EVENTS = "track_events"
+    EXPOSURES = "exposures"
+    EXPOSURE_SHARES = "exposure_shares"
+    EXPOSURE_SHARES_N = "exposure_shares_n"
+    CONVERSIONS = "conversions"
+    FORWARDED = "forwarded"
+    UPSTREAM_REQUESTS = "upstream_requests"
+    DEAD_LETTERED = "dead_lettered"
+    PROXY_REQUESTS = "proxy_requests"
+
+
+class UpstreamOutcome(StrEnum):
+    """What an upstream events request came to (the forwarder's `upstream_requests`)."""
+
+    DELIVERED = "delivered"
+    RETRY = "retry"
+    REJECTED = "rejected"
+    KEY_REJECTED = "key_rejected"
+
+
+class DeadLetterReason(StrEnum):
+    MAX_AGE = "max_age"  # queued longer than max_event_age_seconds
+    REJECTED = "rejected"  # refused by the upstream (400, 413, 422), alone in its batch
+
+
+class ProxyRoute(StrEnum):
+    CONFIG = "config"
+    RESOLVE = "resolve"
+    DECIDE = "decide"
+
+
+class ProxyOutcome(StrEnum):
+    """What a call passed upstream came to: passed through (`ok`, `not_modified`, or
+    `rejected` for a 4xx), served from the cache (`stale`), or failed (`upstream_error`)."""
+
+    OK = "ok"
+    NOT_MODIFIED = "not_modified"
+    STALE = "stale"
+    UPSTREAM_ERROR = "upstream_error"
+    REJECTED = "rejected"
+
+
+def minute_of(moment: float) -> int:
+    return int(moment // 60)
+
+
+_translated = db.translated("counts")
+
+
+class Counts:
+    """Counters added to in memory and flushed to `counts.db`; or, opened with `reader`,
+    the file's counts read-only (a missing file holds none)."""
+
+    def __init__(self, conn: sqlite3.Connection | None, window_minutes: int = 60) -> None:
+        self.window_minutes = window_minutes
+        self._conn = conn
+        self._lock = threading.Lock()
+        self._pending: dict[tuple[int, str], Counter[Labels]] = {}
+
+    @classmethod
+    def writer(
+        cls, data_dir: DataDir, window_minutes: int = 60, *, recover: bool = False
+    ) -> Counts:
+        data_dir.create()
+        # Losing the last second of counts to a power cut is acceptable: NORMAL, no fsync.
+        with _translated:
+            return cls(db.open_writer(data_dir.counts, SCHEMA, recover=recover), window_minutes)
+
+    @classmethod
+    def reader(cls, data_dir: DataDir, window_minutes: int = 60) -> Counts:
+        with _translated:
+            return cls(db.open_reader(data_dir.counts), window_minutes)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+
+    # --- adding ------------------------------------------------------------------------
+
+    def add(self, name: Count, labels: Labels, value: float = 1) -> None:
+        counter = self.counter(name)
+        # Counter is typed for ints; a few counts (sums of declared shares) are floats.
+        counter[labels] = counter[labels] + value  # type: ignore[assignment]
+
+    def counter(self, name: Count, at: float | None = None) -> Counter[Labels]:
+        """The in-memory counter of `name` for the current minute, to add to directly."""
+        key = (minute_of(time.time() if at is None else at), name)
+        counter = self._pending.get(key)
+        if counter is None:
+            counter = self._pending[key] = Counter()
+        return counter
+
+    def flush(self) -> None:
+        """Write what was added since the last flush (from the thread that adds)."""
+        self.write(self.take())
+
+    def take(self) -> dict[tuple[int, str], Counter[Labels]]:
+        """What was added since the last take; call it from the thread that adds, then
+        `write` it from any thread, so no increment is lost to a flush in progress."""
+        pending, self._pending = self._pending, {}
+        return pending
+
+    def write(self, pending: dict[tuple[int, str], Counter[Labels]]) -> None:
+        """Add `pending` to the file; forget minutes past the window."""
+        rows = [
+            (minute, str(name), orjson.dumps(tuple(labels)).decode(), value)
+            for (minute, name), counter in pending.items()
+            for labels, value in counter.items()
+            if value
+        ]
+        oldest = minute_of(time.time()) - self.window_minutes
+        assert self._conn is not None, "a counts reader cannot write"
+        with self._lock, _translated, self._conn:
+            self._conn.executemany(
+                "INSERT INTO minutes (minute, name, labels, value) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT DO UPDATE SET value = value + excluded.value",
+                rows,
+            )
+            self._conn.executemany(
+                "INSERT INTO totals (name, labels, value) VALUES (?, ?, ?)"
+                " ON CONFLICT DO UPDATE SET value = value + excluded.value",
+                [(name, labels, value) for _, name, labels, value in rows],
+            )
+            self._conn.execute("DELETE FROM minutes WHERE minute < ?", (oldest,))
+
+    # --- reading -----------------------------------------------------------------------
+
+    def recent(self, name: Count, minutes: int) -> dict[Labels, float]:
+        """Sums per labels of `name` over the last `minutes` minutes (this one included)."""
+        since = minute_of(time.time()) - minutes + 1
+        rows = self._read(
+            "SELECT labels, SUM(value) FROM minutes WHERE name = ? AND minute >= ? GROUP BY labels",
+            (str(name), since),
+        )
+        return {tuple(orjson.loads(labels)): value for labels, value in rows}
+
+    def all_totals(self) -> dict[str, dict[Labels, float]]:
+        result: dict[str, dict[Labels, float]] = {}
+        for name, labels, value in self._read("SELECT name, labels, value FROM totals"):
+            result.setdefault(name, {})[tuple(orjson.loads(labels))] = value
+        return result
+
+    def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        with self._lock, _translated:
+            return db.read(self._conn, sql, params)

@@ -1,0 +1,118 @@
+"""The data directory: the name of every file the collector keeps, in one place.
+
+    queue.db          the durable queue of events not yet forwarded (`spool.py`)
+    seen-ids.db       ids of events already stored, to drop client retries (`seen.py`)
+    counts.db         per-minute counts and running totals (`counts.py`)
+    dead-letters.db   events that left the queue without an upstream 2xx (`deadletters.py`)
+    config-cache.db   SDK config bundles, served through upstream outages (`configcache.py`)
+    keys.json         the API keys clients use, hashed (`collector.server.auth`), mode 0600
+    keys.lock         held while `keys.json` is edited
+    server.json       the server's state and heartbeat (`heartbeats.py`)
+    forwarder.json    the forwarder's state and heartbeat (`heartbeats.py`)
+    forwarder.lock    held by the one forwarder allowed per data directory
+    first-api-key     under systemd, the key made on a first start (mode 0600)
+    *.corrupt-<time>  a database found corrupt at start, moved aside (`recovery.py`)
+
+Every other module asks `DataDir` for a path instead of spelling a file name, so this
+list is the whole truth: `collector status`, `recovery` and the docs read it from here.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+QUEUE = "queue.db"
+SEEN_IDS = "seen-ids.db"
+COUNTS = "counts.db"
+DEAD_LETTERS = "dead-letters.db"
+CONFIG_CACHE = "config-cache.db"
+KEYS = "keys.json"
+KEYS_LOCK = "keys.lock"
+SERVER_STATE = "server.json"
+FORWARDER_STATE = "forwarder.json"
+FORWARDER_LOCK = "forwarder.lock"
+FIRST_KEY = "first-api-key"
+
+# The SQLite databases, in the order a person would look at them.
+DATABASES = (QUEUE, SEEN_IDS, COUNTS, DEAD_LETTERS, CONFIG_CACHE)
+
+
+@dataclass(frozen=True)
+class DataDir:
+    """The collector's data directory and the paths of its files."""
+
+    path: Path
+
+    @property
+    def queue(self) -> Path:
+        return self.path / QUEUE
+
+    @property
+    def seen_ids(self) -> Path:
+        return self.path / SEEN_IDS
+
+    @property
+    def counts(self) -> Path:
+        return self.path / COUNTS
+
+    @property
+    def dead_letters(self) -> Path:
+        return self.path / DEAD_LETTERS
+
+    @property
+    def config_cache(self) -> Path:
+        return self.path / CONFIG_CACHE
+
+    @property
+    def keys(self) -> Path:
+        return self.path / KEYS
+
+    @property
+    def keys_lock(self) -> Path:
+        return self.path / KEYS_LOCK
+
+    @property
+    def server_state(self) -> Path:
+        return self.path / SERVER_STATE
+
+    @property
+    def forwarder_state(self) -> Path:
+        return self.path / FORWARDER_STATE
+
+    @property
+    def forwarder_lock(self) -> Path:
+        return self.path / FORWARDER_LOCK
+
+    @property
+    def first_key(self) -> Path:
+        return self.path / FIRST_KEY
+
+    def databases(self) -> list[Path]:
+        return [self.path / name for name in DATABASES]
+
+    def holds_data(self) -> bool:
+        """True once a server has started here (the queue exists)."""
+        return self.queue.exists()
+
+    def create(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+
+
+def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """Replace `path` with `data` (mode 0600) so that a reader or a crash sees the old
+    file or the new one, never a part. `durable`: fsync before the rename, for files whose
+    loss would matter (keys); a heartbeat rewritten every two seconds needs none."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            if durable:
+                out.flush()
+                os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,169 @@
+"""The dead-letter store: events that left the queue without an upstream 2xx, with why.
+
+Nothing is dropped silently: an event the upstream refuses (400/413, isolated by splitting
+its batch) or one queued longer than the maximum age is written here, with the reason,
+before its queue row is acknowledged. A crash between the two can only leave the event in
+both places (it is then sent again), never in neither; so this file is written with an
+fsync per commit (`synchronous=FULL`), which the queue's acks do not need. `collector dlq`
+lists, shows, replays (back into the queue: `replay`) and purges them.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from collector.errors import QueueFull
+from collector.store import db
+from collector.store.datadir import DataDir
+from collector.store.spool import Spool, Sync
+
+SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS dead_letters (id INTEGER PRIMARY KEY AUTOINCREMENT,"
+    " dead_at REAL NOT NULL, reason TEXT NOT NULL, event BLOB NOT NULL)",
+)
+# Dead letters replayed per queue row (and per transaction).
+REPLAY_CHUNK = 500
+_translated = db.translated("dead letters")
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    id: int
+    dead_at: float
+    reason: str
+    event: dict[str, Any]
+
+    def summary(self) -> dict[str, Any]:
+        """The fields a person scans a list by (never the whole payload)."""
+        return {
+            "id": self.id,
+            "dead_at": self.dead_at,
+            "reason": self.reason,
+            "type": self.event.get("type"),
+            "event_id": self.event.get("id"),
+            "project": self.event.get("projectId"),
+            "env": self.event.get("env"),
+        }
+
+
+class DeadLetters:
+    """Dead-lettered events, oldest first. Raises `QueueBusy`/`QueueFull` when the file
+    fails; a reader of a missing file sees none."""
+
+    def __init__(self, conn: sqlite3.Connection | None) -> None:
+        self._conn = conn
+        self._lock = threading.Lock()
+
+    @classmethod
+    def writer(cls, data_dir: DataDir, *, recover: bool = False) -> DeadLetters:
+        data_dir.create()
+        with _translated:
+            return cls(
+                db.open_writer(data_dir.dead_letters, SCHEMA, synchronous="FULL", recover=recover)
+            )
+
+    @classmethod
+    def reader(cls, data_dir: DataDir) -> DeadLetters:
+        with _translated:
+            return cls(db.open_reader(data_dir.dead_letters))
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+
+    def add(self, events: Iterable[bytes], reason: str) -> int:
+        """Store `events` (each one event's JSON) with `reason`; returns how many."""
+        now = time.time()
+        rows = [(now, reason, raw) for raw in events]
+        with self._lock, _translated, self._written() as conn:
+            conn.executemany(
+                "INSERT INTO dead_letters (dead_at, reason, event) VALUES (?, ?, ?)", rows
+            )
+        return len(rows)
+
+    def count(self) -> int:
+        found = self._read("SELECT COUNT(*) FROM dead_letters")
+        return int(found[0][0]) if found else 0
+
+    def letters(self, ids: Sequence[int] | None = None) -> list[DeadLetter]:
+        """All dead letters, or those with `ids`, oldest first."""
+        query = "SELECT id, dead_at, reason, event FROM dead_letters"
+        params: tuple[int, ...] = ()
+        if ids is not None:
+            query += f" WHERE id IN ({','.join('?' * len(ids))})"
+            params = tuple(ids)
+        rows = self._read(query + " ORDER BY id", params)
+        return [DeadLetter(i, at, reason, orjson.loads(raw)) for i, at, reason, raw in rows]
+
+    def raw(self, ids: Sequence[int]) -> list[tuple[int, bytes]]:
+        """(id, the event's JSON as stored) for `ids`, to put back into the queue."""
+        rows = self._read(
+            f"SELECT id, event FROM dead_letters WHERE id IN ({','.join('?' * len(ids))})"
+            " ORDER BY id",
+            tuple(ids),
+        )
+        return [(int(i), bytes(raw)) for i, raw in rows]
+
+    def all_ids(self) -> list[int]:
+        return [int(i) for (i,) in self._read("SELECT id FROM dead_letters")]
+
+    def remove(self, ids: Sequence[int]) -> int:
+        with self._lock, _translated, self._written() as conn:
+            cursor = conn.execute(
+                f"DELETE FROM dead_letters WHERE id IN ({','.join('?' * len(ids))})", tuple(ids)
+            )
+        return int(cursor.rowcount)
+
+    def purge(self) -> int:
+        with self._lock, _translated, self._written() as conn:
+            return int(conn.execute("DELETE FROM dead_letters").rowcount)
+
+    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        with self._lock, _translated:
+            return db.read(self._conn, sql, params)
+
+    def _written(self) -> sqlite3.Connection:
+        """The connection, as a transaction (`with`); only a writer has one to write."""
+        assert self._conn is not None, "a dead-letter reader cannot write"
+        return self._conn
+
+
+@dataclass(frozen=True)
+class Replayed:
+    moved: int  # dead letters now back in the queue
+    wanted: int  # ids asked for (all of them, for --all)
+    refused: QueueFull | None = None  # why it stopped part way (the disk budget), if it did
+
+
+def replay(
+    data_dir: DataDir, ids: Sequence[int] | None, *, sync: Sync, budget_bytes: int
+) -> Replayed:
+    """Move the dead letters with `ids` (None: all) back into the queue, to be forwarded
+    again, a chunk per transaction; those moved before a refusal stay moved."""
+    dead = DeadLetters.writer(data_dir)
+    spool = Spool(data_dir, sync=sync, budget_bytes=budget_bytes)
+    moved = 0
+    wanted: list[int] = []
+    try:
+        wanted = dead.all_ids() if ids is None else list(ids)
+        for start in range(0, len(wanted), REPLAY_CHUNK):
+            letters = dead.raw(wanted[start : start + REPLAY_CHUNK])
+            if not letters:
+                continue
+            # Into the queue first, then out of the store: a crash between the two leaves
+            # the event in both (sent twice), never in neither.
+            spool.append([raw for _, raw in letters])
+            moved += dead.remove([letter_id for letter_id, _ in letters])
+    except QueueFull as exc:
+        return Replayed(moved, len(wanted), exc)
+    finally:
+        spool.close()
+        dead.close()
+    return Replayed(moved, len(wanted))

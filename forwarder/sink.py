@@ -1,0 +1,102 @@
+"""Where batches go: the upstream's events API, and what each answer means for them.
+
+`EventsSink.send` posts one gzip-compressed batch to `{upstream_url}/v1/events` through
+`collector.upstream` (one deadline for the whole exchange: `forward_timeout_seconds`), with a
+batch id that stays the same across its retries, and turns the answer into what the
+forwarder must do next:
+
+    Delivered     2xx: the upstream holds the events; settle them
+    RetryLater    408, 429, 5xx, a redirect, any other unexpected answer, a timeout or a
+                  connection error: nothing is known to be stored; send again after a
+                  delay (honouring `Retry-After`)
+    Rejected      400, 413, 422: the upstream refuses something in the batch; split it to
+                  find the offending events, which go to the dead-letter store
+    KeyRejected   401, 403: the key is wrong for these events; stop and keep everything
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from collector.errors import UpstreamFailed
+from collector.store.counts import UpstreamOutcome
+from collector.upstream import Upstream, Verdict, classify, retry_after
+
+BATCH_ID_HEADER = "X-Batch-Id"
+EVENTS_PATH = "/v1/events"
+# How much of an upstream's error body is kept as the reason of a dead letter.
+REASON_CHARS = 500
+
+
+@dataclass(frozen=True)
+class Delivered:
+    status: int
+
+
+@dataclass(frozen=True)
+class RetryLater:
+    reason: str
+    retry_after: float | None = None  # seconds the upstream asked us to wait, if it did
+
+
+@dataclass(frozen=True)
+class Rejected:
+    status: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class KeyRejected:
+    status: int
+    reason: str
+
+
+Result = Delivered | RetryLater | Rejected | KeyRejected
+
+# Each result as counted in `upstream_requests`.
+OUTCOME = {
+    Delivered: UpstreamOutcome.DELIVERED,
+    RetryLater: UpstreamOutcome.RETRY,
+    Rejected: UpstreamOutcome.REJECTED,
+    KeyRejected: UpstreamOutcome.KEY_REJECTED,
+}
+
+
+class EventsSink:
+    """POSTs gzip-compressed event batches to the upstream's events API."""
+
+    def __init__(self, upstream_url: str, *, deadline_s: float, connections: int) -> None:
+        self._upstream = Upstream(upstream_url, max_connections=connections)
+        self._deadline_s = deadline_s
+        self.url = self._upstream.url(EVENTS_PATH)
+
+    async def aclose(self) -> None:
+        await self._upstream.aclose()
+
+    async def send(self, gzipped_body: bytes, key: str, batch_id: str) -> Result:
+        headers = {
+            "Authorization": f"Bearer {key}",
+            "Content-Type": "application/json",
+            "Content-Encoding": "gzip",
+            BATCH_ID_HEADER: batch_id,
+        }
+        try:
+            reply = await self._upstream.exchange(
+                "POST", EVENTS_PATH, headers=headers, body=gzipped_body, deadline_s=self._deadline_s
+            )
+        except UpstreamFailed as exc:
+            return RetryLater(exc.message)
+        return result_of(reply.status, reply.text, reply.headers.get("retry-after"))
+
+
+def result_of(status: int, body: str, retry_after_header: str | None) -> Result:
+    """What an upstream answer to an events batch means for its events."""
+    verdict = classify(status)
+    if verdict is Verdict.ACCEPTED:
+        return Delivered(status)
+    reason = f"HTTP {status}: {body.strip()[:REASON_CHARS]}"
+    if verdict is Verdict.CONTENT_REFUSED:
+        return Rejected(status, reason)
+    if verdict is Verdict.KEY_REFUSED:
+        return KeyRejected(status, reason)
+    return RetryLater(reason, retry_after(retry_after_header))
