@@ -176,6 +176,9 @@ class Spool:
                 raise QueueFull("disk budget reached; retry later")
             self._check_free_space(self._conn, size)
             self._queue.put(rows.join(events))
+            # A whole group fit: whatever was refused before, /readyz now agrees with the
+            # 200 just given (it said "not ready" after an accepted retry, measured).
+            self._refused_at = self._refused_free = None
 
     def check_writable(self) -> None:
         """Raise QueueFull or QueueBusy unless a write could be committed now."""
