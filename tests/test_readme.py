@@ -28,12 +28,17 @@ def code_blocks() -> list[str]:
 
 def test_readme_opens_with_install_and_run_then_the_test_command() -> None:
     run, tests = code_blocks()[:2]
-    assert run.strip().endswith("&& .venv/bin/collector run")
+    assert run.strip().startswith("python3.11 -m venv .venv && ")
     assert ".venv/bin/pip install ." in run
-    assert tests.strip().endswith("&& .venv/bin/python -m pytest")
-    assert "'.[dev]'" in tests
-    # CI runs exactly the README's second block.
-    assert "n==3{print; exit}" in (ROOT / ".ci" / "run").read_text()
+    assert run.strip().endswith("&& .venv/bin/collector run")
+    assert tests.strip() == "scripts/test"
+    # CI runs the same command, which installs the dev extras into a fresh .venv.
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "rm -rf .venv" in ci
+    assert "\nscripts/test\n" in ci
+    script = (ROOT / "scripts" / "test").read_text()
+    assert "-m venv .venv" in script
+    assert "pip install --quiet --disable-pip-version-check -e '.[dev]'" in script
 
 
 def test_collector_run_works_on_embedded_defaults(tmp_path: Path) -> None:
