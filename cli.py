@@ -31,7 +31,7 @@ from rich.table import Table
 
 from collector.errors import AlreadyRunning, ConfigFileError, Unavailable
 from collector.ops import logs
-from collector.ops.status import iso
+from collector.ops import status as status_document
 from collector.ops.supervisor import ForwarderChild
 from collector.server.auth import SCOPES, KeyStore, now_utc
 from collector.settings import Settings, load_settings
@@ -281,8 +281,7 @@ def status(
     upstream failing for over 5 minutes, disk budget 90% used); 2 no data directory, bad
     settings or a data file that cannot be read. Example: collector status --json
     """
-    from collector.ops import status as status_document
-    from collector.ops.statusview import render
+    from collector.ops.statusview import render  # imported when used, as rich's tables are
 
     settings = settings_or_exit(config, data_dir=data_dir)
     if not DataDir(settings.data_dir).holds_data():
@@ -370,7 +369,7 @@ def dlq_list(
         row = letter.summary()
         table.add_row(
             str(row["id"]),
-            iso(row["dead_at"]),
+            status_document.iso(row["dead_at"]),
             str(row["type"]),
             str(row["event_id"]),
             str(row["project"]),
@@ -394,7 +393,8 @@ def dlq_show(
         typer.echo(f"error: no dead letter with id {letter_id}", err=True)
         raise typer.Exit(1)
     letter = letters[0]
-    document = {**letter.summary(), "dead_at": iso(letter.dead_at), "event": letter.event}
+    dead_at = status_document.iso(letter.dead_at)
+    document = {**letter.summary(), "dead_at": dead_at, "event": letter.event}
     typer.echo(json.dumps(document, indent=2))
 
 

@@ -62,15 +62,21 @@ def open_writer(
 
 
 def open_reader(path: Path) -> sqlite3.Connection | None:
-    """A read-only connection to `path`, or None when there is no such file."""
+    """A read-only connection to `path`, or None when there is no such file.
+
+    A read-only connection to a WAL database still creates its `-wal` and `-shm` files
+    when they are missing, and cannot delete them after. They are missing only when no
+    connection has the file open (the last one to close deletes them), and then the file
+    alone holds everything: it is read as `immutable`, which creates nothing. A writer
+    that opens the file in the moment of such a read could make it fail, never change
+    what is stored.
+    """
     if not path.is_file():
         return None
-    return sqlite3.connect(
-        f"{path.resolve().as_uri()}?mode=ro",
-        uri=True,
-        check_same_thread=False,
-        timeout=BUSY_TIMEOUT_S,
-    )
+    uri = f"{path.resolve().as_uri()}?mode=ro"
+    if not path.with_name(path.name + "-wal").exists():
+        uri += "&immutable=1"
+    return sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=BUSY_TIMEOUT_S)
 
 
 def read(conn: sqlite3.Connection | None, sql: str, params: Sequence[Any] = ()) -> list[Any]:
