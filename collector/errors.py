@@ -1,7 +1,8 @@
 """Every way a request can fail, as one exception type each.
 
-The types say what went wrong, not which HTTP status it becomes: `app.py` maps them to
-statuses in one place (`STATUS_FOR`), so the rules of the events API live in one table.
+The types say what went wrong, not which HTTP status it becomes: `collector/server/app.py`
+maps them to statuses in one place (`STATUS_FOR`), so the rules of the events API live in
+one table. The store raises them too (`collector.store.db.translated`), never SQLite's own.
 
     CollectorError
     ├── BadRequest            the body is not a usable events envelope, or no event is valid

@@ -363,7 +363,7 @@ def create_app(settings: Settings) -> Litestar:
         lifespan=[lifespan],
         cors_config=cors,
         request_max_body_size=settings.max_body_bytes,
-        logging_config=None,  # collector.logs configures every logger, uvicorn's included
+        logging_config=None,  # collector.ops.logs configures every logger, uvicorn's too
         openapi_config=openapi.config(),
         exception_handlers={
             CollectorError: on_collector_error,

@@ -1,10 +1,9 @@
 """One events request, from body bytes to committed events: no HTTP framework types here.
 
 Steps, in order: decompress (with a cap on the decompressed size), parse, check the
-envelope, validate each event (`events.py`), check the key's project/environment limits,
-encode each valid event as the client's own JSON (`collector.store.rows`), and commit
-(`commit.py`). Invalid
-events are reported by index and never stop the valid ones.
+envelope, validate each event (`collector.events`), check the key's project/environment
+limits, encode each valid event as the client's own JSON (`collector.store.rows`), and
+commit (`commit.py`). Invalid events are reported by index and never stop the valid ones.
 """
 
 from __future__ import annotations
