@@ -108,7 +108,10 @@ class Settings(BaseSettings):
         4 * MIB, gt=0, description="Largest upstream request body, before compression."
     )
     forward_timeout_seconds: float = Field(
-        30.0, gt=0, description="Time allowed for one upstream request."
+        30.0,
+        gt=0,
+        description="Time allowed for one upstream request, from connecting to the last "
+        "byte of the answer.",
     )
     retry_initial_seconds: float = Field(
         0.5, gt=0, description="First retry delay (grows exponentially, with full jitter)."
