@@ -15,6 +15,10 @@ import asyncio
 import random
 import time
 
+# Doublings of the first delay past which the ceiling grows no more: far beyond any
+# retry_max_seconds / retry_initial_seconds ratio, far below a float's range.
+MAX_DOUBLINGS = 64
+
 
 class Backoff:
     def __init__(self, initial_s: float, max_s: float, rng: random.Random | None = None) -> None:
@@ -24,7 +28,8 @@ class Backoff:
         self._rng = rng or random.Random()
 
     def next_delay(self, retry_after: float | None = None) -> float:
-        ceiling = min(self.max_s, self.initial_s * 2**self.failures)
+        # The exponent is capped: 2.0**1024 overflows (after ~8.5 hours of one batch failing).
+        ceiling = min(self.max_s, self.initial_s * 2 ** min(self.failures, MAX_DOUBLINGS))
         self.failures += 1
         delay = self._rng.uniform(0, ceiling)
         if retry_after is not None:

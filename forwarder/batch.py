@@ -24,7 +24,7 @@ class Batch:
     target: Target
     events: list[bytes] = field(default_factory=list)
     rows: list[int] = field(default_factory=list)
-    size: int = BODY_OVERHEAD  # the body's length in bytes
+    size: int = BODY_OVERHEAD  # the body's length in bytes, once it holds an event
     started: float = field(default_factory=time.monotonic)
     # The same across the batch's retries, so the upstream can tell a resend.
     id: str = field(default_factory=lambda: uuid.uuid4().hex)

@@ -52,7 +52,8 @@ def read(path: Path) -> dict[str, Any] | None:
 def is_alive(state: dict[str, Any] | None, now: float | None = None) -> bool:
     if not state:
         return False
-    fresh = (now or time.time()) - float(state.get("heartbeat", 0)) < STALE_AFTER_S
+    now = time.time() if now is None else now
+    fresh = now - float(state.get("heartbeat", 0)) < STALE_AFTER_S
     return fresh and _pid_running(int(state.get("pid", 0)))
 
 
