@@ -1,5 +1,6 @@
-"""Queue rows as the forwarder reads them: one event per line, split without parsing, and a
-(project, env) read off the bytes only when every event certainly shares it.
+"""collector/store/rows.py: queue rows as the forwarder reads them: one event per line,
+split without parsing (`join`/`split` round trips), and a (project, env) read off the bytes
+only when every event certainly shares it.
 
 Real queue files in tmp paths (`Spool`), real bytes; nothing mocked.
 """
@@ -13,6 +14,7 @@ import orjson
 import pytest
 
 from collector.store.datadir import DataDir
+from collector.store.rows import ROW_END, ROW_START, encode_event, join, split, target_of
 from collector.store.rows import shared_target as shared_key
 from collector.store.spool import Row, Spool
 
@@ -92,3 +94,38 @@ def test_a_row_not_certainly_of_one_project_and_env_is_left_to_per_event_parsing
     data = b"[\n" + b",\n".join(lines) + b"\n]"
 
     assert shared_key(data, lines) is None
+
+
+@pytest.mark.parametrize("count", [1, 2, 5])
+def test_join_then_split_gives_back_each_events_bytes(count: int) -> None:
+    sent = encoded(
+        *(
+            event(id=str(n), properties={"text": "a,\nb", "list": [n, {"x": "y"}]})
+            for n in range(count)
+        )
+    )
+
+    data = join(sent)
+
+    assert data.startswith(ROW_START) and data.endswith(ROW_END)
+    assert data.count(b"\n") == count + 1  # one event per line, between the brackets
+    assert split(data) == sent
+    assert orjson.loads(data) == [orjson.loads(raw) for raw in sent]
+
+
+def test_join_compacts_an_event_spread_over_lines_and_split_reads_it_compact() -> None:
+    pretty = orjson.dumps(event(id="a"), option=orjson.OPT_INDENT_2)
+    compact = encode_event(event(id="b"))
+
+    assert split(join([pretty, compact])) == [encode_event(orjson.loads(pretty)), compact]
+
+
+def test_an_event_that_cannot_be_stored_as_json_is_refused_by_encode_event() -> None:
+    with pytest.raises(orjson.JSONEncodeError):
+        encode_event(event(properties={"lone": "\ud800"}))
+
+
+def test_target_of_reads_the_project_and_env_of_one_stored_event() -> None:
+    raw = encode_event(event(projectId="proj_x", env="staging"))
+
+    assert target_of(raw) == ("proj_x", "staging")

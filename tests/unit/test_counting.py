@@ -1,0 +1,175 @@
+"""collector/server/counting.py: what the server counts of each event, into a real
+`Counts.writer` in tmp_path: exposures per allocation (and their declared shares),
+conversions attributed by decisionId or the SDK's attribution, duplicates counted once,
+and event names bounded (MAX_NAMES, then `(other)`) and cut (LABEL_CHARS).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from collector.server.counting import LABEL_CHARS, MAX_NAMES, OTHER, EventCounter, label
+from collector.store.counts import Count, Counts
+from collector.store.datadir import DataDir
+
+from conftest import event
+
+TARGET = ("proj_test", "production")
+
+
+@pytest.fixture
+def counts(tmp_path: Path) -> Iterator[Counts]:
+    writer = Counts.writer(DataDir(tmp_path))
+    yield writer
+    writer.close()
+
+
+def accept(
+    counter: EventCounter, *events: dict[str, Any], skipped: frozenset[int] = frozenset()
+) -> None:
+    """Count `events` as the ingest pipeline does: received, then accepted."""
+    labels = counter.received(list(events))
+    counter.accepted(list(events), labels, set(skipped))
+
+
+def flushed(counts: Counts, name: Count) -> dict[tuple[str, ...], float]:
+    counts.flush()
+    return counts.recent(name, 2)
+
+
+def layer(policy: str, allocation: str, **fields: Any) -> dict[str, Any]:
+    return {
+        "layerId": f"layer_{policy}",
+        "bucket": 7,
+        "policyId": policy,
+        "allocationName": allocation,
+        **fields,
+    }
+
+
+def test_exposures_are_counted_per_layer_policy_and_allocation(counts: Counts) -> None:
+    counter = EventCounter(counts)
+
+    accept(
+        counter,
+        event("exposure", layers=[layer("pol_1", "control"), layer("pol_2", "treatment")]),
+        event("exposure", layers=[layer("pol_1", "control")]),
+        event("exposure", layers=[layer("pol_1", "treatment", bucket=-1)]),  # skipped layer
+        event("exposure", layers=[layer("pol_1", "treatment", attributionOnly=True)]),
+    )
+
+    assert flushed(counts, Count.EXPOSURES) == {
+        (*TARGET, "layer_pol_1", "pol_1", "control"): 2,
+        (*TARGET, "layer_pol_2", "pol_2", "treatment"): 1,
+    }
+
+
+def test_declared_probabilities_are_summed_with_how_many_declared_one(counts: Counts) -> None:
+    counter = EventCounter(counts)
+
+    accept(
+        counter,
+        event("exposure", layers=[layer("pol_1", "control", probability=0.5)]),
+        event("exposure", layers=[layer("pol_1", "control", probability=0.25)]),
+        event("exposure", layers=[layer("pol_1", "control")]),  # declares none
+        event("exposure", layers=[layer("pol_1", "control", probability=True)]),  # not a number
+    )
+
+    key = (*TARGET, "layer_pol_1", "pol_1", "control")
+    assert flushed(counts, Count.EXPOSURES) == {key: 4}
+    assert counts.recent(Count.EXPOSURE_SHARES, 2) == {key: 0.75}
+    assert counts.recent(Count.EXPOSURE_SHARES_N, 2) == {key: 2}
+
+
+def test_a_track_event_is_attributed_to_the_allocation_of_its_decision_id(counts: Counts) -> None:
+    counter = EventCounter(counts)
+    accept(
+        counter,
+        event("exposure", decisionId="dec_1", layers=[layer("pol_1", "treatment")]),
+        event("decision", id="dec_2", layers=[layer("pol_2", "control")]),
+    )
+
+    accept(
+        counter,
+        event(decisionId="dec_1", event="purchase"),
+        event(decisionId="dec_2", event="signup"),
+        event(decisionId="dec_unknown", event="purchase"),
+        event(event="purchase"),
+    )
+
+    assert flushed(counts, Count.CONVERSIONS) == {
+        (*TARGET, "pol_1", "treatment", "purchase"): 1,
+        (*TARGET, "pol_2", "control", "signup"): 1,
+    }
+    assert counts.recent(Count.TRACK_EVENTS, 2) == {
+        (*TARGET, "purchase"): 3,
+        (*TARGET, "signup"): 1,
+    }
+
+
+def test_without_a_known_decision_the_sdks_own_attribution_is_used(counts: Counts) -> None:
+    counter = EventCounter(counts)
+
+    accept(
+        counter,
+        event(
+            attribution=[
+                {"policyId": "pol_9", "allocationName": "b"},
+                {"policyId": "pol_9"},  # incomplete: ignored
+                "garbage",
+            ]
+        ),
+    )
+
+    assert flushed(counts, Count.CONVERSIONS) == {(*TARGET, "pol_9", "b", "purchase"): 1}
+
+
+def test_a_duplicate_is_counted_as_deduplicated_never_twice_as_an_exposure(counts: Counts) -> None:
+    counter = EventCounter(counts)
+    exposure = event("exposure", id="x", layers=[layer("pol_1", "control")])
+
+    accept(counter, exposure, event(id="t"), skipped=frozenset({0, 1}))
+
+    labels = ("org_test", "proj_test", "production", "exposure")
+    assert flushed(counts, Count.EXPOSURES) == {}
+    assert counts.recent(Count.TRACK_EVENTS, 2) == {}
+    assert counts.recent(Count.EVENTS_ACCEPTED, 2)[labels] == 1
+    assert counts.recent(Count.EVENTS_WRITTEN, 2) == {}
+    assert counts.recent(Count.EVENTS_DEDUPLICATED, 2)[labels] == 1
+
+
+def test_past_max_names_new_event_names_are_counted_as_other(counts: Counts) -> None:
+    counter = EventCounter(counts)
+    names = [f"event_{n}" for n in range(MAX_NAMES + 3)]
+
+    accept(counter, *(event(event=name) for name in names))
+    accept(counter, event(event="event_0"), event(event="event_never_seen"))
+
+    tracked = flushed(counts, Count.TRACK_EVENTS)
+    assert tracked[(*TARGET, OTHER)] == 4  # three over the bound, then one more new name
+    assert tracked[(*TARGET, "event_0")] == 2  # a name counted before stays counted
+    assert len(tracked) == MAX_NAMES + 1
+
+
+def test_labels_are_cut_and_never_the_text_of_an_object() -> None:
+    assert label("x" * (LABEL_CHARS + 50)) == "x" * LABEL_CHARS
+    assert label(None) == ""
+    assert label(42) == "42"
+    assert label([1, 2, 3]) == "(list)"
+    assert label({"deep": {"er": 1}}) == "(dict)"
+
+
+def test_what_is_not_an_event_is_received_as_invalid(counts: Counts) -> None:
+    counter = EventCounter(counts)
+
+    labels = counter.received([42, {"type": "other"}, event("decision")])
+
+    assert labels == [
+        ("", "", "", "invalid"),
+        ("", "", "", "invalid"),
+        ("org_test", "proj_test", "production", "decision"),
+    ]

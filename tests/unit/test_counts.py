@@ -1,0 +1,149 @@
+"""collector/store/counts.py: counts added by a writer and read back by a reader of the
+same file: per-minute sums over recent minutes, running totals, names stored as the enums'
+strings, and a reader of a missing file that sees none and creates nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from collector.store.counts import (
+    Count,
+    Counts,
+    DeadLetterReason,
+    ProxyOutcome,
+    ProxyRoute,
+    UpstreamOutcome,
+)
+from collector.store.datadir import DataDir
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> DataDir:
+    return DataDir(tmp_path)
+
+
+@pytest.fixture
+def writer(data_dir: DataDir) -> Iterator[Counts]:
+    counts = Counts.writer(data_dir, window_minutes=60)
+    yield counts
+    counts.close()
+
+
+def read(data_dir: DataDir) -> Counts:
+    return Counts.reader(data_dir, window_minutes=60)
+
+
+def test_counts_flushed_by_the_writer_are_read_back_by_a_reader(
+    data_dir: DataDir, writer: Counts
+) -> None:
+    writer.add(Count.EVENTS_REJECTED, ("invalid layers",), 3)
+    writer.add(Count.EVENTS_REJECTED, ("invalid layers",))
+    writer.add(Count.EVENTS_REJECTED, ("QueueFull",), 2)
+    writer.counter(Count.FORWARDED)[("proj_a", "production")] += 10
+    writer.flush()
+
+    reader = read(data_dir)
+    try:
+        assert reader.recent(Count.EVENTS_REJECTED, 2) == {
+            ("invalid layers",): 4,
+            ("QueueFull",): 2,
+        }
+        assert reader.recent(Count.FORWARDED, 5) == {("proj_a", "production"): 10}
+        assert reader.recent(Count.EXPOSURES, 60) == {}
+    finally:
+        reader.close()
+
+
+def test_flushes_add_up_and_float_counts_stay_floats(data_dir: DataDir, writer: Counts) -> None:
+    key = ("p", "e", "layer", "pol", "treatment")
+    writer.add(Count.EXPOSURE_SHARES, key, 0.25)
+    writer.flush()
+    writer.add(Count.EXPOSURE_SHARES, key, 0.5)
+    writer.flush()
+    writer.flush()  # nothing pending: nothing changes
+
+    reader = read(data_dir)
+    try:
+        assert reader.recent(Count.EXPOSURE_SHARES, 2) == {key: 0.75}
+        assert reader.all_totals() == {"exposure_shares": {key: 0.75}}
+    finally:
+        reader.close()
+
+
+def test_recent_counts_only_the_last_minutes_while_totals_keep_everything(
+    data_dir: DataDir, writer: Counts
+) -> None:
+    now = time.time()
+    writer.counter(Count.REQUESTS, at=now)[("200",)] += 1
+    writer.counter(Count.REQUESTS, at=now - 180)[("200",)] += 2  # three minutes ago
+    writer.counter(Count.REQUESTS, at=now - 2 * 3600)[("200",)] += 4  # past the window
+    writer.flush()
+
+    reader = read(data_dir)
+    try:
+        # Two minutes: this one and the last, in case a minute ended since `now`.
+        assert reader.recent(Count.REQUESTS, 2) == {("200",): 1}
+        assert reader.recent(Count.REQUESTS, 5) == {("200",): 3}
+        assert reader.recent(Count.REQUESTS, 24 * 60) == {("200",): 3}  # older minute forgotten
+        assert reader.all_totals()["requests"] == {("200",): 7}
+    finally:
+        reader.close()
+
+
+def test_names_and_labels_are_stored_as_the_enums_strings(
+    data_dir: DataDir, writer: Counts
+) -> None:
+    writer.add(Count.UPSTREAM_REQUESTS, (UpstreamOutcome.KEY_REJECTED,))
+    writer.add(Count.DEAD_LETTERED, (DeadLetterReason.MAX_AGE,), 5)
+    writer.add(Count.PROXY_REQUESTS, (ProxyRoute.CONFIG, ProxyOutcome.STALE))
+    writer.flush()
+
+    reader = read(data_dir)
+    try:
+        totals = reader.all_totals()
+    finally:
+        reader.close()
+
+    assert totals == {
+        "upstream_requests": {("key_rejected",): 1},
+        "dead_lettered": {("max_age",): 5},
+        "proxy_requests": {("config", "stale"): 1},
+    }
+    assert all(type(name) is str for name in totals)
+    assert all(type(label) is str for values in totals.values() for key in values for label in key)
+    assert {str(c) for c in Count} == {c.value for c in Count}  # a name is its stored string
+
+
+def test_a_reader_of_a_missing_file_sees_no_counts_and_creates_no_file(tmp_path: Path) -> None:
+    before = sorted(os.listdir(tmp_path))
+
+    reader = Counts.reader(DataDir(tmp_path))
+    try:
+        assert reader.recent(Count.REQUESTS, 60) == {}
+        assert reader.all_totals() == {}
+    finally:
+        reader.close()
+
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_take_hands_over_what_was_added_so_nothing_is_written_twice(
+    data_dir: DataDir, writer: Counts
+) -> None:
+    writer.add(Count.REQUESTS, ("200",))
+    pending = writer.take()
+    writer.add(Count.REQUESTS, ("503",))  # added while `pending` is being written
+    writer.write(pending)
+    writer.flush()
+
+    reader = read(data_dir)
+    try:
+        assert reader.all_totals() == {"requests": {("200",): 1, ("503",): 1}}
+    finally:
+        reader.close()

@@ -1,0 +1,101 @@
+"""collector/events.py: the OpenAPI schema of an event (`json_schema`) is self-contained and
+requires, for each event type, exactly the fields the validator (`invalid_events`) requires.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from collector.events import EVENT_TYPES, invalid_events, json_schema
+
+from conftest import event
+
+# A valid value for each field any event type may require.
+SAMPLES: dict[str, Any] = {
+    "orgId": "org_1",
+    "projectId": "proj_1",
+    "env": "production",
+    "unitKey": "user-1",
+    "timestamp": "2026-05-21T10:30:00Z",
+    "layers": [],
+    "event": "purchase",
+}
+
+
+def refs(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        return [v for k, v in node.items() if k == "$ref"] + [
+            r for value in node.values() for r in refs(value)
+        ]
+    if isinstance(node, list):
+        return [r for value in node for r in refs(value)]
+    return []
+
+
+def variants() -> dict[str, dict[str, Any]]:
+    """Each event type's schema, by its `type`."""
+    return {v["properties"]["type"]["const"]: v for v in json_schema()["oneOf"]}
+
+
+def test_the_schema_has_no_ref_anywhere() -> None:
+    schema = json_schema()
+
+    assert refs(schema) == []
+    assert "$defs" not in schema
+    assert schema["discriminator"] == {"propertyName": "type"}
+
+
+def test_the_schema_describes_every_event_type() -> None:
+    assert sorted(variants()) == sorted(EVENT_TYPES)
+
+
+@pytest.mark.parametrize("kind", EVENT_TYPES)
+def test_an_event_of_only_the_required_fields_is_valid(kind: str) -> None:
+    required = variants()[kind]["required"]
+    assert set(required) - {"type"} <= set(SAMPLES), "add a sample value for a new field"
+
+    minimal = {"type": kind, **{name: SAMPLES[name] for name in required if name != "type"}}
+
+    assert invalid_events([minimal]) == {}
+
+
+@pytest.mark.parametrize("kind", EVENT_TYPES)
+def test_an_event_missing_any_required_field_is_invalid(kind: str) -> None:
+    required = variants()[kind]["required"]
+    minimal = {"type": kind, **{name: SAMPLES[name] for name in required if name != "type"}}
+
+    for name in required:
+        lacking = {k: v for k, v in minimal.items() if k != name}
+        assert invalid_events([lacking]), f"a {kind} without {name} was valid"
+
+
+@pytest.mark.parametrize("kind", ["exposure", "decision"])
+def test_a_layer_requires_what_the_schema_says_it_requires(kind: str) -> None:
+    layer_schema = variants()[kind]["properties"]["layers"]["items"]
+    assert layer_schema["required"] == ["layerId", "bucket"]
+    whole = {"layerId": "layer_1", "bucket": 3}
+
+    assert invalid_events([event(kind, layers=[whole])]) == {}
+    for name in layer_schema["required"]:
+        lacking = {k: v for k, v in whole.items() if k != name}
+        errors = invalid_events([event(kind, layers=[lacking])])
+        assert list(errors) == [0] and name in errors[0]
+
+
+def test_invalid_events_are_reported_by_index_with_the_field_at_fault() -> None:
+    errors = invalid_events(
+        [
+            event(),
+            event(event=""),
+            "nope",
+            event("exposure", layers=[{"layerId": "l", "bucket": 1.5}]),
+        ]
+    )
+
+    assert sorted(errors) == [1, 2, 3]
+    assert errors[1].startswith("event:")
+    assert errors[3].startswith("layers.0.bucket:")
+    assert list(invalid_events([event(unitKey=True)])) == [0]  # a boolean is not a unit key
+    assert invalid_events([event(unitKey=7), event(unitKey="")]) == {}

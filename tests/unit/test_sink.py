@@ -1,0 +1,151 @@
+"""forwarder/sink.py: what each upstream answer to an events batch means for its events
+(`result_of`: Delivered, Rejected, KeyRejected or RetryLater, with a bounded reason and the
+upstream's Retry-After), and `EventsSink.send` against a real asyncio server on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from collector.store.counts import UpstreamOutcome
+from forwarder.sink import (
+    BATCH_ID_HEADER,
+    OUTCOME,
+    REASON_CHARS,
+    Delivered,
+    EventsSink,
+    KeyRejected,
+    Rejected,
+    Result,
+    RetryLater,
+    result_of,
+)
+
+
+@pytest.mark.parametrize("status", [200, 201, 202, 204])
+def test_a_2xx_means_delivered(status: int) -> None:
+    assert result_of(status, "ignored", "30") == Delivered(status)
+
+
+@pytest.mark.parametrize("status", [400, 413, 422])
+def test_a_refusal_of_the_content_means_rejected_with_the_upstreams_reason(status: int) -> None:
+    result = result_of(status, '  {"error":"bad event 3"}\n', None)
+
+    assert result == Rejected(status, f'HTTP {status}: {{"error":"bad event 3"}}')
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_refusal_of_the_key_means_key_rejected(status: int) -> None:
+    assert result_of(status, "no such key", None) == KeyRejected(
+        status, f"HTTP {status}: no such key"
+    )
+
+
+@pytest.mark.parametrize("status", [408, 429, 500, 502, 503, 504, 301, 302, 304, 404, 409, 100])
+def test_anything_else_means_retry_later(status: int) -> None:
+    result = result_of(status, "later", None)
+
+    assert result == RetryLater(f"HTTP {status}: later", None)
+
+
+def test_retry_later_carries_the_upstreams_retry_after_in_seconds() -> None:
+    assert result_of(429, "slow down", "7") == RetryLater("HTTP 429: slow down", 7.0)
+    assert result_of(503, "", "garbage") == RetryLater("HTTP 503: ", None)
+
+
+def test_a_long_error_body_is_cut_to_reason_chars() -> None:
+    body = "x" * REASON_CHARS + "TAIL"
+
+    result = result_of(400, body, None)
+
+    assert isinstance(result, Rejected)
+    assert result.reason == f"HTTP 400: {'x' * REASON_CHARS}"
+    assert "TAIL" not in result.reason
+
+
+def test_each_result_is_counted_as_its_own_outcome() -> None:
+    assert OUTCOME[Delivered] is UpstreamOutcome.DELIVERED
+    assert OUTCOME[RetryLater] is UpstreamOutcome.RETRY
+    assert OUTCOME[Rejected] is UpstreamOutcome.REJECTED
+    assert OUTCOME[KeyRejected] is UpstreamOutcome.KEY_REJECTED
+
+
+# --- send, against a real server -----------------------------------------------------------
+
+
+def sent_to(reply_head: bytes) -> tuple[Result, dict[str, str], bytes]:
+    """(what `send` made of `reply_head` + an empty body, the request's headers, its body)."""
+    seen: dict[str, str] = {}
+    bodies: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+        line, *fields = head.split("\r\n")
+        seen["request-line"] = line
+        for field in filter(None, fields):
+            name, _, value = field.partition(":")
+            seen[name.strip().lower()] = value.strip()
+        bodies.append(await reader.readexactly(int(seen["content-length"])))
+        writer.write(reply_head + b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    async def scenario() -> Result:
+        server = await asyncio.start_server(handler, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        sink = EventsSink(f"http://127.0.0.1:{port}", deadline_s=5.0, connections=1)
+        try:
+            return await sink.send(b"\x1f\x8bgzipped", "upstream-key", "batch-1")
+        finally:
+            await sink.aclose()
+            server.close()
+            await server.wait_closed()
+
+    result = asyncio.run(scenario())
+    return result, seen, bodies[0]
+
+
+def test_send_posts_the_gzipped_batch_with_its_key_and_batch_id() -> None:
+    result, headers, body = sent_to(b"HTTP/1.1 202 Accepted\r\n")
+
+    assert result == Delivered(202)
+    assert headers["request-line"] == "POST /v1/events HTTP/1.1"
+    assert headers["authorization"] == "Bearer upstream-key"
+    assert headers["content-encoding"] == "gzip"
+    assert headers["content-type"] == "application/json"
+    assert headers[BATCH_ID_HEADER.lower()] == "batch-1"
+    assert body == b"\x1f\x8bgzipped"
+
+
+def test_send_turns_a_503_with_retry_after_into_retry_later() -> None:
+    result, _, _ = sent_to(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 3\r\n")
+
+    assert result == RetryLater("HTTP 503: ", 3.0)
+
+
+def test_send_turns_a_503_with_an_unreadable_retry_after_into_retry_later() -> None:
+    result, _, _ = sent_to(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: \xb2\r\n")
+
+    assert result == RetryLater("HTTP 503: ", None)
+
+
+def test_send_to_a_closed_port_is_retry_later() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+
+    async def scenario() -> Result:
+        sink = EventsSink(f"http://127.0.0.1:{port}", deadline_s=2.0, connections=1)
+        try:
+            return await sink.send(b"", "k", "b")
+        finally:
+            await sink.aclose()
+
+    result = asyncio.run(scenario())
+
+    assert isinstance(result, RetryLater)
+    assert result.reason.startswith("upstream unreachable")
+    assert result.retry_after is None

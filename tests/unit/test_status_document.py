@@ -1,0 +1,145 @@
+"""collector/ops/status.py: `collect` on a data directory changes nothing it reads (an
+empty one gets no file), and `_judge`'s problems and warnings for hand-made documents.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from collector.ops import status
+from collector.settings import Settings
+from collector.store import heartbeats
+from collector.store.counts import Count, Counts
+from collector.store.datadir import DataDir
+from collector.store.heartbeats import UpstreamState
+
+
+def test_collect_on_an_empty_data_directory_creates_no_file(tmp_path: Path) -> None:
+    document = status.collect(Settings(data_dir=tmp_path))
+
+    assert os.listdir(tmp_path) == []
+    assert document["healthy"] is False
+    assert document["problems"] == ["server is down", "forwarder is down"]
+    assert document["warnings"] == []
+    assert document["queue"]["events"] == 0
+    assert document["queue"]["oldest_event_age_seconds"] is None
+    assert document["dead_letters"] == 0
+    assert document["forwarder"]["upstream"] == "unknown (forwarder down)"
+
+
+def test_collect_reads_the_heartbeats_and_counts_without_changing_the_files(
+    tmp_path: Path,
+) -> None:
+    data_dir = DataDir(tmp_path)
+    heartbeats.write(data_dir.server_state, {"url": "http://127.0.0.1:1"})
+    heartbeats.write(
+        data_dir.forwarder_state, {"upstream": UpstreamState.OK, "last_success": time.time()}
+    )
+    counts = Counts.writer(data_dir)
+    counts.add(Count.TRACK_EVENTS, ("p", "e", "purchase"), 6)
+    counts.add(Count.EVENTS_REJECTED, ("invalid layers",), 2)
+    counts.flush()
+    counts.close()
+    before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
+
+    document = status.collect(Settings(data_dir=tmp_path))
+
+    assert document["healthy"] is True, document["problems"]
+    assert document["server"]["up"] and document["server"]["pid"] == os.getpid()
+    assert document["forwarder"]["upstream"] == "ok"
+    assert document["top_events"] == [{"project": "p", "env": "e", "event": "purchase", "count": 6}]
+    assert document["rejected"] == {"invalid layers": 2}
+    after = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
+    assert after == before
+
+
+# --- _judge --------------------------------------------------------------------------------
+
+
+def healthy_document() -> dict[str, Any]:
+    return {
+        "server": {"up": True},
+        "forwarder": {"up": True, "upstream": "ok"},
+        "queue": {"disk_budget_used": 0.1},
+        "dead_letters": 0,
+        "recovered": [],
+        "sample_ratio": [],
+    }
+
+
+def judged(**changes: Any) -> tuple[list[str], list[str]]:
+    document = copy.deepcopy(healthy_document())
+    for name, value in changes.items():
+        if isinstance(value, dict):
+            document[name].update(value)
+        else:
+            document[name] = value
+    return status._judge(document)
+
+
+def test_everything_up_and_fine_is_neither_a_problem_nor_a_warning() -> None:
+    assert judged() == ([], [])
+
+
+def test_a_process_down_is_a_problem() -> None:
+    assert judged(server={"up": False})[0] == ["server is down"]
+    assert judged(forwarder={"up": False})[0] == ["forwarder is down"]
+
+
+def test_a_refused_key_is_a_problem_and_no_upstream_a_warning() -> None:
+    problems, _ = judged(forwarder={"upstream": "key_rejected", "message": "HTTP 401"})
+    assert problems == ["upstream refused the key: HTTP 401"]
+
+    assert judged(forwarder={"upstream": "not_configured"}) == (
+        [],
+        ["no upstream configured: events stay queued"],
+    )
+
+
+@pytest.mark.parametrize(("minutes", "is_problem"), [(1, False), (4, False), (6, True)])
+def test_an_outage_is_a_warning_then_a_problem_past_five_minutes(
+    minutes: int, is_problem: bool
+) -> None:
+    since = status.iso(time.time() - minutes * 60)
+
+    problems, warnings = judged(
+        forwarder={"upstream": "retrying", "outage_since": since, "message": "HTTP 503"}
+    )
+
+    notes = problems if is_problem else warnings
+    assert len(notes) == 1 and notes[0].startswith("upstream failing for ")
+    assert notes[0].endswith(" s: HTTP 503")
+    assert (problems if not is_problem else warnings) == []
+
+
+def test_a_nearly_full_disk_budget_is_a_problem() -> None:
+    assert judged(queue={"disk_budget_used": 0.95})[0] == ["disk budget 95% used"]
+    assert judged(queue={"disk_budget_used": 0.89}) == ([], [])
+
+
+def test_dead_letters_a_moved_aside_file_and_a_sample_ratio_mismatch_are_warnings() -> None:
+    problems, warnings = judged(
+        dead_letters=3,
+        recovered=[
+            {"file": "queue.db", "moved_to": "queue.db.corrupt-1", "at": "2026-01-01T00:00:00"},
+            {"file": "counts.db", "moved_to": "counts.db.corrupt-1", "at": "2026-01-02T00:00:00"},
+        ],
+        sample_ratio=[
+            {"policy": "pol_a", "project": "p", "env": "e", "mismatch": True, "p_value": 1e-7},
+            {"policy": "pol_b", "project": "p", "env": "e", "mismatch": False, "p_value": 0.5},
+        ],
+    )
+
+    assert problems == []
+    assert warnings[0] == "3 dead-lettered events (collector dlq list)"
+    assert "queue.db was corrupt" in warnings[1]
+    assert "(events queued in it were not forwarded)" in warnings[1]
+    assert "counts.db was corrupt" in warnings[2] and "not forwarded" not in warnings[2]
+    assert warnings[3] == "sample-ratio mismatch in policy pol_a (p/e): p = 1e-07"
+    assert len(warnings) == 4
