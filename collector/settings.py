@@ -57,7 +57,7 @@ class ProjectKey(BaseModel):
 
 
 class Settings(BaseSettings):
-    """The collector's settings; see the README table for each one's meaning."""
+    """The collector's settings; each one's `description` is its documentation."""
 
     model_config = SettingsConfigDict(env_prefix="COLLECTOR_", extra="forbid")
 

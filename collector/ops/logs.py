@@ -1,7 +1,7 @@
 """Logging for every collector process: one line per event worth knowing.
 
-On a terminal the lines are for people (`12:00:01 INFO forwarder: upstream ok`); anywhere
-else (systemd's journal, a container's log) each line is one JSON object with `ts`,
+On a terminal the lines are for people (`12:00:01 INFO collector.forwarder: upstream ok`);
+anywhere else (systemd's journal, a container's log) each line is one JSON object with `ts`,
 `level`, `logger` and `message`, for machines. Nothing logs an API key or an event's
 payload: messages carry counts, states and reasons only.
 """

@@ -1,7 +1,7 @@
 """The durable local queue: the only module that touches persist-queue.
 
 One SQLite file (`queue.db` in the data directory) holds persist-queue's `SQLiteAckQueue`
-table. Facts that shape its use (measured on the reference machine, see design.md):
+table. Facts that shape its use (measured on the reference machine):
 
 - a commit costs an fsync, so one queue row holds a *group* of events (one or several
   requests' worth, gathered by `collector.server.commit`), stored as raw bytes in the row
