@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
+from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -912,6 +913,20 @@ def test_metrics_parse_with_the_documented_families(fleet: Fleet) -> None:
     assert {dict(key)["le"] for key in buckets} >= {"0.001", "1.0", "+Inf"}
     count = samples(families, "collector_request_duration_seconds", "_count")
     assert buckets[frozenset({("le", "+Inf")})] == sum(count.values()) >= 1
+
+
+def test_metrics_answer_one_media_type_that_prometheus_3_accepts(fleet: Fleet) -> None:
+    """Prometheus 3 refuses a media type with a repeated parameter (it answered
+    `text/plain; version=...; charset=utf-8; charset=utf-8`), failing every scrape."""
+    answer = httpx.get(f"{fleet.server.url}/metrics", timeout=30)
+
+    assert answer.status_code == 200
+    content_type = answer.headers["content-type"]
+    assert content_type == CONTENT_TYPE_LATEST
+    parameters = [part.split("=")[0].strip() for part in content_type.split(";")[1:]]
+    assert len(parameters) == len(set(parameters)), content_type
+    families = list(text_string_to_metric_families(answer.text))
+    assert "collector_up" in {family.name for family in families}
 
 
 def test_metrics_count_what_the_forwarder_did(fleet: Fleet) -> None:

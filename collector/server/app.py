@@ -93,6 +93,10 @@ EVENTS_PATHS = ("/v1/events", "/v1/events/batch")
 COUNTS_FLUSH_S = 1.0
 # Browsers may cache a preflight answer this many seconds (10 minutes: Chromium's cap).
 CORS_MAX_AGE_S = 600
+# prometheus-client's media type without its charset, which Litestar adds to every text
+# type: given whole, the answer said `charset=utf-8` twice, and Prometheus 3 refuses a
+# repeated parameter (every scrape failed).
+METRICS_MEDIA_TYPE = CONTENT_TYPE_LATEST.replace("; charset=utf-8", "")
 
 
 def status_for(exc: CollectorError) -> HTTPStatus:
@@ -234,7 +238,7 @@ async def stats(request: Request[Any, Any, Any]) -> Response[bytes]:
 async def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
     """The server's and the forwarder's figures in Prometheus text format."""
     body = await asyncio.to_thread(request.app.state.metrics.render)
-    return Response(content=body, media_type=CONTENT_TYPE_LATEST)
+    return Response(content=body, media_type=METRICS_MEDIA_TYPE)
 
 
 @get("/healthz")
