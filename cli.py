@@ -32,7 +32,7 @@ from rich.table import Table
 from collector.errors import AlreadyRunning, ConfigFileError, Unavailable
 from collector.ops import logs
 from collector.ops import status as status_document
-from collector.ops.supervisor import ForwarderChild
+from collector.ops.supervisor import ForwarderChild, safe_imports_for_children
 from collector.server.auth import SCOPES, KeyStore, now_utc
 from collector.settings import Settings, load_settings
 from collector.store import recovery
@@ -449,6 +449,7 @@ def main() -> None:
     # the queue writer child (multiprocessing "spawn") and its resource tracker: this runs
     # them and exits. A no-op when not frozen.
     multiprocessing.freeze_support()
+    safe_imports_for_children()
     app(prog_name="collector")
 
 

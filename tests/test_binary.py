@@ -55,7 +55,10 @@ pytestmark = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
 
 
 class Host:
-    """A clean place to run the executable: empty environment, own cwd, HOME and TMPDIR."""
+    """A clean place to run the executable: empty environment, own cwd, HOME and TMPDIR.
+
+    The cwd holds files named like the program's modules, as a user's project might: were
+    one ever imported instead of ours, it would end that process at once (exit 3)."""
 
     def __init__(self, root: Path, **settings: str) -> None:
         self.cwd = root / "cwd"
@@ -63,6 +66,8 @@ class Host:
         self.data_dir = root / "data"
         for directory in (self.cwd, self.tmp, root / "home"):
             directory.mkdir()
+        for name in ("cli.py", "forwarder.py", "multiprocessing.py"):
+            (self.cwd / name).write_text("import sys\nsys.exit(3)\n")
         self.env = {
             "PATH": "/usr/bin:/bin",
             "HOME": str(root / "home"),

@@ -26,8 +26,21 @@ RESTART_MAX_S = 60.0
 SYSTEMD_ONLY = frozenset({"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"})
 
 
+def safe_imports_for_children() -> None:
+    """Make every Python child of this process (the forwarder child, the server's writer
+    process, multiprocessing's resource tracker) import only the installed program.
+
+    Python puts the working directory first on a child's import path (`-m cli`, and
+    multiprocessing's `-c`), so a `cli.py` or `multiprocessing.py` in the directory the
+    user started from ran instead of ours: nothing was forwarded, or the server did not
+    start. PYTHONSAFEPATH (Python 3.11) leaves it out; children inherit it.
+    """
+    os.environ["PYTHONSAFEPATH"] = "1"
+
+
 def self_command(*args: str) -> list[str]:
-    """The command line that runs this program with `args` (installed, or one executable)."""
+    """The command line that runs this program with `args` (installed, or one executable);
+    see `safe_imports_for_children`."""
     if getattr(sys, "frozen", False):  # a single-file build: the executable is the program
         return [sys.executable, *args]
     return [sys.executable, "-m", "cli", *args]

@@ -1,0 +1,92 @@
+"""What an operator meets on the first day, run as they would run it: the installed
+`collector` command, from their own directories, with their own umask.
+
+Each test here was written against a defect found by trying the collector as a new user
+(issue 12) and failed before its fix.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from collector.store import heartbeats
+from collector.store.datadir import DataDir
+
+from conftest import create_key, event, free_port, stored_events, terminate, wait_until_serving
+
+COLLECTOR = Path(sys.executable).with_name("collector")  # the installed console script
+# What a user's own project might hold in the directory they start the collector from.
+SHADOWS = ("cli.py", "forwarder.py", "multiprocessing.py")
+
+
+def clean_env(**settings: str) -> dict[str, str]:
+    """Our environment without any COLLECTOR_ setting or systemd variable, plus `settings`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COLLECTOR_")}
+    for name in ("STATE_DIRECTORY", "INVOCATION_ID", "NOTIFY_SOCKET"):
+        env.pop(name, None)
+    return {**env, **settings}
+
+
+def wait_for(condition: Any, what: str, timeout: float = 20.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)  # a file another process writes: poll it
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@pytest.fixture
+def user_project(tmp_path: Path) -> Iterator[Path]:
+    """A directory holding files named like our modules, each of which, if ever run or
+    imported, leaves a mark and exits."""
+    project = tmp_path / "project"
+    project.mkdir()
+    mark = tmp_path / "shadowed"
+    for name in SHADOWS:
+        (project / name).write_text(
+            f"import pathlib, sys\npathlib.Path({str(mark)!r}).write_text({name!r})\nsys.exit(3)\n"
+        )
+    yield project
+    assert not mark.exists(), f"the user's {mark.read_text()} was run instead of ours"
+
+
+def test_collector_run_from_a_directory_holding_a_cli_py_runs_its_own_forwarder(
+    tmp_path: Path, user_project: Path
+) -> None:
+    """`collector run` started its forwarder as `python -m cli`, which imports a cli.py in
+    the working directory first: the user's file ran, and nothing was ever forwarded."""
+    data_dir = tmp_path / "data"
+    port = free_port()
+    key = create_key(data_dir, "--scope", "sdk:write")
+    env = clean_env(COLLECTOR_DATA_DIR=str(data_dir), COLLECTOR_PORT=str(port))
+    process = subprocess.Popen(
+        [str(COLLECTOR), "run"], cwd=user_project, env=env, stdout=subprocess.DEVNULL
+    )
+    try:
+        wait_until_serving(f"http://127.0.0.1:{port}", process)
+        answer = httpx.post(
+            f"http://127.0.0.1:{port}/v1/events/batch",
+            json={"events": [event(id="day-one-1")]},
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=30,
+        )
+        assert answer.status_code == 200, answer.text  # the writer process is ours too
+        state = wait_for(
+            lambda: heartbeats.read(DataDir(data_dir).forwarder_state), "the forwarder's state"
+        )
+        assert state["upstream"] == "not_configured"
+        assert [e["id"] for e in stored_events(data_dir)] == ["day-one-1"]
+    finally:
+        terminate(process)
+    assert process.returncode == 0
