@@ -18,10 +18,20 @@ from typing import Any
 import httpx
 import pytest
 
+from collector.ops.status import collect
+from collector.settings import Settings
 from collector.store import heartbeats
 from collector.store.datadir import DataDir
 
-from conftest import create_key, event, free_port, stored_events, terminate, wait_until_serving
+from conftest import (
+    Server,
+    create_key,
+    event,
+    free_port,
+    stored_events,
+    terminate,
+    wait_until_serving,
+)
 
 COLLECTOR = Path(sys.executable).with_name("collector")  # the installed console script
 # What a user's own project might hold in the directory they start the collector from.
@@ -90,3 +100,16 @@ def test_collector_run_from_a_directory_holding_a_cli_py_runs_its_own_forwarder(
     finally:
         terminate(process)
     assert process.returncode == 0
+
+
+def test_a_server_that_answers_health_is_up_in_status_at_once(
+    start_server: Any,
+) -> None:
+    """The first heartbeat was written a second after start, so `collector status` run
+    right after /healthz answered said "server is down"."""
+    server: Server = start_server()  # returns once /healthz answers 200
+
+    document = collect(Settings(data_dir=server.data_dir))
+
+    assert document["server"]["up"], document["server"]
+    assert "server is down" not in document["problems"]

@@ -291,19 +291,21 @@ def measured(app: ASGIApp, metrics: Metrics, counts: Counts) -> ASGIApp:
     return wrapper
 
 
-async def keep_house(settings: Settings, counts: Counts) -> None:
+def write_heartbeat(settings: Settings, started: float) -> None:
+    state = {"url": f"http://{settings.host}:{settings.port}", "started": started}
+    heartbeats.write(DataDir(settings.data_dir).server_state, state)
+
+
+async def keep_house(settings: Settings, counts: Counts, started: float) -> None:
     """Every second flush the counts; every few, tell the data directory we are alive."""
-    started = time.time()
-    path = DataDir(settings.data_dir).server_state
-    beat = 0.0
+    beat = time.monotonic()  # the lifespan wrote the first heartbeat
     while True:
         await asyncio.sleep(COUNTS_FLUSH_S)
         try:
             await asyncio.to_thread(counts.write, counts.take())
             if time.monotonic() - beat >= heartbeats.BEAT_EVERY_S:
                 beat = time.monotonic()
-                state = {"url": f"http://{settings.host}:{settings.port}", "started": started}
-                await asyncio.to_thread(heartbeats.write, path, state)
+                await asyncio.to_thread(write_heartbeat, settings, started)
         except Exception as exc:  # never let this task die: status would call us down
             log.warning("could not write counts or heartbeat: %s", exc)
 
@@ -326,7 +328,14 @@ def create_app(settings: Settings) -> Litestar:
         app.state.committer = committer
         app.state.ingest = Ingest(committer, settings.max_events_per_request, EventCounter(counts))
         app.state.proxy = Proxy(settings, counts, app_metrics.proxy_latency)
-        house = asyncio.create_task(keep_house(settings, counts))
+        # Before the first request is served, so that a server answering /healthz is
+        # up to `collector status` at once (it said "server is down" for a second or two).
+        started = time.time()
+        try:
+            await asyncio.to_thread(write_heartbeat, settings, started)
+        except OSError as exc:  # a full disk, say: serve anyway; keep_house tries again
+            log.warning("could not write the heartbeat: %s", exc)
+        house = asyncio.create_task(keep_house(settings, counts, started))
         tune_garbage_collector()
         try:
             yield
