@@ -36,7 +36,7 @@ from collector.ops.supervisor import ForwarderChild, safe_imports_for_children
 from collector.server.auth import SCOPES, KeyStore, now_utc
 from collector.settings import Settings, load_settings
 from collector.store import recovery
-from collector.store.datadir import DataDir
+from collector.store.datadir import DataDir, make_private
 from collector.store.deadletters import DeadLetters, replay
 
 app = typer.Typer(help="Edge collector for Traffical experiment events.", no_args_is_help=True)
@@ -450,6 +450,7 @@ def main() -> None:
     # them and exits. A no-op when not frozen.
     multiprocessing.freeze_support()
     safe_imports_for_children()
+    make_private()
     app(prog_name="collector")
 
 

@@ -113,3 +113,46 @@ def test_a_server_that_answers_health_is_up_in_status_at_once(
 
     assert document["server"]["up"], document["server"]
     assert "server is down" not in document["problems"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o000], ids=["umask-022", "umask-000"])
+def test_the_data_directory_and_every_file_in_it_are_the_users_alone(
+    tmp_path: Path, umask: int
+) -> None:
+    """Outside systemd the directory was 0755 and the databases 0644: every local user
+    could read every queued event."""
+    data_dir = tmp_path / "data"
+    port = free_port()
+    env = clean_env(COLLECTOR_DATA_DIR=str(data_dir), COLLECTOR_PORT=str(port))
+    keys = subprocess.run(
+        [str(COLLECTOR), "keys", "create", "--scope", "sdk:write"],
+        env=env,
+        capture_output=True,
+        text=True,
+        umask=umask,
+        timeout=60,
+    )
+    assert keys.returncode == 0, keys.stderr
+    key = keys.stdout.strip().splitlines()[-1]
+    process = subprocess.Popen(
+        [str(COLLECTOR), "run"], env=env, stdout=subprocess.DEVNULL, umask=umask
+    )
+    try:
+        wait_until_serving(f"http://127.0.0.1:{port}", process)
+        answer = httpx.post(
+            f"http://127.0.0.1:{port}/v1/events/batch",
+            json={"events": [event(id="private-1")]},
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=30,
+        )
+        assert answer.status_code == 200, answer.text
+        wait_for(lambda: DataDir(data_dir).forwarder_state.exists(), "the forwarder's state")
+        modes = {
+            str(path.relative_to(data_dir)): path.stat().st_mode & 0o777
+            for path in data_dir.rglob("*")
+        }
+    finally:
+        terminate(process)
+    assert data_dir.stat().st_mode & 0o777 == 0o700
+    assert {"queue.db", "seen-ids.db", "counts.db", "keys.json", "server.json"} <= set(modes)
+    assert {name: mode for name, mode in modes.items() if mode != 0o600} == {}

@@ -37,6 +37,18 @@ FIRST_KEY = "first-api-key"
 
 # The SQLite databases, in the order a person would look at them.
 DATABASES = (QUEUE, SEEN_IDS, COUNTS, DEAD_LETTERS, CONFIG_CACHE)
+# What the collector creates is its user's alone: the directory 0700, every file 0600 (the
+# queue holds every event, keys.json the key digests), whatever umask it was started with.
+PRIVATE_UMASK = 0o077
+
+
+def make_private() -> None:
+    """From now on, this process and its children create files for their user alone.
+
+    A umask rather than a mode per file: SQLite creates its databases, write-ahead logs and
+    shared-memory files itself (0644 less the umask), and so do persist-queue and the
+    lock files; one process-wide setting covers them all, now and in later code."""
+    os.umask(PRIVATE_UMASK)
 
 
 @dataclass(frozen=True)
