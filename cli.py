@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from collector.errors import AlreadyRunning, ConfigFileError, Unavailable
+from collector.errors import AlreadyRunning, ConfigFileError, KeyStoreUnavailable, Unavailable
 from collector.ops import logs
 from collector.ops import status as status_document
 from collector.ops.supervisor import ForwarderChild, safe_imports_for_children
@@ -73,7 +73,7 @@ def settings_or_exit(config: Path | None, **flags: Any) -> Settings:
 
 
 @contextlib.contextmanager
-def readable(data_dir: Path) -> Iterator[None]:
+def readable(data: DataDir) -> Iterator[None]:
     """A data file that cannot be read becomes a one-line error naming it (exit 2).
 
     Only the server and the forwarder move a corrupt file aside (`collector.store.recovery`),
@@ -82,16 +82,48 @@ def readable(data_dir: Path) -> Iterator[None]:
     try:
         yield
     except Unavailable as exc:
-        corrupt = [f"{name} ({reason})" for name, reason in recovery.diagnose(DataDir(data_dir))]
+        corrupt = [f"{name} ({reason})" for name, reason in recovery.diagnose(data)]
         if corrupt:
             typer.echo(
-                f"error: corrupt data in {data_dir}: {', '.join(corrupt)}. The server and the"
+                f"error: corrupt data in {data.path}: {', '.join(corrupt)}. The server and the"
                 " forwarder move a corrupt file aside when they start: start the collector,"
                 " or move the file away yourself.",
                 err=True,
             )
         else:
-            typer.echo(f"error: cannot read the data in {data_dir}: {exc.message}", err=True)
+            typer.echo(f"error: cannot read the data in {data.path}: {exc.message}", err=True)
+        raise typer.Exit(2) from exc
+
+
+def collector_data(settings: Settings) -> DataDir:
+    """The data directory of `settings`, which must hold collector data: a command that
+    only reads never creates one, and says which directory it looked at (exit 2)."""
+    data = DataDir(settings.data_dir)
+    if not data.holds_data():
+        typer.echo(
+            f"error: no collector data in {data.path} (no {data.queue.name}): start the"
+            " collector there first, or name its data directory with --data-dir or"
+            " COLLECTOR_DATA_DIR",
+            err=True,
+        )
+        raise typer.Exit(2)
+    return data
+
+
+@contextlib.contextmanager
+def key_store(settings: Settings, *, must_exist: bool = False) -> Iterator[KeyStore]:
+    """The data directory's key store; what goes wrong with it as one line (exit 2)."""
+    data = DataDir(settings.data_dir)
+    if must_exist and not data.keys.exists():
+        typer.echo(f"error: no API keys in {data.path} (no {data.keys.name})", err=True)
+        raise typer.Exit(2)
+    try:
+        yield KeyStore(data)
+    except KeyStoreUnavailable as exc:
+        typer.echo(f"error: {exc.message} ({data.keys})", err=True)
+        raise typer.Exit(2) from exc
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
 
 
@@ -192,15 +224,14 @@ def keys_create(
     Example: collector keys create --scope sdk:write --project web --name web-prod
     """
     settings = settings_or_exit(config, data_dir=data_dir)
-    store = KeyStore(DataDir(settings.data_dir))
-    try:
+    with key_store(settings) as store:
         key, secret = store.create(
             scope, name=name, project=project, env=env, expires=expires, publishable=publishable
         )
-    except ValueError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
-    typer.echo(f"Created key '{key.name}' ({', '.join(key.scopes)}). Its secret, shown once:")
+    typer.echo(
+        f"Created key '{key.name}' ({', '.join(key.scopes)}) in {store.path}."
+        " Its secret, shown once:"
+    )
     typer.echo(secret)
 
 
@@ -223,14 +254,11 @@ def keys_import(
     """
     settings = settings_or_exit(config, data_dir=data_dir)
     secret = sys.stdin.readline().strip()
-    try:
-        key, _ = KeyStore(DataDir(settings.data_dir)).create(
-            scope, name=name, project=project, env=env, existing=secret
-        )
-    except ValueError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
-    typer.echo(f"Imported key '{key.name}' ({key.prefix}…, {', '.join(key.scopes)}).")
+    with key_store(settings) as store:
+        key, _ = store.create(scope, name=name, project=project, env=env, existing=secret)
+    typer.echo(
+        f"Imported key '{key.name}' ({key.prefix}…, {', '.join(key.scopes)}) in {store.path}."
+    )
 
 
 @keys_app.command("list")
@@ -239,7 +267,9 @@ def keys_list(config: ConfigOption = None, data_dir: DataDirOption = None) -> No
     settings = settings_or_exit(config, data_dir=data_dir)
     table = Table("name", "prefix", "scopes", "project", "env", "expires", "status")
     now = now_utc()
-    for key in KeyStore(DataDir(settings.data_dir)).list_keys():
+    with key_store(settings, must_exist=True) as store:
+        keys = store.list_keys()
+    for key in keys:
         table.add_row(
             key.name,
             key.prefix + "…",
@@ -260,12 +290,9 @@ def keys_revoke(
 ) -> None:
     """Revoke a key at once, without a restart. Example: collector keys revoke web-prod"""
     settings = settings_or_exit(config, data_dir=data_dir)
-    try:
-        key = KeyStore(DataDir(settings.data_dir)).revoke(name_or_prefix)
-    except ValueError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
-    typer.echo(f"Revoked key '{key.name}' ({key.prefix}…).")
+    with key_store(settings, must_exist=True) as store:
+        key = store.revoke(name_or_prefix)
+    typer.echo(f"Revoked key '{key.name}' ({key.prefix}…) in {store.path}.")
 
 
 @app.command()
@@ -284,10 +311,7 @@ def status(
     from collector.ops.statusview import render  # imported when used, as rich's tables are
 
     settings = settings_or_exit(config, data_dir=data_dir)
-    if not DataDir(settings.data_dir).holds_data():
-        typer.echo(f"error: no collector data in {settings.data_dir}", err=True)
-        raise typer.Exit(2)
-    with readable(settings.data_dir):
+    with readable(collector_data(settings)):
         document = status_document.collect(settings)
         if as_json:
             typer.echo(json.dumps(document, indent=2))
@@ -328,7 +352,7 @@ def config_check(
     except ConfigFileError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
-    typer.echo(f"settings ok (data dir {settings.data_dir})")
+    typer.echo(f"settings ok (data dir {settings.data_dir.absolute()})")
 
 
 @config_app.command("show")
@@ -343,9 +367,9 @@ def config_show(config: ConfigOption = None, data_dir: DataDirOption = None) -> 
 def open_dead_letters(
     config: Path | None, data_dir: Path | None, *, write: bool = False
 ) -> Iterator[DeadLetters]:
-    directory = settings_or_exit(config, data_dir=data_dir).data_dir
-    with readable(directory):
-        dead = (DeadLetters.writer if write else DeadLetters.reader)(DataDir(directory))
+    data = collector_data(settings_or_exit(config, data_dir=data_dir))
+    with readable(data):
+        dead = (DeadLetters.writer if write else DeadLetters.reader)(data)
         try:
             yield dead
         finally:
@@ -413,9 +437,10 @@ def dlq_replay(
         typer.echo("error: give the ids to replay, or --all (not both)", err=True)
         raise typer.Exit(2)
     settings = settings_or_exit(config, data_dir=data_dir)
-    with readable(settings.data_dir):
+    data = collector_data(settings)
+    with readable(data):
         done = replay(
-            DataDir(settings.data_dir),
+            data,
             None if replay_all else ids,
             sync=settings.sync,
             budget_bytes=settings.disk_budget_bytes,

@@ -193,6 +193,7 @@ class Settings(BaseSettings):
     def shown(self) -> dict[str, Any]:
         """Every setting's effective value as JSON values, secrets masked."""
         values = self.model_dump(mode="json")
+        values["data_dir"] = str(self.data_dir.absolute())  # the one it would use, from here
         for name in SECRET_SETTINGS:
             if values[name]:
                 values[name] = MASK

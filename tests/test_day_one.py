@@ -156,3 +156,76 @@ def test_the_data_directory_and_every_file_in_it_are_the_users_alone(
     assert data_dir.stat().st_mode & 0o777 == 0o700
     assert {"queue.db", "seen-ids.db", "counts.db", "keys.json", "server.json"} <= set(modes)
     assert {name: mode for name, mode in modes.items() if mode != 0o600} == {}
+
+
+# Commands that only look, and those that also need collector data to look at.
+READ_ONLY = (
+    ("status",),
+    ("status", "--json"),
+    ("dlq", "list"),
+    ("dlq", "show", "1"),
+    ("keys", "list"),
+    ("config", "check"),
+    ("config", "show"),
+)
+NEED_DATA = {("status",), ("status", "--json"), ("dlq", "list"), ("dlq", "show", "1")}
+
+
+def test_read_only_commands_elsewhere_create_nothing_and_name_the_directory_they_read(
+    tmp_path: Path,
+) -> None:
+    """The default data directory, ./collector-data, depends on the working directory:
+    run elsewhere, `dlq list` made an empty data directory and `keys list` printed an
+    empty table, each exiting 0 without saying where it had looked."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    looked_at = str(elsewhere / "collector-data")
+    for command in READ_ONLY:
+        done = subprocess.run(
+            [str(COLLECTOR), *command],
+            cwd=elsewhere,
+            env=clean_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert list(elsewhere.iterdir()) == [], command
+        assert "Traceback" not in done.stderr, (command, done.stderr)
+        if command in NEED_DATA:
+            assert done.returncode == 2, (command, done.stdout, done.stderr)
+            assert f"no collector data in {looked_at} " in done.stderr, (command, done.stderr)
+        elif command == ("keys", "list"):
+            assert done.returncode == 2, (command, done.stdout, done.stderr)
+            assert f"no API keys in {looked_at} " in done.stderr, done.stderr
+        else:
+            assert done.returncode == 0, (command, done.stderr)
+            assert looked_at in done.stdout, (command, done.stdout)
+    for command in (("dlq", "replay", "--all"), ("dlq", "purge", "--yes")):
+        done = subprocess.run(
+            [str(COLLECTOR), *command],
+            cwd=elsewhere,
+            env=clean_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 2 and looked_at in done.stderr, (command, done.stderr)
+        assert list(elsewhere.iterdir()) == [], command
+
+
+def test_a_corrupt_key_store_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "keys.json").write_text("{not json")
+    for command in (("keys", "list"), ("keys", "create", "--scope", "sdk:write")):
+        done = subprocess.run(
+            [str(COLLECTOR), *command],
+            env=clean_env(COLLECTOR_DATA_DIR=str(data_dir)),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 2, (command, done.stderr)
+        assert "Traceback" not in done.stderr
+        assert done.stderr.startswith("error: key store is corrupt"), done.stderr
+        assert str(data_dir / "keys.json") in done.stderr

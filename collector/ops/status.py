@@ -41,7 +41,7 @@ def collect(settings: Settings) -> dict[str, Any]:
     try:
         document: dict[str, Any] = {
             "generated_at": iso(now),
-            "data_dir": str(settings.data_dir),
+            "data_dir": str(data_dir.path),
             "server": _process(data_dir.server_state, now),
             "forwarder": _forwarder(data_dir.forwarder_state, now),
             "queue": _queue(data_dir, settings.disk_budget_bytes, now),

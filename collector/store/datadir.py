@@ -53,9 +53,14 @@ def make_private() -> None:
 
 @dataclass(frozen=True)
 class DataDir:
-    """The collector's data directory and the paths of its files."""
+    """The collector's data directory and the paths of its files, always absolute: the
+    default (`./collector-data`) depends on the working directory, so every message and
+    the status document name the directory that was actually looked at."""
 
     path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", self.path.absolute())
 
     @property
     def queue(self) -> Path:
@@ -109,6 +114,7 @@ class DataDir:
         return self.queue.exists()
 
     def create(self) -> None:
+        """Make the directory (0700, with `make_private`) if it is not there."""
         self.path.mkdir(parents=True, exist_ok=True)
 
 
