@@ -143,7 +143,13 @@ def run(
     port: PortOption = None,
 ) -> None:
     """Run the server and the forwarder together (the usual way). Example: collector run"""
+    from forwarder import process
+
     settings = settings_or_exit(config, data_dir=data_dir, host=host, port=port)
+    data = DataDir(settings.data_dir)
+    if process.running_pid(data) is not None:  # its child would be restarted for ever
+        typer.echo(f"error: {process.already_running(data)}", err=True)
+        raise typer.Exit(1)
     setup_logging(settings)
     child = ForwarderChild(
         [*_path_flag("--config", config), *_path_flag("--data-dir", data_dir)],

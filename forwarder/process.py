@@ -32,17 +32,43 @@ PARENT_CHECK_S = 0.5
 
 @contextlib.contextmanager
 def exclusive(data_dir: DataDir) -> Iterator[IO[str]]:
-    """Hold the data directory's forwarder lock: two consumers would take the same rows."""
+    """Hold the data directory's forwarder lock: two consumers would take the same rows.
+    The lock file holds the holder's pid, for `running_pid` and for people."""
     data_dir.create()
     with open(data_dir.forwarder_lock, "a") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
-            raise AlreadyRunning(f"another forwarder is running on {data_dir.path}") from exc
+            raise already_running(data_dir) from exc
         lock.truncate(0)
         lock.write(str(os.getpid()))
         lock.flush()
         yield lock
+
+
+def running_pid(data_dir: DataDir) -> int | None:
+    """The pid of the forwarder holding `data_dir`'s lock, or None when none holds it (0
+    when one does but its pid cannot be read). Creates nothing."""
+    try:
+        lock = open(data_dir.forwarder_lock)  # noqa: SIM115 (closed below, lock and all)
+    except OSError:
+        return None
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = lock.read().strip()
+            return int(text) if text.isdigit() else 0
+        return None
+
+
+def already_running(data_dir: DataDir) -> AlreadyRunning:
+    pid = running_pid(data_dir)
+    holder = f" (pid {pid})" if pid else ""
+    return AlreadyRunning(
+        f"a forwarder is already running on {data_dir.path}{holder}: one per data directory;"
+        " stop it first, or start only the server (collector serve)"
+    )
 
 
 async def run(

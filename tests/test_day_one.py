@@ -229,3 +229,28 @@ def test_a_corrupt_key_store_is_one_line_not_a_traceback(tmp_path: Path) -> None
         assert "Traceback" not in done.stderr
         assert done.stderr.startswith("error: key store is corrupt"), done.stderr
         assert str(data_dir / "keys.json") in done.stderr
+
+
+def test_a_second_run_or_forward_on_a_data_directory_exits_at_once_naming_the_forwarder(
+    tmp_path: Path,
+) -> None:
+    """A second `collector run` started a forwarder child that found the lock taken,
+    exited, and was started again, for ever."""
+    data_dir = tmp_path / "data"
+    env = clean_env(COLLECTOR_DATA_DIR=str(data_dir), COLLECTOR_PORT=str(free_port()))
+    first = subprocess.Popen([str(COLLECTOR), "forward"], env=env, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: DataDir(data_dir).forwarder_state.exists(), "the first forwarder")
+        for command in ("run", "forward"):
+            started = time.monotonic()
+            done = subprocess.run(
+                [str(COLLECTOR), command], env=env, capture_output=True, text=True, timeout=30
+            )
+            assert done.returncode == 1, (command, done.stderr)
+            assert time.monotonic() - started < 10
+            lines = done.stderr.strip().splitlines()
+            assert len(lines) == 1, (command, done.stderr)
+            assert f"already running on {data_dir} (pid {first.pid})" in lines[0], lines[0]
+        assert first.poll() is None  # the first one was left alone
+    finally:
+        terminate(first)
