@@ -348,17 +348,20 @@ def config_check(
 ) -> None:
     """Validate the settings and the secrets they name; exit 2 naming what is wrong.
 
+    Beyond each value: the data directory can be created and written, and with --secrets
+    (the forwarder's check) the key files can be read and an upstream has a key to send.
     Example: collector config check --config /etc/collector/collector.toml
     """
     settings = settings_or_exit(config, data_dir=data_dir)
-    try:
-        if secrets:
-            settings.upstream_key_value()
-            settings.project_key_values()
-    except ConfigFileError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
-    typer.echo(f"settings ok (data dir {settings.data_dir.absolute()})")
+    data = DataDir(settings.data_dir)
+    problems = [("data_dir", why)] if (why := data.unusable()) else []
+    if secrets:
+        problems += settings.upstream_problems()
+    for name, why in problems:
+        typer.echo(f"error: setting '{name}': {why}", err=True)
+    if problems:
+        raise typer.Exit(2)
+    typer.echo(f"settings ok (data dir {data.path})")
 
 
 @config_app.command("show")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
@@ -178,6 +179,18 @@ class Settings(BaseSettings):
             return [origin.strip() for origin in value.split(",") if origin.strip()]
         return value
 
+    @field_validator("upstream_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(
+                    f"must be an http:// or https:// URL with a host, like "
+                    f"https://sdk.traffical.io, not {value!r}"
+                )
+        return value
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -209,6 +222,24 @@ class Settings(BaseSettings):
         if self.upstream_key_file is not None:
             return read_secret(self.upstream_key_file)
         return None
+
+    def upstream_problems(self) -> list[tuple[str, str]]:
+        """(setting, what is wrong) for upstream settings that cannot work together:
+        reading the key files they name, and an upstream with no key to send it."""
+        try:
+            default = self.upstream_key_value()
+            scoped = self.project_key_values()
+        except ConfigFileError as exc:
+            return [("upstream_key_file", str(exc))]
+        if self.upstream_url and default is None and not scoped:
+            return [
+                (
+                    "upstream_key",
+                    f"upstream_url is {self.upstream_url} but no key is set to send it "
+                    "(upstream_key, upstream_key_file or upstream_keys)",
+                )
+            ]
+        return []
 
     def project_key_values(self) -> dict[tuple[str, str | None], str]:
         """(project, env or None for any) -> upstream key, from `upstream_keys`."""

@@ -84,6 +84,9 @@ COUNTS_FLUSH_S = 1.0
 QUEUE_RETRY_FIRST_S = 0.1
 QUEUE_RETRY_MAX_S = 5.0
 
+# The status of a KeyRejected that no upstream answered: there was no key to send.
+NO_KEY = 0
+
 T = TypeVar("T")
 
 
@@ -159,7 +162,10 @@ class Forwarder:
                 deadline_s=self.settings.forward_timeout_seconds,
                 connections=self.settings.forward_in_flight,
             )
-            self._say(UpstreamState.OK, f"forwarding to {self._sink.url}")
+            # Not "upstream ok": nothing is known of the upstream until a batch is answered.
+            self.stats.set(UpstreamState.OK)
+            self._write_state()
+            log.info("forwarding to %s", self._sink.url)
             await self._forward()
         finally:
             beat.cancel()
@@ -306,6 +312,8 @@ class Forwarder:
                     part.events, f"rejected by upstream: {result.reason}", DeadLetterReason.REJECTED
                 )
             else:
+                if self.stats.last_success is None:
+                    log.info("upstream ok: the first batch was delivered")
                 self.stats.forwarded += len(part.events)
                 self.stats.last_success = time.time()
                 self.counts.add(Count.FORWARDED, part.target, len(part.events))
@@ -319,7 +327,7 @@ class Forwarder:
         while True:
             key = self._keys.key_for(batch.target)
             if key is None:
-                result: Result = KeyRejected(0, f"no upstream key for {batch.target}")
+                result: Result = KeyRejected(NO_KEY, f"no upstream key for {batch.target}")
             else:
                 holds_probe = await self._outage.acquire()
                 try:
@@ -340,10 +348,7 @@ class Forwarder:
             if isinstance(result, KeyRejected):
                 self._blocked.add(batch.target)
                 self._say(
-                    UpstreamState.KEY_REJECTED,
-                    f"upstream refused the key for {batch.target} ({result.reason}); "
-                    "sending stopped, events kept; fix the key, then reload (SIGHUP) or restart",
-                    logging.ERROR,
+                    UpstreamState.KEY_REJECTED, _key_problem(batch.target, result), logging.ERROR
                 )
                 self._key_fixed.clear()
                 await self._wait(self._key_fixed, None)
@@ -445,3 +450,12 @@ class Forwarder:
         stopping = asyncio.ensure_future(self._stopping.wait())
         await asyncio.wait({task, stopping}, timeout=timeout, return_when="FIRST_COMPLETED")
         stopping.cancel()
+
+
+def _key_problem(target: Target, result: KeyRejected) -> str:
+    then = "sending stopped, events kept; {fix}, then reload (SIGHUP) or restart"
+    if result.status == NO_KEY:
+        fix = "set upstream_key, upstream_key_file or upstream_keys"
+        return f"no upstream key is configured for {target}; " + then.format(fix=fix)
+    fix = "fix the key"
+    return f"upstream refused the key for {target} ({result.reason}); " + then.format(fix=fix)

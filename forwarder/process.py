@@ -66,7 +66,7 @@ def already_running(data_dir: DataDir) -> AlreadyRunning:
     pid = running_pid(data_dir)
     holder = f" (pid {pid})" if pid else ""
     return AlreadyRunning(
-        f"a forwarder is already running on {data_dir.path}{holder}: one per data directory;"
+        f"another forwarder is running on {data_dir.path}{holder}: one per data directory;"
         " stop it first, or start only the server (collector serve)"
     )
 

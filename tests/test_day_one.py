@@ -32,6 +32,7 @@ from conftest import (
     terminate,
     wait_until_serving,
 )
+from upstream import Upstream
 
 COLLECTOR = Path(sys.executable).with_name("collector")  # the installed console script
 # What a user's own project might hold in the directory they start the collector from.
@@ -250,7 +251,130 @@ def test_a_second_run_or_forward_on_a_data_directory_exits_at_once_naming_the_fo
             assert time.monotonic() - started < 10
             lines = done.stderr.strip().splitlines()
             assert len(lines) == 1, (command, done.stderr)
-            assert f"already running on {data_dir} (pid {first.pid})" in lines[0], lines[0]
+            assert f"forwarder is running on {data_dir} (pid {first.pid})" in lines[0], lines[0]
         assert first.poll() is None  # the first one was left alone
     finally:
         terminate(first)
+
+
+def config_check(tmp_path: Path, *args: str, **settings: str) -> subprocess.CompletedProcess[str]:
+    env = clean_env(**{"COLLECTOR_DATA_DIR": str(tmp_path / "data"), **settings})
+    return subprocess.run(
+        [str(COLLECTOR), "config", "check", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    ("settings", "named", "why"),
+    [
+        ({"COLLECTOR_UPSTREAM_URL": "sdk.traffical.io"}, "upstream_url", "http:// or https://"),
+        ({"COLLECTOR_UPSTREAM_URL": "https://"}, "upstream_url", "with a host"),
+        (
+            {"COLLECTOR_UPSTREAM_URL": "https://sdk.traffical.io"},
+            "upstream_key",
+            "no key is set to send it",
+        ),
+    ],
+    ids=["no-scheme", "no-host", "no-key"],
+)
+def test_config_check_refuses_upstream_settings_that_cannot_work(
+    tmp_path: Path, settings: dict[str, str], named: str, why: str
+) -> None:
+    """It said `settings ok` for an upstream URL without a scheme, or one with no key."""
+    done = config_check(tmp_path, **settings)
+
+    assert done.returncode == 2, done.stdout
+    assert f"error: setting '{named}': " in done.stderr and why in done.stderr, done.stderr
+    assert "settings ok" not in done.stdout
+
+
+def test_the_servers_check_needs_no_upstream_key(tmp_path: Path) -> None:
+    """The server never sends the upstream key (its unit checks with --no-secrets)."""
+    done = config_check(tmp_path, "--no-secrets", COLLECTOR_UPSTREAM_URL="https://up.example")
+
+    assert done.returncode == 0, done.stderr
+    assert f"settings ok (data dir {tmp_path / 'data'})" in done.stdout
+
+
+def test_config_check_refuses_a_data_directory_that_cannot_be_made_or_written(
+    tmp_path: Path,
+) -> None:
+    afile = tmp_path / "a-file"
+    afile.write_text("not a directory")
+    for data_dir, why in ((afile, "is not a directory"), (afile / "data", "cannot be created")):
+        done = config_check(tmp_path, COLLECTOR_DATA_DIR=str(data_dir))
+        assert done.returncode == 2, (data_dir, done.stdout)
+        assert f"error: setting 'data_dir': {data_dir} " in done.stderr, done.stderr
+        assert why in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # nothing was created
+
+
+def forwarder_log(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_the_forwarder_says_upstream_ok_only_once_a_batch_was_delivered(
+    start_server: Any, tmp_path: Path
+) -> None:
+    """It logged `upstream ok` at start, before any request, even to an upstream down."""
+    server: Server = start_server()
+    assert server.post({"events": [event(id="ok-1")]}).status_code == 200
+    log = tmp_path / "forwarder.log"
+    with Upstream() as upstream:
+        upstream.down()
+        env = clean_env(
+            COLLECTOR_DATA_DIR=str(server.data_dir),
+            COLLECTOR_UPSTREAM_URL=upstream.url,
+            COLLECTOR_UPSTREAM_KEY="traffical_sk_test",
+            COLLECTOR_RETRY_MAX_SECONDS="0.2",
+        )
+        with open(log, "wb") as out:
+            forwarder = subprocess.Popen([str(COLLECTOR), "forward"], env=env, stderr=out)
+        try:
+            wait_for(lambda: any("retrying" in line for line in forwarder_log(log)), "a retry")
+            assert not any("upstream ok" in line for line in forwarder_log(log))
+            upstream.up()
+            upstream.wait_for_events(1)
+            wait_for(
+                lambda: any("the first batch was delivered" in line for line in forwarder_log(log)),
+                "the first delivery to be logged",
+            )
+        finally:
+            terminate(forwarder)
+    lines = forwarder_log(log)
+    assert sum("upstream ok" in line for line in lines) == 1, lines
+
+
+def test_with_no_upstream_key_the_forwarder_says_none_is_configured(
+    start_server: Any, tmp_path: Path
+) -> None:
+    """It said `upstream refused the key` though no key was ever sent."""
+    server: Server = start_server()
+    assert server.post({"events": [event(id="nokey-1")]}).status_code == 200
+    log = tmp_path / "forwarder.log"
+    with Upstream() as upstream:
+        env = clean_env(
+            COLLECTOR_DATA_DIR=str(server.data_dir), COLLECTOR_UPSTREAM_URL=upstream.url
+        )
+        with open(log, "wb") as out:
+            forwarder = subprocess.Popen([str(COLLECTOR), "forward"], env=env, stderr=out)
+        try:
+            state = wait_for(
+                lambda: (
+                    (s := heartbeats.read(DataDir(server.data_dir).forwarder_state))
+                    and s["upstream"] == "key_rejected"
+                    and s
+                ),
+                "the forwarder to stop for want of a key",
+            )
+        finally:
+            terminate(forwarder)
+        assert upstream.requests == []  # nothing was sent
+    assert "no upstream key is configured for project 'proj_test'" in state["message"]
+    text = log.read_text()
+    assert "no upstream key is configured" in text
+    assert "refused" not in text

@@ -69,7 +69,10 @@ def test_a_missing_secret_file_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_config_check_accepts_a_good_file(tmp_path: Path) -> None:
-    config = write(tmp_path / "c.toml", 'port = 9000\nupstream_url = "https://up.example"\n')
+    config = write(
+        tmp_path / "c.toml",
+        'port = 9000\nupstream_url = "https://up.example"\nupstream_key = "traffical_sk_k"\n',
+    )
     done = run_cli("config", "check", "--config", str(config), data_dir=tmp_path / "data")
     assert done.returncode == 0, done.stderr
     assert "settings ok" in done.stdout

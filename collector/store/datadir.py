@@ -113,6 +113,24 @@ class DataDir:
         """True once a server has started here (the queue exists)."""
         return self.queue.exists()
 
+    def unusable(self) -> str | None:
+        """Why this process could not create or write the directory, or None when it can
+        (found without creating anything)."""
+        if self.path.exists():
+            if not self.path.is_dir():
+                return f"{self.path} is not a directory"
+            if not os.access(self.path, os.W_OK | os.X_OK):
+                return f"{self.path} is not writable by this user"
+            return None
+        parent = self.path.parent
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            return f"{self.path} cannot be created: {parent} is not a directory"
+        if not os.access(parent, os.W_OK | os.X_OK):
+            return f"{self.path} cannot be created: {parent} is not writable by this user"
+        return None
+
     def create(self) -> None:
         """Make the directory (0700, with `make_private`) if it is not there."""
         self.path.mkdir(parents=True, exist_ok=True)
