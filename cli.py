@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import getpass
 import json
 import multiprocessing
 import sys
@@ -29,6 +30,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from collector import __version__
 from collector.errors import AlreadyRunning, ConfigFileError, KeyStoreUnavailable, Unavailable
 from collector.ops import logs
 from collector.ops import status as status_document
@@ -39,24 +41,71 @@ from collector.store import recovery
 from collector.store.datadir import DataDir, make_private
 from collector.store.deadletters import DeadLetters, replay
 
-app = typer.Typer(help="Edge collector for Traffical experiment events.", no_args_is_help=True)
-keys_app = typer.Typer(help="Manage the API keys clients use.", no_args_is_help=True)
+
+def plain_typer(help: str, *, completion: bool = True) -> typer.Typer:
+    """A command group with plain help (click's: it fits the terminal and shows no type
+    artefacts such as `<bool>`), and no boxed traceback: an error that escapes a command is
+    one log record (JSON off a terminal, `collector.ops.logs`), never a box in the log."""
+    return typer.Typer(
+        help=help,
+        rich_markup_mode=None,
+        pretty_exceptions_enable=False,
+        no_args_is_help=True,
+        add_completion=completion,
+    )
+
+
+app = plain_typer("Edge collector for Traffical experiment events.", completion=False)
+keys_app = plain_typer("Manage the API keys clients use.")
 app.add_typer(keys_app, name="keys")
-config_app = typer.Typer(help="Check and show the effective settings.", no_args_is_help=True)
+config_app = plain_typer("Check and show the effective settings.")
 app.add_typer(config_app, name="config")
-dlq_app = typer.Typer(help="Inspect, replay and purge dead-lettered events.", no_args_is_help=True)
+dlq_app = plain_typer("Inspect, replay and purge dead-lettered events.")
 app.add_typer(dlq_app, name="dlq")
 
 # How often `status --watch` refreshes: as often as the processes write their heartbeat.
 STATUS_REFRESH_S = 2.0
+# Columns a table may take when written into a pipe or a file: enough that a row stays one
+# line (dlq list cuts reasons to 80 characters), so that grep and the like see it whole.
+PIPED_WIDTH = 1000
+
+
+def table_console() -> Console:
+    """On a terminal, its width: long names fold onto more lines; elsewhere `PIPED_WIDTH`."""
+    console = Console()
+    return console if console.is_terminal else Console(width=PIPED_WIDTH)
+
 
 ConfigOption = Annotated[
     Path | None,
-    typer.Option("--config", help="TOML settings file (default /etc/collector/collector.toml)."),
+    typer.Option(
+        "--config",
+        metavar="FILE",
+        help="TOML settings file (default /etc/collector/collector.toml).",
+    ),
 ]
 DataDirOption = Annotated[
-    Path | None, typer.Option("--data-dir", help="Data directory (COLLECTOR_DATA_DIR).")
+    Path | None,
+    typer.Option("--data-dir", metavar="DIR", help="Data directory (COLLECTOR_DATA_DIR)."),
 ]
+
+
+def show_version(asked: bool) -> None:
+    if asked:
+        typer.echo(f"collector {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", is_eager=True, callback=show_version, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Edge collector for Traffical experiment events."""
 
 
 def settings_or_exit(config: Path | None, **flags: Any) -> Settings:
@@ -127,8 +176,12 @@ def key_store(settings: Settings, *, must_exist: bool = False) -> Iterator[KeySt
         raise typer.Exit(2) from exc
 
 
-HostOption = Annotated[str | None, typer.Option(help="Address to bind (COLLECTOR_HOST).")]
-PortOption = Annotated[int | None, typer.Option(help="Port to listen on (COLLECTOR_PORT).")]
+HostOption = Annotated[
+    str | None, typer.Option(metavar="ADDRESS", help="Address to bind (COLLECTOR_HOST).")
+]
+PortOption = Annotated[
+    int | None, typer.Option(metavar="PORT", help="Port to listen on (COLLECTOR_PORT).")
+]
 
 
 def setup_logging(settings: Settings) -> None:
@@ -146,6 +199,7 @@ def run(
     from forwarder import process
 
     settings = settings_or_exit(config, data_dir=data_dir, host=host, port=port)
+    usable_or_exit(settings)
     data = DataDir(settings.data_dir)
     if process.running_pid(data) is not None:  # its child would be restarted for ever
         typer.echo(f"error: {process.already_running(data)}", err=True)
@@ -171,6 +225,7 @@ def serve(
 ) -> None:
     """Run the events server alone. Example: collector serve --port 8787"""
     settings = settings_or_exit(config, data_dir=data_dir, host=host, port=port)
+    usable_or_exit(settings)
     setup_logging(settings)
     _serve(settings)
 
@@ -185,6 +240,7 @@ def forward(
     from forwarder import process
 
     settings = settings_or_exit(config, data_dir=data_dir)
+    usable_or_exit(settings)
     setup_logging(settings)
     try:
         asyncio.run(
@@ -204,6 +260,13 @@ def _serve(settings: Settings) -> None:
     bootstrap.serve(settings)
 
 
+def usable_or_exit(settings: Settings) -> None:
+    """A data directory this process cannot make or write is one line naming it (exit 2)."""
+    if why := DataDir(settings.data_dir).unusable():
+        typer.echo(f"error: setting 'data_dir': {why}", err=True)
+        raise typer.Exit(2)
+
+
 def _path_flag(flag: str, value: Path | None) -> list[str]:
     return [flag, str(value.resolve())] if value is not None else []
 
@@ -211,14 +274,21 @@ def _path_flag(flag: str, value: Path | None) -> list[str]:
 @keys_app.command("create")
 def keys_create(
     scope: Annotated[
-        list[str], typer.Option(help=f"Scope to grant, repeatable: {', '.join(SCOPES)}.")
+        list[str],
+        typer.Option(metavar="SCOPE", help=f"Scope to grant, repeatable: {', '.join(SCOPES)}."),
     ],
-    project: Annotated[str | None, typer.Option(help="Restrict the key to this project.")] = None,
-    env: Annotated[str | None, typer.Option(help="Restrict the key to this environment.")] = None,
-    expires: Annotated[
-        datetime | None, typer.Option(help="Expiry, ISO 8601 (UTC when no offset).")
+    project: Annotated[
+        str | None, typer.Option(metavar="PROJECT", help="Restrict the key to this project.")
     ] = None,
-    name: Annotated[str | None, typer.Option(help="A name to find the key by.")] = None,
+    env: Annotated[
+        str | None, typer.Option(metavar="ENV", help="Restrict the key to this environment.")
+    ] = None,
+    expires: Annotated[
+        datetime | None, typer.Option(metavar="WHEN", help="Expiry, ISO 8601 (UTC when no offset).")
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option(metavar="NAME", help="A name to find the key by.")
+    ] = None,
     publishable: Annotated[
         bool, typer.Option(help="Make a traffical_pk_ key, safe to ship in browsers.")
     ] = False,
@@ -244,11 +314,18 @@ def keys_create(
 @keys_app.command("import")
 def keys_import(
     scope: Annotated[
-        list[str], typer.Option(help=f"Scope to grant, repeatable: {', '.join(SCOPES)}.")
+        list[str],
+        typer.Option(metavar="SCOPE", help=f"Scope to grant, repeatable: {', '.join(SCOPES)}."),
     ],
-    project: Annotated[str | None, typer.Option(help="Restrict the key to this project.")] = None,
-    env: Annotated[str | None, typer.Option(help="Restrict the key to this environment.")] = None,
-    name: Annotated[str | None, typer.Option(help="A name to find the key by.")] = None,
+    project: Annotated[
+        str | None, typer.Option(metavar="PROJECT", help="Restrict the key to this project.")
+    ] = None,
+    env: Annotated[
+        str | None, typer.Option(metavar="ENV", help="Restrict the key to this environment.")
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option(metavar="NAME", help="A name to find the key by.")
+    ] = None,
     config: ConfigOption = None,
     data_dir: DataDirOption = None,
 ) -> None:
@@ -259,7 +336,11 @@ def keys_import(
     Example: collector keys import --scope sdk:write --scope sdk:read < key-file
     """
     settings = settings_or_exit(config, data_dir=data_dir)
-    secret = sys.stdin.readline().strip()
+    if sys.stdin.isatty():
+        secret = getpass.getpass("Paste the key to import and press Enter (it is not shown): ")
+    else:
+        secret = sys.stdin.readline()
+    secret = secret.strip()
     with key_store(settings) as store:
         key, _ = store.create(scope, name=name, project=project, env=env, existing=secret)
     typer.echo(
@@ -271,7 +352,9 @@ def keys_import(
 def keys_list(config: ConfigOption = None, data_dir: DataDirOption = None) -> None:
     """List the keys (never their secrets). Example: collector keys list"""
     settings = settings_or_exit(config, data_dir=data_dir)
-    table = Table("name", "prefix", "scopes", "project", "env", "expires", "status")
+    from collector.ops.statusview import folding
+
+    table = folding(Table("name", "prefix", "scopes", "project", "env", "expires", "status"))
     now = now_utc()
     with key_store(settings, must_exist=True) as store:
         keys = store.list_keys()
@@ -285,12 +368,14 @@ def keys_list(config: ConfigOption = None, data_dir: DataDirOption = None) -> No
             key.expires or "never",
             key.status(now),
         )
-    Console(width=200).print(table)
+    table_console().print(table)
 
 
 @keys_app.command("revoke")
 def keys_revoke(
-    name_or_prefix: Annotated[str, typer.Argument(help="The key's name or the start of it.")],
+    name_or_prefix: Annotated[
+        str, typer.Argument(metavar="NAME", help="The key's name or the start of it.")
+    ],
     config: ConfigOption = None,
     data_dir: DataDirOption = None,
 ) -> None:
@@ -304,7 +389,14 @@ def keys_revoke(
 @app.command()
 def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
-    watch: Annotated[bool, typer.Option("--watch", help="Refresh in place every 2 s.")] = False,
+    watch: Annotated[
+        bool,
+        typer.Option(
+            "--watch",
+            help="Refresh every 2 s: in place on a terminal, else a line per refresh "
+            "(a JSON document per line with --json).",
+        ),
+    ] = False,
     config: ConfigOption = None,
     data_dir: DataDirOption = None,
 ) -> None:
@@ -314,23 +406,39 @@ def status(
     upstream failing for over 5 minutes, disk budget 90% used); 2 no data directory, bad
     settings or a data file that cannot be read. Example: collector status --json
     """
-    from collector.ops.statusview import render  # imported when used, as rich's tables are
+    from collector.ops import statusview  # imported when used, as rich's tables are
 
     settings = settings_or_exit(config, data_dir=data_dir)
     with readable(collector_data(settings)):
         document = status_document.collect(settings)
-        if as_json:
+        if watch:
+            with contextlib.suppress(KeyboardInterrupt):
+                watch_status(settings, document, as_json)
+        elif as_json:
             typer.echo(json.dumps(document, indent=2))
-        elif watch:
-            live = Live(render(document), console=Console(), auto_refresh=False)
-            with live, contextlib.suppress(KeyboardInterrupt):
-                while True:
-                    time.sleep(STATUS_REFRESH_S)
-                    document = status_document.collect(settings)
-                    live.update(render(document), refresh=True)
         else:
-            Console().print(render(document))
+            Console().print(statusview.render(document))
     raise typer.Exit(0 if document["healthy"] else 1)
+
+
+def watch_status(settings: Settings, document: dict[str, Any], as_json: bool) -> None:
+    """Refresh until interrupted: in place on a terminal (as much as fits it), else a line
+    per refresh (one JSON document per line with --json), for a pipe or a log."""
+    from collector.ops import statusview
+
+    console = Console()
+    if as_json or not console.is_terminal:
+        while True:
+            line = json.dumps(document) if as_json else statusview.summary_line(document)
+            typer.echo(line)
+            sys.stdout.flush()
+            time.sleep(STATUS_REFRESH_S)
+            document = status_document.collect(settings)
+    with Live(statusview.fitting(document, console), console=console, auto_refresh=False) as live:
+        while True:
+            time.sleep(STATUS_REFRESH_S)
+            document = status_document.collect(settings)
+            live.update(statusview.fitting(document, console), refresh=True)
 
 
 @config_app.command("check")
@@ -397,7 +505,9 @@ def dlq_list(
     if as_json:
         typer.echo(json.dumps([letter.summary() for letter in letters]))
         return
-    table = Table("id", "dead at", "type", "event id", "project", "env", "reason")
+    from collector.ops.statusview import folding
+
+    table = folding(Table("id", "dead at", "type", "event id", "project", "env", "reason"))
     for letter in letters:
         row = letter.summary()
         table.add_row(
@@ -409,7 +519,7 @@ def dlq_list(
             str(row["env"]),
             row["reason"][:80],
         )
-    Console(width=200).print(table)
+    table_console().print(table)
     typer.echo(f"{len(letters)} dead-lettered events")
 
 

@@ -21,3 +21,7 @@ which is above `collector.store` and `collector.upstream`; those above the base 
 sqlite3 and persist-queue are imported only under `collector.store`, httpx only in
 `collector.upstream`.
 """
+
+# The one version, read by pyproject.toml (so the one-file build, which carries no package
+# metadata, knows it too).
+__version__ = "0.1.0"

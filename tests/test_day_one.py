@@ -7,9 +7,18 @@ Each test here was written against a defect found by trying the collector as a n
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
+import pty
+import re
+import select
+import signal
+import socket
+import struct
 import subprocess
 import sys
+import termios
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,11 +26,15 @@ from typing import Any
 
 import httpx
 import pytest
+import typer.main
 
+from cli import app
 from collector.ops.status import collect
 from collector.settings import Settings
 from collector.store import heartbeats
 from collector.store.datadir import DataDir
+from collector.store.deadletters import DeadLetters
+from collector.store.spool import Spool
 
 from conftest import (
     Server,
@@ -378,3 +391,238 @@ def test_with_no_upstream_key_the_forwarder_says_none_is_configured(
     text = log.read_text()
     assert "no upstream key is configured" in text
     assert "refused" not in text
+
+
+# --- the command line ---------------------------------------------------------------------
+
+
+def every_command() -> list[list[str]]:
+    group = typer.main.get_group(app)
+    commands: list[list[str]] = [[]]
+    for name, command in group.commands.items():
+        subcommands = getattr(command, "commands", None)
+        commands += [[name, sub] for sub in subcommands] if subcommands else [[name]]
+    return commands
+
+
+def test_collector_version_prints_the_version() -> None:
+    done = subprocess.run([str(COLLECTOR), "--version"], capture_output=True, text=True)
+
+    assert done.returncode == 0
+    assert re.fullmatch(r"collector \d+\.\d+\.\d+\n", done.stdout), done.stdout
+
+
+def test_help_fits_80_columns_and_shows_no_type_artefacts() -> None:
+    """--help showed `<bool>` beside every flag and `<str>`, `<list[str]>` beside every
+    option; options now show what to give (FILE, DIR, SCOPE). (Typer still shows the type
+    of a positional argument, `NAME <str>`, in its own Arguments section.)"""
+    for command in every_command():
+        done = subprocess.run(
+            [str(COLLECTOR), *command, "--help"],
+            env=clean_env(COLUMNS="80"),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, (command, done.stderr)
+        assert "<bool>" not in done.stdout, (command, done.stdout)
+        assert not re.search(r"--[\w-]+ <", done.stdout), (command, done.stdout)
+        assert max(map(len, done.stdout.splitlines())) <= 80, (command, done.stdout)
+
+
+def on_a_terminal(
+    command: list[str], env: dict[str, str], *, columns: int = 80, rows: int = 24
+) -> tuple[subprocess.Popen[bytes], int]:
+    """`command` started on a pseudo-terminal of `columns` x `rows`; (process, its tty)."""
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+    process = subprocess.Popen(
+        command,
+        env={**env, "TERM": "xterm", "COLUMNS": str(columns), "LINES": str(rows)},
+        stdin=terminal,
+        stdout=terminal,
+        stderr=terminal,
+    )
+    os.close(terminal)
+    return process, controller
+
+
+def read_until(controller: int, done: Any, timeout: float = 20.0) -> str:
+    """What the terminal shows until `done(text)` holds, or the process closes it."""
+    output = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not done(output.decode(errors="replace")):
+        if select.select([controller], [], [], 0.1)[0]:
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # EIO: the process closed the terminal
+                break
+            if not chunk:
+                break
+            output += chunk
+    return output.decode(errors="replace")
+
+
+def test_keys_and_dead_letter_tables_fit_an_80_column_terminal(tmp_path: Path) -> None:
+    """Both forced 200 columns, so an 80-column terminal wrapped every row in two."""
+    data_dir = tmp_path / "data"
+    long_name = "web-production-checkout-service-" + "x" * 40
+    create_key(data_dir, "--scope", "sdk:write", "--name", long_name, "--project", "proj_web")
+    spool = Spool(DataDir(data_dir), budget_bytes=1 << 30)
+    spool.close()
+    dead = DeadLetters.writer(DataDir(data_dir))
+    dead.add([b'{"type":"track","id":"trk_1","projectId":"proj_web","env":"prod"}'], "r" * 300)
+    dead.close()
+    env = clean_env(COLLECTOR_DATA_DIR=str(data_dir))
+    for command, wanted in ((["keys", "list"], "proj_web"), (["dlq", "list"], "trk_1")):
+        process, controller = on_a_terminal([str(COLLECTOR), *command], env)
+        try:
+            text = read_until(controller, lambda t: False, timeout=15)
+            assert process.wait(timeout=10) == 0, text
+        finally:
+            os.close(controller)
+        lines = [re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", line) for line in text.splitlines()]
+        assert max(map(len, lines)) <= 80, text
+        assert wanted in text
+
+
+def status_fleet(start_server: Any) -> Server:
+    server: Server = start_server()
+    assert server.post({"events": [event(id="w-1")]}).status_code == 200
+    return server
+
+
+def test_status_watch_into_a_pipe_writes_a_line_per_refresh(start_server: Any) -> None:
+    server = status_fleet(start_server)
+    env = clean_env(COLLECTOR_DATA_DIR=str(server.data_dir))
+    for flags, check in (
+        ([], lambda line: line.split()[1] in ("healthy", "UNHEALTHY:")),
+        (["--json"], lambda line: json.loads(line)["data_dir"] == str(server.data_dir)),
+    ):
+        process = subprocess.Popen(
+            [str(COLLECTOR), "status", "--watch", *flags],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert process.stdout is not None
+        try:
+            lines = [process.stdout.readline(), process.stdout.readline()]  # two refreshes
+        finally:
+            process.send_signal(signal.SIGINT)
+            rest = process.communicate(timeout=10)[0]
+        assert process.returncode in (0, 1), (flags, rest)  # healthy or not: the forwarder
+        for line in lines:
+            assert line.endswith("\n") and line.count("\n") == 1
+            assert check(line.strip()), (flags, line)
+
+
+def test_status_watch_on_an_80x24_terminal_fits_it(start_server: Any) -> None:
+    """It drew the whole status (about 40 lines) into 24: the headline scrolled away."""
+    server = status_fleet(start_server)
+    env = clean_env(COLLECTOR_DATA_DIR=str(server.data_dir))
+    process, controller = on_a_terminal([str(COLLECTOR), "status", "--watch"], env)
+    try:
+        text = read_until(controller, lambda t: t.count(" at 20") >= 2)  # two drawings
+        process.send_signal(signal.SIGINT)
+        text += read_until(controller, lambda t: False, timeout=5)
+        process.wait(timeout=10)
+    finally:
+        os.close(controller)
+    frames = [frame for frame in re.split(r"\x1b\[\d*A|\x1b\[2K", text) if frame.strip()]
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text)
+    assert "healthy" in plain.lower() and "queue" in plain
+    assert max(len(line) for line in plain.splitlines()) <= 80, plain
+    assert frames and max(frame.count("\n") for frame in frames) < 24, plain
+
+
+def test_keys_import_on_a_terminal_says_what_it_waits_for(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    env = clean_env(COLLECTOR_DATA_DIR=str(data_dir))
+    process, controller = on_a_terminal(
+        [str(COLLECTOR), "keys", "import", "--scope", "sdk:write", "--name", "imported"], env
+    )
+    try:
+        prompt = read_until(controller, lambda t: "Paste the key" in t)
+        assert "Paste the key" in prompt, prompt
+        os.write(controller, b"traffical_sk_" + b"a" * 40 + b"\n")
+        text = read_until(controller, lambda t: "Imported key" in t)
+        assert process.wait(timeout=10) == 0, text
+    finally:
+        os.close(controller)
+    assert "Imported key 'imported'" in text
+    assert "a" * 40 not in text  # not echoed
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    records = []
+    for line in text.splitlines():
+        assert line.startswith("{"), f"not a JSON log line: {line!r}"
+        records.append(json.loads(line))
+    return records
+
+
+def test_an_uncaught_error_is_one_json_record_not_a_boxed_traceback(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from collector.ops import logs; logs.setup('info'); raise RuntimeError('boom')",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+    assert done.returncode == 1
+    [record] = json_lines(done.stderr)
+    assert record["level"] == "critical" and "RuntimeError: boom" in record["message"]
+    assert "Traceback" in record["error"]
+    # ... and a command never draws a box: what it cannot do is one line.
+    afile = tmp_path / "a-file"
+    afile.write_text("")
+    serve = subprocess.run(
+        [str(COLLECTOR), "serve"],
+        env=clean_env(COLLECTOR_DATA_DIR=str(afile)),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert serve.returncode == 2
+    assert serve.stderr == f"error: setting 'data_dir': {afile} is not a directory\n"
+
+
+def test_the_server_log_is_ours_and_says_serving_once_the_port_is_bound(
+    tmp_path: Path,
+) -> None:
+    """uvicorn's own lines came under its logger names, and `serving on` was logged before
+    the port was bound: also when binding then failed."""
+    data_dir = tmp_path / "data"
+    port = free_port()
+    env = clean_env(COLLECTOR_DATA_DIR=str(data_dir), COLLECTOR_PORT=str(port))
+    log = tmp_path / "server.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [str(COLLECTOR), "serve"], env=env, stdout=subprocess.DEVNULL, stderr=out
+        )
+    try:
+        wait_until_serving(f"http://127.0.0.1:{port}", process)
+        wait_for(lambda: "serving on" in log.read_text(), "the serving line")
+        with socket.socket() as taken:  # a second server on the same port cannot bind
+            second = subprocess.run(
+                [str(COLLECTOR), "serve"],
+                env=clean_env(COLLECTOR_DATA_DIR=str(tmp_path / "other"), COLLECTOR_PORT=str(port)),
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            del taken
+    finally:
+        terminate(process)
+    records = json_lines(log.read_text())
+    assert {record["logger"].split(".")[0] for record in records} == {"collector"}, records
+    assert sum("serving on" in record["message"] for record in records) == 1
+    assert second.returncode != 0
+    refused = json_lines(second.stderr)
+    assert not any("serving on" in record["message"] for record in refused), refused
+    assert any(str(port) in record["message"] for record in refused), refused

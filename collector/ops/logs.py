@@ -11,11 +11,16 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
 from typing import Any
 
 # Libraries that log every request at INFO; what matters is said by our own loggers.
-QUIET = ("httpx", "httpcore", "uvicorn.access")
+# uvicorn's own start-up lines ("Started server process", "Uvicorn running on ...")
+# repeat what `collector.server` says once the port is bound; its warnings and errors stay.
+QUIET = ("httpx", "httpcore", "uvicorn.access", "uvicorn.error")
+# uvicorn's records are the server's: they are written under its name.
+RENAMED = {"uvicorn": "collector.server"}
 
 
 class JsonFormatter(logging.Formatter):
@@ -32,8 +37,18 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, ensure_ascii=False)
 
 
+def _renamed(record: logging.LogRecord) -> bool:
+    """Write a library's record under the name of the part of ours it speaks for."""
+    library = record.name.split(".")[0]
+    if library in RENAMED:
+        record.name = RENAMED[library]
+    return True
+
+
 def setup(level: str, stream: Any = None) -> None:
-    """Send every logger's records to stderr, JSON unless stderr is a terminal."""
+    """Send every logger's records to stderr, JSON unless stderr is a terminal; an error
+    that nothing caught becomes one record too (JSON off a terminal), not a bare traceback
+    across many lines of a JSON log."""
     stream = stream or sys.stderr
     handler = logging.StreamHandler(stream)
     if stream.isatty():
@@ -42,6 +57,7 @@ def setup(level: str, stream: Any = None) -> None:
         )
     else:
         handler.setFormatter(JsonFormatter())
+    handler.addFilter(_renamed)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -50,3 +66,19 @@ def setup(level: str, stream: Any = None) -> None:
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+    sys.excepthook = _log_uncaught
+    threading.excepthook = _log_uncaught_in_thread
+
+
+def _log_uncaught(kind: type[BaseException], error: BaseException, tb: Any) -> None:
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, error, tb)
+        return
+    logging.getLogger("collector").critical(
+        "stopped by an unexpected error: %s: %s", kind.__name__, error, exc_info=(kind, error, tb)
+    )
+
+
+def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
+    if args.exc_value is not None:
+        _log_uncaught(args.exc_type, args.exc_value, args.exc_traceback)

@@ -1,10 +1,15 @@
-"""`collector status` for a person: the status document as rich tables, read in seconds."""
+"""`collector status` for a person: the status document as rich tables, read in seconds.
+
+`render` is the whole view; `fitting` the most of it that fits a terminal (`status --watch`
+on an 80x24 terminal shows the headline, the processes and the queue, not half a table);
+`summary_line` one line of it, for `status --watch` into a pipe or a file.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from rich.console import Group, RenderableType
+from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
@@ -24,6 +29,34 @@ def render(document: dict[str, Any]) -> RenderableType:
     if proxy and (proxy["cache"]["entries"] or any(proxy["requests"].values())):
         parts.append(_proxy(proxy))
     return Group(*parts)
+
+
+def fitting(document: dict[str, Any], console: Console) -> RenderableType:
+    """As much of the view as fits `console`'s height: the whole view, else the headline,
+    processes and queue, else the headline alone."""
+    for view in (
+        render(document),
+        Group(_headline(document), _processes(document), _queue(document)),
+    ):
+        if len(console.render_lines(view, console.options, pad=False)) < console.height:
+            return view
+    return _headline(document)
+
+
+def summary_line(document: dict[str, Any]) -> str:
+    """The status in one line: health, processes, queue, rates over the last minute."""
+    queue, rates = document["queue"], document["rates"]
+    health = "healthy" if document["healthy"] else "UNHEALTHY: " + "; ".join(document["problems"])
+    processes = " ".join(
+        f"{name} {'up' if document[name]['up'] else 'down'}" for name in ("server", "forwarder")
+    )
+    return (
+        f"{document['generated_at']} {health} | {processes},"
+        f" upstream {document['forwarder'].get('upstream', '')}"
+        f" | queue {queue['events']:,} events, {queue['disk_budget_used']:.1%} of budget"
+        f" | accepted {rates['accepted']['1m']:,.2f}/s forwarded {rates['forwarded']['1m']:,.2f}/s"
+        f" | dead letters {document['dead_letters']:,}"
+    )
 
 
 def _headline(document: dict[str, Any]) -> Text:
@@ -82,7 +115,7 @@ def _rates(document: dict[str, Any]) -> Table:
 
 
 def _allocations(document: dict[str, Any]) -> Table:
-    table = _folding(
+    table = folding(
         Table(
             "project/env",
             "policy",
@@ -109,7 +142,7 @@ def _allocations(document: dict[str, Any]) -> Table:
 
 
 def _top_events(document: dict[str, Any]) -> Table:
-    table = _folding(
+    table = folding(
         Table(
             "project/env", "event", "count", title="top track events (window)", title_justify="left"
         )
@@ -132,7 +165,7 @@ def _proxy(proxy: dict[str, Any]) -> Table:
     return table
 
 
-def _folding(table: Table) -> Table:
+def folding(table: Table) -> Table:
     """Names too long for a narrow terminal wrap onto more lines instead of being cut: two
     policies cut to "pol_check…" could not be told apart."""
     for column in table.columns:

@@ -41,13 +41,6 @@ def serve(settings: Settings) -> None:
     first = ensure_first_key(KeyStore(data_dir))
     if first is not None:
         show_first_key(first, data_dir)
-    log.info(
-        "serving on http://%s:%d, queue in %s (sync=%s)",
-        settings.host,
-        settings.port,
-        settings.data_dir,
-        settings.sync,
-    )
     # uvicorn re-raises the signal that stopped it once it has shut down; a handler of our
     # own receives it, so a SIGTERM ends the command normally (exit 0, `run` stops its
     # forwarder) instead of killing the process on the spot.
@@ -67,17 +60,24 @@ def serve(settings: Settings) -> None:
         timeout_keep_alive=KEEP_ALIVE_S,
     )
     limits.raise_open_files_limit(settings.max_connections)
-    NotifyingServer(config).run()
+    serving = f"serving on http://{settings.host}:{settings.port}, queue in {data_dir.path}"
+    NotifyingServer(config, f"{serving} (sync={settings.sync})").run()
 
 
 class NotifyingServer(uvicorn.Server):
-    """uvicorn's server, telling systemd when it serves and when it stops."""
+    """uvicorn's server, saying that it serves (in the log, and to systemd) once it does:
+    its port bound and the app started; and when it stops."""
 
     _exit_at = 0.0
+
+    def __init__(self, config: uvicorn.Config, serving: str) -> None:
+        super().__init__(config)
+        self._serving = serving
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         if self.started:
+            log.info("%s", self._serving)
             notify.notify("READY=1")
             self._watchdog = asyncio.create_task(notify.keep_watchdog_fed())
 

@@ -13,12 +13,12 @@ gets 200 for the ones that do.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from importlib import metadata
 from typing import Any
 
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, Operation, SecurityScheme
 
+from collector import __version__
 from collector.events import json_schema
 from collector.server.ingest import OVERFLOW_ALLOWANCE
 
@@ -126,13 +126,9 @@ def events_operation(max_events: int) -> type[Operation]:
 
 def config() -> OpenAPIConfig:
     """Litestar's OpenAPI settings: our title and version, and the Bearer key scheme."""
-    try:
-        version = metadata.version("collector")
-    except metadata.PackageNotFoundError:  # the one-file build carries no package metadata
-        version = "unknown"
     return OpenAPIConfig(
         title="Traffical collector",
-        version=version,
+        version=__version__,
         description="Accepts Traffical SDK events, queues them durably and forwards them.",
         components=Components(
             security_schemes={
