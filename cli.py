@@ -150,9 +150,8 @@ def collector_data(settings: Settings) -> DataDir:
     data = DataDir(settings.data_dir)
     if not data.holds_data():
         typer.echo(
-            f"error: no collector data in {data.path} (no {data.queue.name}): start the"
-            " collector there first, or name its data directory with --data-dir or"
-            " COLLECTOR_DATA_DIR",
+            f"error: no collector data in {data.path}: start the collector there first,"
+            " or name its data directory with --data-dir or COLLECTOR_DATA_DIR",
             err=True,
         )
         raise typer.Exit(2)
@@ -409,7 +408,11 @@ def status(
     from collector.ops import statusview  # imported when used, as rich's tables are
 
     settings = settings_or_exit(config, data_dir=data_dir)
-    with readable(collector_data(settings)):
+    data = collector_data(settings)
+    if not data.queue.exists():
+        typer.echo(f"error: no queue in {data.path} yet: the server has not run there", err=True)
+        raise typer.Exit(2)
+    with readable(data):
         document = status_document.collect(settings)
         if watch:
             with contextlib.suppress(KeyboardInterrupt):

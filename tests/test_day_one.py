@@ -207,7 +207,7 @@ def test_read_only_commands_elsewhere_create_nothing_and_name_the_directory_they
         assert "Traceback" not in done.stderr, (command, done.stderr)
         if command in NEED_DATA:
             assert done.returncode == 2, (command, done.stdout, done.stderr)
-            assert f"no collector data in {looked_at} " in done.stderr, (command, done.stderr)
+            assert f"no collector data in {looked_at}:" in done.stderr, (command, done.stderr)
         elif command == ("keys", "list"):
             assert done.returncode == 2, (command, done.stdout, done.stderr)
             assert f"no API keys in {looked_at} " in done.stderr, done.stderr

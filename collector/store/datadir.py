@@ -110,8 +110,9 @@ class DataDir:
         return [self.path / name for name in DATABASES]
 
     def holds_data(self) -> bool:
-        """True once a server has started here (the queue exists)."""
-        return self.queue.exists()
+        """True when any file of the collector's is here (`keys create` makes the first)."""
+        names = (*DATABASES, KEYS, SERVER_STATE, FORWARDER_STATE, FORWARDER_LOCK)
+        return any((self.path / name).exists() for name in names)
 
     def unusable(self) -> str | None:
         """Why this process could not create or write the directory, or None when it can
