@@ -65,6 +65,18 @@ def create_key(data_dir: Path, *args: str) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
+_ADMIN_KEYS: dict[Path, str] = {}
+
+
+def admin_key(data_dir: Path) -> str:
+    """A key with admin:read for `data_dir` (the whole of /v1/stats), made once per dir."""
+    if data_dir not in _ADMIN_KEYS:
+        _ADMIN_KEYS[data_dir] = create_key(
+            data_dir, "--scope", "admin:read", "--name", f"admin-{len(_ADMIN_KEYS)}"
+        )
+    return _ADMIN_KEYS[data_dir]
+
+
 def stored_events(data_dir: Path) -> list[dict[str, Any]]:
     """Every event in the queue file not yet acknowledged, oldest first."""
     path = DataDir(data_dir).queue

@@ -27,7 +27,7 @@ from collector.store.configcache import Bundle as CachedBundle
 from collector.store.configcache import ConfigCache, Slot
 from collector.store.datadir import DataDir
 
-from conftest import COLLECTOR, ROOT, Server, serve_for_module, terminate
+from conftest import COLLECTOR, ROOT, Server, admin_key, serve_for_module, terminate
 from sdk_support import (
     CONTROL_UNIT,
     PARAMETER_DEFAULT,
@@ -537,7 +537,8 @@ def test_proxied_calls_are_counted_in_status_and_metrics(
 ) -> None:
     def counted() -> dict[str, dict[str, int]]:
         answer = httpx.get(
-            f"{collector.url}/v1/stats", headers={"Authorization": f"Bearer {collector.key}"}
+            f"{collector.url}/v1/stats",
+            headers={"Authorization": f"Bearer {admin_key(collector.data_dir)}"},
         )
         assert answer.status_code == 200, answer.text
         document = answer.json()["proxy"]

@@ -34,7 +34,17 @@ from collector.ops import srm
 from collector.store.counts import Counts
 from collector.store.datadir import DataDir
 
-from conftest import COLLECTOR, ROOT, Server, create_key, event, free_port, run_cli, terminate
+from conftest import (
+    COLLECTOR,
+    ROOT,
+    Server,
+    admin_key,
+    create_key,
+    event,
+    free_port,
+    run_cli,
+    terminate,
+)
 from upstream import Upstream
 
 T = TypeVar("T")
@@ -138,7 +148,8 @@ def post(server: Server, events: list[Any]) -> int:
 
 
 def get_stats(server: Server, key: str | None = None) -> httpx.Response:
-    headers = {} if key == "" else {"Authorization": f"Bearer {key or server.key}"}
+    """/v1/stats with `key` (by default an admin:read key: the whole document)."""
+    headers = {} if key == "" else {"Authorization": f"Bearer {key or admin_key(server.data_dir)}"}
     return httpx.get(f"{server.url}/v1/stats", headers=headers, timeout=30)
 
 
@@ -841,9 +852,8 @@ def test_status_help_states_the_exit_codes(tmp_path: Path) -> None:
 def test_stats_needs_a_valid_key_and_is_the_status_document(fleet: Fleet) -> None:
     assert get_stats(fleet.server, key="").status_code == 401
     assert get_stats(fleet.server, key="traffical_sk_not_a_key").status_code == 401
-    reader = create_key(fleet.data_dir, "--scope", "sdk:read", "--name", "reader")
 
-    answer = get_stats(fleet.server, key=reader)  # any valid key, whatever its scope
+    answer = get_stats(fleet.server, key=admin_key(fleet.data_dir))  # admin:read: all of it
     assert answer.status_code == 200, answer.text
     assert answer.headers["content-type"].startswith("application/json")
     document = answer.json()
@@ -853,6 +863,63 @@ def test_stats_needs_a_valid_key_and_is_the_status_document(fleet: Fleet) -> Non
         assert document[key] == from_cli[key], key
     assert set(document["queue"]) == QUEUE_KEYS
     assert document["server"]["up"] and document["forwarder"]["up"]
+
+
+def test_stats_is_an_operator_view_a_browser_key_never_reads(fleet: Fleet) -> None:
+    """Any valid key, a publishable one included, was shown every project's event names
+    and allocations, the data directory, pids and the upstream URL."""
+    writer = create_key(fleet.data_dir, "--scope", "sdk:write", "--name", "writer-only")
+    browser = create_key(
+        fleet.data_dir, "--scope", "sdk:read", "--publishable", "--name", "browser"
+    )
+    for key in (writer, browser):
+        refused = get_stats(fleet.server, key=key)
+        assert refused.status_code == 403, refused.text
+        assert "admin:read" in refused.json()["message"]
+    publishable_admin = run_cli(
+        "keys", "create", "--scope", "admin:read", "--publishable", data_dir=fleet.data_dir
+    )
+    assert publishable_admin.returncode == 2, publishable_admin.stdout
+
+    reader = create_key(fleet.data_dir, "--scope", "sdk:read", "--name", "reader")
+    answer = get_stats(fleet.server, key=reader)
+    assert answer.status_code == 200, answer.text
+    document = answer.json()
+    assert "data_dir" not in document and str(fleet.data_dir) not in answer.text
+    assert {"pid", "url"}.isdisjoint(document["server"])
+    assert {"pid", "upstream_url", "message"}.isdisjoint(document["forwarder"])
+    upstream_url = get_stats(fleet.server).json()["forwarder"]["upstream_url"]
+    assert upstream_url and upstream_url not in answer.text
+    assert document["allocations"] == get_stats(fleet.server).json()["allocations"]
+
+
+def test_stats_for_a_key_of_one_project_shows_that_project_alone(
+    start_server: Callable[..., Server],
+) -> None:
+    server = start_server()
+    sent = [event("exposure", id=f"{project}-{n}", projectId=project) for n in range(3)
+            for project in ("proj_test", "proj_other")]  # fmt: skip
+    sent += [event(id="mine", event="my_signup"), event(id="theirs", projectId="proj_other",
+             event="other_signup")]  # fmt: skip
+    assert server.post({"events": sent}).status_code == 200
+    everything = stats_when(
+        server,
+        lambda d: {row["project"] for row in d["top_events"]} == {"proj_test", "proj_other"},
+        "both projects counted",
+    )
+    assert {row["project"] for row in everything["allocations"]} == {"proj_test", "proj_other"}
+
+    for scope in ("admin:read", "sdk:read"):
+        key = create_key(
+            server.data_dir, "--scope", scope, "--project", "proj_test", "--name", f"{scope}-p"
+        )
+        answer = get_stats(server, key=key)
+        assert answer.status_code == 200, answer.text
+        document = answer.json()
+        for section in ("allocations", "top_events", "sample_ratio"):
+            assert document[section], (scope, section)
+            assert {row["project"] for row in document[section]} == {"proj_test"}, section
+        assert "proj_other" not in answer.text and "other_signup" not in answer.text
 
 
 # --- /metrics ------------------------------------------------------------------------------

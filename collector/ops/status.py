@@ -60,6 +60,32 @@ def collect(settings: Settings) -> dict[str, Any]:
     return {"healthy": not problems, "problems": problems, "warnings": warnings, **document}
 
 
+# What only an admin:read key is shown (`shown_to`): where the collector keeps its files,
+# its processes' pids and address, the upstream's address, and the forwarder's messages,
+# which may quote it.
+ADMIN_ONLY = {"server": ("pid", "url"), "forwarder": ("pid", "upstream_url", "message")}
+# The sections listed per project: a key restricted to one sees only that project's rows.
+PER_PROJECT = ("top_events", "allocations", "sample_ratio")
+
+
+def shown_to(document: dict[str, Any], *, admin: bool, project: str | None) -> dict[str, Any]:
+    """The status document as a key may see it (`GET /v1/stats`): whole for an admin key,
+    else without what `ADMIN_ONLY` names; for a key restricted to `project`, only that
+    project's rows of the per-project sections. The verdict is judged again on what is
+    shown, so that no problem or warning quotes what was left out."""
+    shown = {**document}
+    if not admin:
+        shown.pop("data_dir", None)
+        for process, names in ADMIN_ONLY.items():
+            shown[process] = {k: v for k, v in shown[process].items() if k not in names}
+    if project is not None:
+        for section in PER_PROJECT:
+            shown[section] = [row for row in shown[section] if row["project"] == project]
+    problems, warnings = _judge(shown)
+    shown.update(healthy=not problems, problems=problems, warnings=warnings)
+    return shown
+
+
 def _process(path: Path, now: float) -> dict[str, Any]:
     state = heartbeats.read(path) or {}
     up = heartbeats.is_alive(state, now)

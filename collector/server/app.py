@@ -50,7 +50,7 @@ from collector.errors import (
 from collector.ops import status
 from collector.ops.metrics import Metrics
 from collector.server import limits, openapi
-from collector.server.auth import KeyStore
+from collector.server.auth import ADMIN_READ, ApiKey, KeyStore
 from collector.server.commit import Committer, WriterConfig
 from collector.server.counting import EventCounter
 from collector.server.ingest import Ingest, decode_body, require_json
@@ -228,10 +228,16 @@ async def post_decide(request: Request[Any, Any, Any], policy_id: str) -> Respon
 
 @get("/v1/stats")
 async def stats(request: Request[Any, Any, Any]) -> Response[bytes]:
-    """The status document of `collector status --json` (any valid key)."""
-    request.app.state.key_store.authenticate(request.headers.get("authorization"))
+    """The status document of `collector status --json`: whole for an admin:read key; for
+    an sdk:read secret key without paths, pids and the upstream; for a key restricted to a
+    project, that project's figures only."""
+    key: ApiKey = request.app.state.key_store.authenticate(request.headers.get("authorization"))
+    if not key.may_read_stats():
+        raise Forbidden(f"API key '{key.name}' may not read stats: it needs {ADMIN_READ}")
     document = await asyncio.to_thread(status.collect, request.app.state.settings)
-    return json_response(document)
+    return json_response(
+        status.shown_to(document, admin=ADMIN_READ in key.scopes, project=key.project)
+    )
 
 
 @get("/metrics")

@@ -30,7 +30,11 @@ from collector.errors import Forbidden, KeyStoreUnavailable, Unauthorized
 from collector.events import Target
 from collector.store.datadir import DataDir, atomic_write
 
-SCOPES = ("sdk:read", "sdk:write")
+# sdk:read (config, resolve, decide) and sdk:write (events) are the Traffical API's own;
+# admin:read is the collector's: the whole status document (/v1/stats), paths included.
+SCOPES = ("sdk:read", "sdk:write", "admin:read")
+SDK_SCOPES = ("sdk:read", "sdk:write")
+ADMIN_READ = "admin:read"
 SECRET_PREFIX = "traffical_sk_"
 PUBLISHABLE_PREFIX = "traffical_pk_"
 # 32 random bytes: 256 bits, beyond guessing, so an unsalted SHA-256 digest is safe to store.
@@ -73,6 +77,14 @@ class ApiKey:
     def require(self, scope: str) -> None:
         if scope not in self.scopes:
             raise Forbidden(f"API key '{self.name}' lacks the {scope} scope")
+
+    @property
+    def publishable(self) -> bool:
+        return self.prefix.startswith(PUBLISHABLE_PREFIX)
+
+    def may_read_stats(self) -> bool:
+        """admin:read, or sdk:read on a secret key: never a key shipped in browsers."""
+        return ADMIN_READ in self.scopes or ("sdk:read" in self.scopes and not self.publishable)
 
     @property
     def restricted(self) -> bool:
@@ -179,6 +191,10 @@ class KeyStore:
         unknown = sorted(set(scopes) - set(SCOPES))
         if unknown or not scopes:
             raise ValueError(f"scopes must be among {', '.join(SCOPES)}; got {unknown or 'none'}")
+        if ADMIN_READ in scopes and (
+            publishable or (existing or "").startswith(PUBLISHABLE_PREFIX)
+        ):
+            raise ValueError(f"a publishable key (shipped in browsers) cannot have {ADMIN_READ}")
         if existing is not None:
             kind = next(
                 (k for k in (SECRET_PREFIX, PUBLISHABLE_PREFIX) if existing.startswith(k)), ""
@@ -246,7 +262,7 @@ def ensure_first_key(store: KeyStore) -> str | None:
     if store.list_keys():
         return None
     try:
-        _, secret = store.create(list(SCOPES), name="default")
+        _, secret = store.create(list(SDK_SCOPES), name="default")
     except ValueError:  # another process made it first
         return None
     return secret
