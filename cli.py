@@ -19,7 +19,7 @@ import json
 import multiprocessing
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -209,10 +209,13 @@ def run(
         settings.stop_timeout_seconds,
     )
     child.start()
+    served = False
     try:
-        _serve(settings)
+        served = _serve(settings, on_stop=child.begin_stop)
     finally:
-        child.stop()
+        stopped = child.stop()
+    if not (served and stopped):  # cut short at stop_timeout_seconds, or killed
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -226,7 +229,8 @@ def serve(
     settings = settings_or_exit(config, data_dir=data_dir, host=host, port=port)
     usable_or_exit(settings)
     setup_logging(settings)
-    _serve(settings)
+    if not _serve(settings):
+        raise typer.Exit(1)  # requests in progress were cut at stop_timeout_seconds
 
 
 @app.command()
@@ -242,7 +246,7 @@ def forward(
     usable_or_exit(settings)
     setup_logging(settings)
     try:
-        asyncio.run(
+        finished = asyncio.run(
             process.run(settings, lambda: load_settings(config, data_dir=data_dir), parent_pid)
         )
     except AlreadyRunning as exc:
@@ -251,12 +255,14 @@ def forward(
     except ConfigFileError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
+    if not finished:
+        raise typer.Exit(1)  # upstream requests in progress were cut at stop_timeout_seconds
 
 
-def _serve(settings: Settings) -> None:
+def _serve(settings: Settings, on_stop: Callable[[], None] = lambda: None) -> bool:
     from collector.server import bootstrap  # imported when used: litestar is slow to import
 
-    bootstrap.serve(settings)
+    return bootstrap.serve(settings, on_stop)
 
 
 def usable_or_exit(settings: Settings) -> None:

@@ -68,6 +68,19 @@ class Settings(BaseSettings):
     )
     host: str = Field("127.0.0.1", description="Address the server binds; loopback by default.")
     port: int = Field(8787, ge=0, le=65535, description="TCP port the server listens on.")
+    health_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="Port of a second listener that serves only /healthz, /readyz and "
+        "/metrics, for a kubelet's probes and Prometheus while events stay on `host`; "
+        "none (the default): no second listener.",
+    )
+    health_host: str = Field(
+        "0.0.0.0",
+        description="Address the health listener binds (with health_port): all of them by "
+        "default, so that a kubelet can probe the pod's IP.",
+    )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Browser origins allowed to call the API (comma separated); none by default.",
@@ -122,7 +135,11 @@ class Settings(BaseSettings):
         7 * 24 * 3600, gt=0, description="Events queued longer than this are dead-lettered."
     )
     stop_timeout_seconds: float = Field(
-        10.0, ge=0, description="On stop, how long in-flight upstream requests may finish."
+        10.0,
+        ge=0,
+        description="On stop (SIGTERM), how long the server's requests in progress and the "
+        "forwarder's upstream requests may take to finish; past it they are cut and the "
+        "process exits 1.",
     )
     sync: Literal["full", "normal"] = Field(
         "full",
@@ -178,6 +195,12 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [origin.strip() for origin in value.split(",") if origin.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _two_ports(self) -> Settings:
+        if self.health_port is not None and self.health_port == self.port:
+            raise ValueError(f"health_port must differ from port ({self.port})")
+        return self
 
     @field_validator("upstream_url")
     @classmethod

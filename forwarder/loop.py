@@ -142,6 +142,7 @@ class Forwarder:
         self._key_fixed = asyncio.Event()
         self._blocked: set[Target] = set()  # targets whose key the upstream refused
         self._sink: EventsSink | None = None
+        self.overran = False  # requests were still in flight at stop_timeout_seconds
 
     # --- life cycle -----------------------------------------------------------------
 
@@ -193,6 +194,7 @@ class Forwarder:
         await self._feed()
         # Stopping: in-flight requests get the stop timeout, the rest stay queued.
         _, unfinished = await asyncio.wait(senders, timeout=self.settings.stop_timeout_seconds)
+        self.overran = bool(unfinished)
         for task in unfinished:
             task.cancel()
         await asyncio.gather(*senders, return_exceptions=True)

@@ -73,9 +73,9 @@ def already_running(data_dir: DataDir) -> AlreadyRunning:
 
 async def run(
     settings: Settings, load_settings: Callable[[], Settings], parent_pid: int | None = None
-) -> None:
+) -> bool:
     """Run the forwarder until SIGTERM or SIGINT (or `parent_pid` is gone); SIGHUP reloads
-    the upstream keys."""
+    the upstream keys. True when it stopped with no upstream request cut short."""
     with exclusive(DataDir(settings.data_dir)):
         forwarder = Forwarder(settings, key_chooser(load_settings))
         loop = asyncio.get_running_loop()
@@ -89,6 +89,7 @@ async def run(
         await forwarder.run()
         for task in helpers:
             task.cancel()
+        return not forwarder.overran
 
 
 async def _stop_without(parent_pid: int, forwarder: Forwarder) -> None:

@@ -24,6 +24,9 @@ log = logging.getLogger("collector.run")
 RESTART_FIRST_S = 1.0
 RESTART_MAX_S = 60.0
 SYSTEMD_ONLY = frozenset({"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"})
+# Beyond stop_timeout_seconds, the seconds a stopping forwarder gets to write its state and
+# release its rows before it is killed.
+STOP_GRACE_S = 5.0
 
 
 def safe_imports_for_children() -> None:
@@ -60,23 +63,34 @@ class ForwarderChild:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
-        """SIGTERM the forwarder and wait for its clean stop (SIGKILL past the deadline)."""
+    def begin_stop(self) -> None:
+        """Tell the forwarder to stop (SIGTERM), without waiting: it finishes its upstream
+        requests while the server finishes its own (`stop` then waits)."""
         with self._starting:
             self._stopping.set()
             process = self._process
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+
+    def stop(self) -> bool:
+        """Stop the forwarder and wait for it (SIGKILL past the deadline); True when it
+        stopped cleanly (exit status 0) in time."""
+        self.begin_stop()
+        process = self._process
         if process is None or process.poll() is not None:
             if self._thread.is_alive():
                 self._thread.join(timeout=5)
-            return
-        process.send_signal(signal.SIGTERM)
+            return process is None or process.returncode == 0
         try:
-            process.wait(timeout=self._stop_timeout_s + 5)
+            process.wait(timeout=self._stop_timeout_s + STOP_GRACE_S)
         except subprocess.TimeoutExpired:
             log.error("forwarder did not stop in time; killing it")
             process.kill()
             process.wait()
-        self._thread.join(timeout=5)
+            return False
+        finally:
+            self._thread.join(timeout=5)
+        return process.returncode == 0
 
     @staticmethod
     def _environment() -> dict[str, str]:

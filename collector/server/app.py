@@ -30,7 +30,15 @@ from litestar.config.cors import CORSConfig
 from litestar.enums import ScopeType
 from litestar.exceptions import HTTPException
 from litestar.handlers import HTTPRouteHandler
-from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from litestar.types import (
+    ASGIApp,
+    HTTPResponseBodyEvent,
+    HTTPResponseStartEvent,
+    Message,
+    Receive,
+    Scope,
+    Send,
+)
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from collector.errors import (
@@ -89,6 +97,9 @@ CORS_ALLOW_HEADERS = [
 ]
 CORS_EXPOSE_HEADERS = ["ETag", STALE_HEADER]
 EVENTS_PATHS = ("/v1/events", "/v1/events/batch")
+# What the health listener (health_port) serves: probes and scrapes, nothing else.
+HEALTH_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+HEALTH_ONLY = "the health listener serves only /healthz, /readyz and /metrics"
 # How often the server writes its counts to counts.db (and so how fresh status is).
 COUNTS_FLUSH_S = 1.0
 # Browsers may cache a preflight answer this many seconds (10 minutes: Chromium's cap).
@@ -255,7 +266,10 @@ async def healthz() -> Response[bytes]:
 
 @get("/readyz")
 async def readyz(request: Request[Any, Any, Any]) -> Response[bytes]:
-    """Keys can be judged, the queue can take a write now, and the disk budget is not reached."""
+    """Not stopping, keys can be judged, the queue can take a write now, and the disk budget
+    is not reached."""
+    if request.app.state.stopping:
+        raise Unavailable("the collector is stopping")
     request.app.state.key_store.check_readable()
     await request.app.state.committer.check_writable()
     return json_response({"status": "ready"})
@@ -395,6 +409,41 @@ def create_app(settings: Settings) -> Litestar:
     app.state.max_body_bytes = settings.max_body_bytes
     app.state.settings = settings
     app.state.metrics = app_metrics
+    app.state.stopping = False  # set on SIGTERM (bootstrap.NotifyingServer)
     guarded = limits.guarded(app.asgi_handler, settings.request_timeout_seconds)
     app.asgi_handler = measured(guarded, app_metrics, counts)
+    if settings.health_port is not None:
+        app.asgi_handler = health_only(app.asgi_handler, settings.health_port)
     return app
+
+
+def health_only(app: ASGIApp, health_port: int) -> ASGIApp:
+    """Wrap `app`: on the health listener's port, only HEALTH_PATHS; every other path is
+    404 there (events and stats stay on the events listener, which may be loopback)."""
+
+    async def wrapper(scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == ScopeType.HTTP
+            and (scope.get("server") or ("", None))[1] == health_port
+            and scope["path"] not in HEALTH_PATHS
+        ):
+            body = orjson.dumps({"error": HTTPStatus.NOT_FOUND.phrase, "message": HEALTH_ONLY})
+            start: HTTPResponseStartEvent = {
+                "type": "http.response.start",
+                "status": HTTPStatus.NOT_FOUND,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+            end: HTTPResponseBodyEvent = {
+                "type": "http.response.body",
+                "body": body,
+                "more_body": False,
+            }
+            await send(start)
+            await send(end)
+            return
+        await app(scope, receive, send)
+
+    return wrapper

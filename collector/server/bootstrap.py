@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 from types import FrameType
 
 import uvicorn
+from litestar import Litestar
 
 from collector.ops import notify
 from collector.server import limits
@@ -32,12 +35,19 @@ log = logging.getLogger("collector.server")
 REPEAT_WINDOW_S = 0.5
 # Seconds a client connection may sit idle between requests.
 KEEP_ALIVE_S = 30
+# Connections the kernel holds for each listener before the app takes them (uvicorn's).
+BACKLOG = 2048
+# uvicorn's exit status for a server that could not start.
+STARTUP_FAILURE = 3
 
 
-def serve(settings: Settings) -> None:
-    """Serve HTTP until SIGTERM or Ctrl-C (uvicorn stops cleanly on both)."""
+def serve(settings: Settings, on_stop: Callable[[], None] = lambda: None) -> bool:
+    """Serve HTTP until SIGTERM or Ctrl-C; True when it stopped within
+    `stop_timeout_seconds`. `on_stop` runs as the stop begins (`collector run` tells its
+    forwarder then, so that both finish their work at the same time)."""
     data_dir = DataDir(settings.data_dir)
     data_dir.create()
+    sockets = listen(settings)
     first = ensure_first_key(KeyStore(data_dir))
     if first is not None:
         show_first_key(first, data_dir)
@@ -46,10 +56,9 @@ def serve(settings: Settings) -> None:
     # forwarder) instead of killing the process on the spot.
     for stop_signal in (signal.SIGTERM, signal.SIGINT):
         signal.signal(stop_signal, lambda received, frame: None)
+    app = create_app(settings)
     config = uvicorn.Config(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
+        app,
         log_config=None,  # our handlers (collector.ops.logs) carry uvicorn's records too
         access_log=False,
         loop="uvloop",
@@ -58,21 +67,52 @@ def serve(settings: Settings) -> None:
         http=limits.protocol_class(settings),
         # A connection idle this long after an answer is closed.
         timeout_keep_alive=KEEP_ALIVE_S,
+        # On stop, requests in progress get this long to finish (and be committed).
+        timeout_graceful_shutdown=math.ceil(settings.stop_timeout_seconds),
     )
     limits.raise_open_files_limit(settings.max_connections)
-    serving = f"serving on http://{settings.host}:{settings.port}, queue in {data_dir.path}"
-    NotifyingServer(config, f"{serving} (sync={settings.sync})").run()
+    serving = f"serving on http://{settings.host}:{settings.port}"
+    if settings.health_port is not None:
+        serving += f", health on http://{settings.health_host}:{settings.health_port}"
+    serving += f", queue in {data_dir.path} (sync={settings.sync})"
+    server = NotifyingServer(config, serving, app, on_stop)
+    server.run(sockets=sockets)
+    return not server.overran
+
+
+def listen(settings: Settings) -> list[socket.socket]:
+    """The listening sockets: events (and all routes) on host:port, and the health
+    listener's when health_port is set. A port that cannot be bound ends the process here,
+    before anything starts, with one line and uvicorn's own status for it (3)."""
+    addresses = [(settings.host, settings.port)]
+    if settings.health_port is not None:
+        addresses.append((settings.health_host, settings.health_port))
+    sockets = []
+    for host, port in addresses:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        try:
+            sockets.append(socket.create_server((host, port), family=family, backlog=BACKLOG))
+        except OSError as exc:
+            log.error("cannot listen on %s:%d: %s", host, port, exc.strerror or exc)
+            raise SystemExit(STARTUP_FAILURE) from exc
+    return sockets
 
 
 class NotifyingServer(uvicorn.Server):
     """uvicorn's server, saying that it serves (in the log, and to systemd) once it does:
-    its port bound and the app started; and when it stops."""
+    its ports bound and the app started; and, from the moment it is told to stop, not ready
+    (/readyz 503) while its requests in progress finish."""
 
     _exit_at = 0.0
+    _drained = False  # every request in progress at the stop finished in time
 
-    def __init__(self, config: uvicorn.Config, serving: str) -> None:
+    def __init__(
+        self, config: uvicorn.Config, serving: str, app: Litestar, on_stop: Callable[[], None]
+    ) -> None:
         super().__init__(config)
         self._serving = serving
+        self._app = app
+        self._on_stop = on_stop
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
@@ -85,6 +125,16 @@ class NotifyingServer(uvicorn.Server):
         notify.notify("STOPPING=1")
         await super().shutdown(sockets)
 
+    async def _wait_tasks_to_complete(self) -> None:
+        # uvicorn cancels this wait at timeout_graceful_shutdown (and then the requests).
+        await super()._wait_tasks_to_complete()
+        self._drained = True
+
+    @property
+    def overran(self) -> bool:
+        """Requests were still running at stop_timeout_seconds, and were cut."""
+        return self.started and not self._drained
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # A Ctrl-C reaches the one-file build twice (from the terminal, and passed on by
         # its loader); uvicorn would take the second for "force quit" and skip the clean
@@ -94,6 +144,8 @@ class NotifyingServer(uvicorn.Server):
             return
         if not self.should_exit:
             self._exit_at = now
+            self._app.state.stopping = True  # /readyz: 503 from now on
+            self._on_stop()
         super().handle_exit(sig, frame)
 
 
