@@ -421,8 +421,10 @@ def status(
     with readable(data):
         document = status_document.collect(settings)
         if watch:
+            shown = [document]  # the last one shown decides the exit status
             with contextlib.suppress(KeyboardInterrupt):
-                watch_status(settings, document, as_json)
+                watch_status(settings, shown, as_json)
+            document = shown[-1]
         elif as_json:
             typer.echo(json.dumps(document, indent=2))
         else:
@@ -430,24 +432,26 @@ def status(
     raise typer.Exit(0 if document["healthy"] else 1)
 
 
-def watch_status(settings: Settings, document: dict[str, Any], as_json: bool) -> None:
-    """Refresh until interrupted: in place on a terminal (as much as fits it), else a line
-    per refresh (one JSON document per line with --json), for a pipe or a log."""
+def watch_status(settings: Settings, shown: list[dict[str, Any]], as_json: bool) -> None:
+    """Refresh until interrupted, appending each document to `shown`: in place on a
+    terminal (as much as fits it), else a line per refresh (one JSON document per line with
+    --json), for a pipe or a log."""
     from collector.ops import statusview
 
     console = Console()
     if as_json or not console.is_terminal:
         while True:
-            line = json.dumps(document) if as_json else statusview.summary_line(document)
-            typer.echo(line)
+            document = shown[-1]
+            typer.echo(json.dumps(document) if as_json else statusview.summary_line(document))
             sys.stdout.flush()
             time.sleep(STATUS_REFRESH_S)
-            document = status_document.collect(settings)
-    with Live(statusview.fitting(document, console), console=console, auto_refresh=False) as live:
+            shown[:] = [status_document.collect(settings)]
+    view = statusview.fitting(shown[-1], console)
+    with Live(view, console=console, auto_refresh=False) as live:
         while True:
             time.sleep(STATUS_REFRESH_S)
-            document = status_document.collect(settings)
-            live.update(statusview.fitting(document, console), refresh=True)
+            shown[:] = [status_document.collect(settings)]
+            live.update(statusview.fitting(shown[-1], console), refresh=True)
 
 
 @config_app.command("check")
@@ -504,7 +508,7 @@ def open_dead_letters(
 
 @dlq_app.command("list")
 def dlq_list(
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines instead.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON array instead.")] = False,
     config: ConfigOption = None,
     data_dir: DataDirOption = None,
 ) -> None:
@@ -604,6 +608,7 @@ def main() -> None:
     multiprocessing.freeze_support()
     safe_imports_for_children()
     make_private()
+    logs.setup("warning")  # until a command sets its own level: an escaped error is a record
     app(prog_name="collector")
 
 

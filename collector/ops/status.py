@@ -227,14 +227,16 @@ def _judge(document: dict[str, Any]) -> tuple[list[str], list[str]]:
     if not forwarder["up"]:
         problems.append("forwarder is down")
     upstream = forwarder.get("upstream")
+    message = forwarder.get("message") or ""  # absent for a key without admin:read
     if upstream == UpstreamState.KEY_REJECTED:
-        problems.append(f"upstream refused the key: {forwarder.get('message', '')}")
+        # The forwarder's own words: a refused key, or none configured for a target.
+        problems.append(message or "the upstream key was refused, or none is configured")
     elif upstream == UpstreamState.NOT_CONFIGURED:
         warnings.append("no upstream configured: events stay queued")
     elif upstream == UpstreamState.RETRYING:
         outage = forwarder.get("outage_since")
         seconds = time.time() - datetime.fromisoformat(outage).timestamp() if outage else 0
-        note = f"upstream failing for {seconds:.0f} s: {forwarder.get('message', '')}"
+        note = f"upstream failing for {seconds:.0f} s" + (f": {message}" if message else "")
         (problems if seconds > OUTAGE_UNHEALTHY_S else warnings).append(note)
     if document["queue"]["disk_budget_used"] >= BUDGET_UNHEALTHY:
         problems.append(f"disk budget {document['queue']['disk_budget_used']:.0%} used")

@@ -99,7 +99,9 @@ def test_every_file_has_its_own_name_in_the_data_directory(tmp_path: Path) -> No
     assert data_dir.keys.name == datadir.KEYS
 
 
-def test_the_directory_holds_data_once_a_queue_exists(tmp_path: Path) -> None:
+def test_the_directory_holds_data_once_any_file_of_the_collectors_is_there(
+    tmp_path: Path,
+) -> None:
     data_dir = DataDir(tmp_path / "new" / "data")
     assert not data_dir.holds_data()
 

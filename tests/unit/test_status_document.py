@@ -93,8 +93,11 @@ def test_a_process_down_is_a_problem() -> None:
 
 
 def test_a_refused_key_is_a_problem_and_no_upstream_a_warning() -> None:
-    problems, _ = judged(forwarder={"upstream": "key_rejected", "message": "HTTP 401"})
-    assert problems == ["upstream refused the key: HTTP 401"]
+    refused = "upstream refused the key for project 'p', env 'e' (HTTP 401: no); sending stopped"
+    problems, _ = judged(forwarder={"upstream": "key_rejected", "message": refused})
+    assert problems == [refused]  # the forwarder's words, not prefixed a second time
+    problems, _ = judged(forwarder={"upstream": "key_rejected"})  # as a non-admin sees it
+    assert problems == ["the upstream key was refused, or none is configured"]
 
     assert judged(forwarder={"upstream": "not_configured"}) == (
         [],
