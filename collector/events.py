@@ -3,29 +3,31 @@
 Only what the collector itself relies on is checked (routing fields, the id used for
 de-duplication, the fields counted). Everything else, and every unknown field, is left as
 the client sent it: the schema is open, newer SDKs add fields, and the stored event is the
-client's own JSON, never a re-serialised model. The leniencies below are what real SDKs
+client's own bytes, never a re-serialised model. The leniencies below are what real SDKs
 send (see the spec's list): empty or numeric `unitKey`, `bucket: -1` and unbounded buckets,
 layers without policy fields, timestamps with or without milliseconds and with offsets,
 `value: null`, non-numeric `values`, any id pattern.
 
+An event is validated from its own JSON bytes by msgspec into the structs below (`decode`):
+unknown fields are skipped without building Python objects, and objects the collector does
+not look into (`context`, `properties`, `values`) are checked to be objects but their
+values stay raw. Measured for a 1000-event body of the Python SDK's events (530 kB, this
+machine): 0.9 ms, against 3.3 ms for the pydantic `TypedDict`s this replaced. Numbers the
+collector does not compute with (`value`, `probability`) are kept raw too and only checked
+to be numbers, so `1e999` or a 400-digit integer is valid, as it is JSON.
+
 The OpenAPI description of an event (`json_schema`, served by the server) is generated
-from these same types, so the documented schema and the validator cannot disagree.
+from these same structs, so the documented schema and the validator cannot disagree.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Annotated, Any, Literal, NamedTuple, NotRequired
+from typing import Annotated, Any, NamedTuple
 
-from pydantic import (
-    AfterValidator,
-    ConfigDict,
-    Field,
-    TypeAdapter,
-    ValidationError,
-    WithJsonSchema,
-)
-from typing_extensions import TypedDict
+import msgspec
 
 EVENT_TYPES = ("exposure", "decision", "track")
 
@@ -43,31 +45,24 @@ class Target(NamedTuple):
 
 # An error message quotes a bad `type` back; cut it so answers stay small.
 MAX_ERROR_CHARS = 300
+# A JSON number starts with a digit or a minus sign; so does nothing else.
+NUMBER_START = frozenset(b"-0123456789")
 
-
-def _iso8601(value: str) -> str:
-    datetime.fromisoformat(value)  # raises ValueError, which pydantic reports per field
-    return value
-
-
-def _string_or_number(value: Any) -> Any:
-    if isinstance(value, bool) or not isinstance(value, str | int | float):
-        raise ValueError("must be a string or a number")
-    return value
-
-
-def _integral(value: float) -> float:
-    if not value.is_integer():
-        raise ValueError("must be an integer")
-    return value
-
-
+UNSET = msgspec.UNSET
+# A JSON value kept as its bytes: a number the collector does not compute with, or an
+# object's member it does not look into. The schema says what it must be.
+Number = Annotated[
+    msgspec.Raw,
+    msgspec.Meta(extra_json_schema={"type": ["number", "null"]}),
+]
+Object = Annotated[
+    dict[str, msgspec.Raw],
+    msgspec.Meta(extra_json_schema={"type": "object", "additionalProperties": True}),
+]
 Timestamp = Annotated[
     str,
-    AfterValidator(_iso8601),
-    WithJsonSchema(
-        {
-            "type": "string",
+    msgspec.Meta(
+        extra_json_schema={
             "format": "date-time",
             "description": "ISO 8601, with or without milliseconds, `Z` or an offset.",
         }
@@ -75,111 +70,194 @@ Timestamp = Annotated[
 ]
 # An integer as JSON has it: 7, or 7.0 (the same number to JSON Schema and to JavaScript).
 Bucket = Annotated[
-    float,
-    AfterValidator(_integral),
-    WithJsonSchema({"type": "integer", "description": "-1: layer skipped. No upper bound."}),
+    int | float,
+    msgspec.Meta(
+        extra_json_schema={"type": "integer", "description": "-1: layer skipped. No upper bound."}
+    ),
 ]
 # A unit key is whatever the SDK hashed: "" (track default) or a number are both real.
 UnitKey = Annotated[
-    Any,
-    AfterValidator(_string_or_number),
-    WithJsonSchema({"type": ["string", "number"], "description": "May be empty or a number."}),
+    str | int | float,
+    msgspec.Meta(
+        extra_json_schema={"type": ["string", "number"], "description": "May be empty or a number."}
+    ),
 ]
-Name = Annotated[str, Field(min_length=1)]
-
-# Unknown fields are ignored by validation (the client's own JSON is what is stored, so the
-# validated copy is thrown away, and not copying extras saves a third of the time), and
-# types are strict: "7" is not a bucket and true is not a value, since the event is
-# forwarded as sent and the upstream would refuse what we let through. The schema says the
-# same: unknown fields are allowed everywhere.
-OPEN = ConfigDict(extra="ignore", strict=True, json_schema_extra={"additionalProperties": True})
+Name = Annotated[str, msgspec.Meta(min_length=1)]
 
 
-class LayerAssignment(TypedDict):
-    __pydantic_config__ = OPEN  # type: ignore[misc]
+class LayerAssignment(msgspec.Struct, kw_only=True):
     layerId: str
     bucket: Bucket  # -1 means "layer skipped"; bucketCount is per project, so no upper bound
-    policyId: NotRequired[str | None]
-    allocationId: NotRequired[str | None]
-    allocationName: NotRequired[str | None]
-    probability: NotRequired[float | None]
-    attributionOnly: NotRequired[bool | None]
+    policyId: str | None = None
+    allocationId: str | None = None
+    allocationName: str | None = None
+    probability: Number | msgspec.UnsetType = UNSET
+    attributionOnly: bool | None = None
+
+    @property
+    def skipped(self) -> bool:
+        """A layer the unit was not bucketed in (`bucket: -1`)."""
+        return self.bucket < 0
 
 
-class _Common(TypedDict):
-    __pydantic_config__ = OPEN  # type: ignore[misc]
+class _Common(msgspec.Struct, kw_only=True, tag_field="type"):
     orgId: str
     projectId: str
     env: str
     unitKey: UnitKey
     timestamp: Timestamp
-    id: NotRequired[str | None]
-    context: NotRequired[dict[str, Any] | None]
+    id: str | None = None
+    context: Object | None = None
 
 
-class Exposure(_Common):
-    type: Literal["exposure"]
+class Exposure(_Common, tag="exposure"):
     layers: list[LayerAssignment]
-    decisionId: NotRequired[str | None]
+    decisionId: str | None = None
 
 
-class Decision(_Common):
-    type: Literal["decision"]
+class Decision(_Common, tag="decision"):
     layers: list[LayerAssignment]
 
 
-class Track(_Common):
-    type: Literal["track"]
+class Track(_Common, tag="track"):
     event: Name
-    value: NotRequired[float | None]
-    values: NotRequired[dict[str, Any] | None]
-    properties: NotRequired[dict[str, Any] | None]
-    decisionId: NotRequired[str | None]
-    eventTimestamp: NotRequired[Timestamp | None]
+    value: Number | msgspec.UnsetType = UNSET
+    values: Object | None = None
+    properties: Object | None = None
+    decisionId: str | None = None
+    eventTimestamp: Timestamp | None = None
+    # Not validated (SDKs differ); read by the counts when present (`attribution`).
+    attribution: msgspec.Raw | msgspec.UnsetType = UNSET
 
 
-Event = Annotated[Exposure | Decision | Track, Field(discriminator="type")]
-_EVENTS = TypeAdapter(list[Event])
+Event = Exposure | Decision | Track
+_DECODER = msgspec.json.Decoder(Event)
+_ATTRIBUTION = msgspec.json.Decoder(list[Any])
 
 
-def invalid_events(events: list[Any]) -> dict[int, str]:
-    """Index -> first error, for each event of `events` that is not valid."""
+class InvalidEvent(ValueError):
+    """One event is not valid; the message names the field at fault."""
+
+
+def decode(raw: bytes) -> Event:
+    """The event whose JSON is `raw`, or InvalidEvent saying why it is not valid."""
     try:
-        _EVENTS.validate_python(events)
-    except ValidationError as exc:
-        return _by_index(exc)
-    return {}
+        event = _DECODER.decode(raw)
+    except msgspec.ValidationError as exc:
+        raise InvalidEvent(_message(str(exc))) from None
+    problem = _problem(event)
+    if problem is not None:
+        raise InvalidEvent(problem)
+    return event
 
 
-def _by_index(exc: ValidationError) -> dict[int, str]:
+def decode_all(raws: Sequence[bytes]) -> tuple[list[Event | None], dict[int, str]]:
+    """Each of `raws` decoded (None where invalid), and index -> error of the invalid."""
+    decoded: list[Event | None] = []
     errors: dict[int, str] = {}
-    for error in exc.errors(include_url=False, include_input=False):
-        index, *path = error["loc"]
-        if not isinstance(index, int) or index in errors:
-            continue
-        if path and path[0] in EVENT_TYPES:  # the discriminator's tag, not a field
-            path = path[1:]
-        message = error["msg"]
-        text = f"{'.'.join(map(str, path))}: {message}" if path else message
-        errors[index] = text[:MAX_ERROR_CHARS]
-    return errors
+    for index, raw in enumerate(raws):
+        try:
+            decoded.append(decode(raw))
+        except InvalidEvent as exc:
+            decoded.append(None)
+            errors[index] = str(exc)
+    return decoded, errors
+
+
+def attribution(event: Track) -> list[dict[str, Any]]:
+    """The SDK's own `attribution` array of a track event (its objects only), if any."""
+    if isinstance(event.attribution, msgspec.UnsetType):
+        return []
+    try:
+        return [item for item in _ATTRIBUTION.decode(event.attribution) if isinstance(item, dict)]
+    except (msgspec.DecodeError, RecursionError):  # not an array: nothing to attribute
+        return []
+
+
+def _problem(event: Event) -> str | None:
+    """What msgspec's types cannot say: ISO 8601 timestamps, integral buckets, numbers."""
+    if not _iso8601(event.timestamp):
+        return "timestamp: must be an ISO 8601 date-time"
+    if isinstance(event, Track):
+        if event.eventTimestamp is not None and not _iso8601(event.eventTimestamp):
+            return "eventTimestamp: must be an ISO 8601 date-time"
+        if isinstance(event.value, msgspec.Raw) and not _number_or_null(event.value):
+            return "value: must be a number or null"
+        return None
+    for index, layer in enumerate(event.layers):
+        if isinstance(layer.bucket, float) and not layer.bucket.is_integer():
+            return f"layers.{index}.bucket: must be an integer"
+        if isinstance(layer.probability, msgspec.Raw) and not _number_or_null(layer.probability):
+            return f"layers.{index}.probability: must be a number or null"
+    return None
+
+
+def _iso8601(text: str) -> bool:
+    try:
+        datetime.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _number_or_null(raw: msgspec.Raw) -> bool:
+    head = memoryview(raw)[:1].tobytes()
+    return head == b"n" or (bool(head) and head[0] in NUMBER_START)
+
+
+def number(raw: msgspec.Raw | msgspec.UnsetType) -> float | None:
+    """A raw number as a float (None for null or unset; past the double range, inf)."""
+    if isinstance(raw, msgspec.UnsetType):
+        return None
+    text = bytes(raw)
+    return None if text == b"null" else float(text)
+
+
+# msgspec's messages: "Expected `str`, got `int` - at `$.layers[0].layerId`",
+# "Object missing required field `env`" (with " - at ..." when nested).
+_AT = re.compile(r"^(?P<message>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
+_MISSING = re.compile(r"^Object missing required field `(?P<name>[^`]*)`$")
+_INDEX = re.compile(r"\[(\d+)\]")
+
+
+def _message(text: str) -> str:
+    """msgspec's message as `path: problem` ("layers.0.bucket: ..."), the path as dots;
+    an unknown `type` or a non-object is about the event as a whole (no path)."""
+    found = _AT.match(text)
+    assert found is not None  # the pattern matches any text
+    message, path = found["message"], _INDEX.sub(r".\1", found["path"] or "").lstrip(".")
+    missing = _MISSING.match(message)
+    if missing is not None:
+        path, message = ".".join(filter(None, (path, missing["name"]))), "required field missing"
+    if path == "type" and message.startswith("Invalid value"):
+        path, message = "", f"unknown event type {message.removeprefix('Invalid value ')}"
+    return (f"{path}: {message}" if path else message)[:MAX_ERROR_CHARS]
 
 
 def json_schema() -> dict[str, Any]:
-    """The JSON Schema of one event, self-contained (no `$ref`), for the OpenAPI document."""
-    schema = TypeAdapter(Event).json_schema()
+    """The JSON Schema of one event, self-contained (no `$ref`), for the OpenAPI document:
+    one object per type, told apart by the `type` property."""
+    schema = msgspec.json.schema(Event)
     definitions = schema.pop("$defs", {})
-    schema["discriminator"].pop("mapping", None)  # it names the $defs inlined below
-    inlined: dict[str, Any] = _inlined(schema, definitions)
-    return inlined
+    variants = [_inlined(variant, definitions) for variant in schema["anyOf"]]
+    for variant in variants:
+        (tag,) = variant["properties"]["type"].pop("enum")
+        variant["properties"]["type"]["const"] = tag
+    return {"oneOf": variants, "discriminator": {"propertyName": "type"}}
 
 
 def _inlined(node: Any, definitions: dict[str, Any]) -> Any:
+    """`node` with every `$ref` replaced by its definition; every object is open (unknown
+    fields are allowed and kept), as the validator treats them."""
     if isinstance(node, dict):
         ref = node.get("$ref")
         if isinstance(ref, str):
             return _inlined(definitions[ref.rsplit("/", 1)[-1]], definitions)
-        return {name: _inlined(value, definitions) for name, value in node.items()}
+        inlined = {name: _inlined(value, definitions) for name, value in node.items()}
+        if "properties" in inlined:
+            inlined.pop("title", None)
+            inlined["additionalProperties"] = True
+        return inlined
     if isinstance(node, list):
         return [_inlined(value, definitions) for value in node]
     return node

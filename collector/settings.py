@@ -152,8 +152,11 @@ class Settings(BaseSettings):
     dedup_window_seconds: float = Field(
         24 * 3600, ge=0, description="How long an event id is remembered to drop client retries."
     )
+    # SDKs drop a whole batch on a 400, and a browser SDK with a larger queue flushes it in
+    # one request (1490 events seen), so the limit is far above what SDKs send by default
+    # (1000 at most); `max_body_bytes` bounds the memory (10 MiB is ~19,000 SDK events).
     max_events_per_request: int = Field(
-        1000, ge=1, description="Documented maximum number of events in one request."
+        10_000, ge=1, description="Most events one request may hold; past it: 400."
     )
     max_body_bytes: int = Field(
         10 * MIB, gt=0, description="Largest request body accepted, after decompression."

@@ -3,8 +3,9 @@
     feed     take rows (non-blocking gets at a short interval: a blocking get does not see
              another process's put for up to 10 s), drop those past the maximum age into
              the dead-letter store, and sort events into batches per target (project, env:
-             `batch.py`), since upstream keys are scoped to one; events keep the bytes the
-             server stored, split and sorted as `collector.store.rows` allows
+             `batch.py`), since upstream keys are scoped to one; a row names each event's
+             target and length (`collector.store.rows`), so its bytes are sliced out,
+             never parsed
     send     `forward_in_flight` senders post batches (gzip, a batch id that stays the same
              across retries) to the sink (`sink.py`), which says what the answer means:
                Delivered    settle the batch's events
@@ -44,7 +45,7 @@ from collector.errors import Unavailable
 from collector.events import Target
 from collector.ops import notify
 from collector.settings import Settings
-from collector.store import heartbeats, rows
+from collector.store import heartbeats
 from collector.store.counts import Count, Counts, DeadLetterReason
 from collector.store.datadir import DataDir
 from collector.store.deadletters import DeadLetters
@@ -246,30 +247,32 @@ class Forwarder:
 
     async def _sort(self, row: Row, building: dict[Target, Batch]) -> list[Batch]:
         """Put a row's events into batches; returns the batches it filled."""
-        events = row.lines()
+        groups = row.groups()
+        count = sum(len(events) for _, events in groups)
         if time.time() - row.queued_at > self.settings.max_event_age_seconds:
             await self._dead_letter(
-                events,
+                [raw for _, events in groups for raw in events],
                 f"older than the maximum age ({self.settings.max_event_age_seconds:g} s)",
                 DeadLetterReason.MAX_AGE,
             )
             await self._queue_op("ack a row", lambda: self.spool.ack([row.id]))
             return []
-        self._pending[row.id] = len(events)
-        self._buffered += len(events)
-        shared = rows.shared_target(row.data, events)
+        self._pending[row.id] = count
+        self._buffered += count
         full = []
-        for raw in events:
-            target = shared or rows.target_of(raw)
+        limit = self.settings.forward_batch_bytes
+        for target, events in groups:
             batch = building.get(target)
-            if batch is not None and batch.size + len(raw) > self.settings.forward_batch_bytes:
-                full.append(building.pop(target))
-                batch = None
-            if batch is None:
-                batch = building[target] = Batch(target)
-            batch.add(raw, row.id)
-            if len(batch.events) >= MAX_BATCH_EVENTS:
-                full.append(building.pop(target))
+            for raw in events:
+                if batch is not None and batch.size + len(raw) > limit:
+                    full.append(building.pop(target))
+                    batch = None
+                if batch is None:
+                    batch = building[target] = Batch(target)
+                batch.add(raw, row.id)
+                if len(batch.events) >= MAX_BATCH_EVENTS:
+                    full.append(building.pop(target))
+                    batch = None
         return full
 
     async def _hand_off(self, batch: Batch) -> None:

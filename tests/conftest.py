@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import orjson
 import pytest
 
 from collector.store import rows, spool
@@ -78,7 +77,13 @@ def admin_key(data_dir: Path) -> str:
 
 
 def stored_events(data_dir: Path) -> list[dict[str, Any]]:
-    """Every event in the queue file not yet acknowledged, oldest first."""
+    """Every event in the queue file not yet acknowledged, oldest row first (within a row,
+    grouped by project and env)."""
+    return [rows.parse(raw) for raw in stored_bytes(data_dir)]
+
+
+def stored_bytes(data_dir: Path) -> list[bytes]:
+    """The JSON bytes of every event in the queue file not yet acknowledged, as stored."""
     path = DataDir(data_dir).queue
     if not path.exists():
         return []
@@ -89,7 +94,7 @@ def stored_events(data_dir: Path) -> list[dict[str, Any]]:
         ).fetchall()
     finally:
         conn.close()
-    return [orjson.loads(line) for (data,) in found for line in rows.split(data)]
+    return [raw for (data,) in found for _, events in rows.split(data) for raw in events]
 
 
 def wait_until_serving(

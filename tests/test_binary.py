@@ -223,7 +223,7 @@ def test_run_takes_forwards_reports_and_stops_cleanly(
         timeout=30,
     )
     assert answer.status_code == 200, answer.text
-    assert answer.json() == {"accepted": 5, "written": 5}
+    assert answer.json() == {"accepted": 5, "written": 5, "pipelineWritten": 5}
 
     # Forwarded by the forwarder child, itself the executable started by `run`.
     received = upstream.wait_for_events(5, timeout=SETTLE_TIMEOUT_S)

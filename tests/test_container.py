@@ -1028,7 +1028,7 @@ def test_the_pod_takes_forwards_stops_and_restarts_without_losing_an_event(
             )
         answer = post(url, app_key, forwarded)
         assert answer.status_code == 200, answer.text
-        assert answer.json() == {"accepted": 10, "written": 10}
+        assert answer.json() == {"accepted": 10, "written": 10, "pipelineWritten": 10}
         ids = {e["id"] for e in forwarded}
         upstream.wait_until(
             lambda up: ids <= set(up.event_ids()), timeout=20, what="our events upstream"

@@ -21,13 +21,17 @@ import orjson
 import pytest
 
 from collector.errors import QueueFull
+from collector.events import Target
 from collector.server.commit import GroupWriter, WriterConfig
+from collector.store import rows
 from collector.store.datadir import QUEUE as QUEUE_FILE
 from collector.store.datadir import SEEN_IDS as SEEN_IDS_FILE
 from collector.store.datadir import DataDir
 from collector.store.spool import Spool, summary
 
 from conftest import Server, event, free_port, run_cli, stored_events
+
+TARGET = Target("proj_test", "production")
 
 QUEUE_TABLE = "ack_queue_events"  # persist-queue's table for the queue named "events"
 IN_FLIGHT = 2  # persist-queue's status of a row taken but not yet acked
@@ -90,16 +94,16 @@ def test_a_retried_event_is_accepted_again_but_stored_once(server: Server) -> No
     first = server.post(body)
     retry = server.post(body)
 
-    assert first.json() == {"accepted": 1, "written": 1}
+    assert first.json() == {"accepted": 1, "written": 1, "pipelineWritten": 1}
     assert retry.status_code == 200, retry.text
-    assert retry.json() == {"accepted": 1, "written": 0}
+    assert retry.json() == {"accepted": 1, "written": 0, "pipelineWritten": 0}
     assert ids(server.stored()) == ["trk_retry"]
 
 
 def test_an_id_repeated_within_one_request_is_stored_once(server: Server) -> None:
     answer = server.post({"events": [event(id="dup"), event(id="other"), event(id="dup")]})
 
-    assert answer.json() == {"accepted": 3, "written": 2}
+    assert answer.json() == {"accepted": 3, "written": 2, "pipelineWritten": 2}
     assert sorted(ids(server.stored())) == ["dup", "other"]
 
 
@@ -109,20 +113,20 @@ def test_events_without_an_id_are_never_deduplicated(server: Server) -> None:
     first = server.post(body)
     second = server.post(body)
 
-    assert first.json() == {"accepted": 2, "written": 2}
-    assert second.json() == {"accepted": 2, "written": 2}
+    assert first.json() == {"accepted": 2, "written": 2, "pipelineWritten": 2}
+    assert second.json() == {"accepted": 2, "written": 2, "pipelineWritten": 2}
     assert len(server.stored()) == 4
 
 
 @pytest.mark.parametrize("restart", ["stop", "kill"])
 def test_deduplication_survives_a_server_restart(server: Server, restart: str) -> None:
     body = {"events": [event(id="exp_before_restart")]}
-    assert server.post(body).json() == {"accepted": 1, "written": 1}
+    assert server.post(body).json() == {"accepted": 1, "written": 1, "pipelineWritten": 1}
 
     server.stop() if restart == "stop" else server.kill()
     server.start()
 
-    assert server.post(body).json() == {"accepted": 1, "written": 0}
+    assert server.post(body).json() == {"accepted": 1, "written": 0, "pipelineWritten": 0}
     assert ids(server.stored()) == ["exp_before_restart"]
 
 
@@ -133,13 +137,13 @@ def test_an_id_is_written_again_once_the_dedup_window_has_passed(
     server = start_server(COLLECTOR_DEDUP_WINDOW_SECONDS=str(window_s))
     body = {"events": [event(id="trk_windowed")]}
 
-    assert server.post(body).json() == {"accepted": 1, "written": 1}
+    assert server.post(body).json() == {"accepted": 1, "written": 1, "pipelineWritten": 1}
     remembered_by = time.monotonic()  # the id is remembered before the answer is sent
-    assert server.post(body).json() == {"accepted": 1, "written": 0}
+    assert server.post(body).json() == {"accepted": 1, "written": 0, "pipelineWritten": 0}
 
     # The one wait that cannot be a condition: the window is a span of time.
     time.sleep(max(0.0, remembered_by + window_s + 0.2 - time.monotonic()))
-    assert server.post(body).json() == {"accepted": 1, "written": 1}
+    assert server.post(body).json() == {"accepted": 1, "written": 1, "pipelineWritten": 1}
     assert ids(server.stored()) == ["trk_windowed", "trk_windowed"]
 
 
@@ -167,7 +171,12 @@ def test_a_repeat_of_a_refused_request_in_the_same_group_is_refused_too(tmp_path
     writer = GroupWriter(WriterConfig(tmp_path, "full", 1 << 30, 3600))
     writer.spool.budget_bytes = summary(DataDir(tmp_path)).used_bytes + 1000  # small, not big
     try:
-        writer.commit([[("trk_shared", orjson.dumps(big))], [("trk_shared", orjson.dumps(small))]])
+        writer.commit(
+            [
+                [("trk_shared", TARGET, orjson.dumps(big))],
+                [("trk_shared", TARGET, orjson.dumps(small))],
+            ]
+        )
         outcome: list[int] | QueueFull = []
     except QueueFull as exc:
         outcome = exc
@@ -197,7 +206,7 @@ def test_a_failed_write_of_seen_ids_still_answers_and_the_server_keeps_serving(
             headers={"Authorization": f"Bearer {server.key}"},
             timeout=10,
         )
-        assert answer.json() == {"accepted": 1, "written": 1}
+        assert answer.json() == {"accepted": 1, "written": 1, "pipelineWritten": 1}
     finally:
         seen_ids.execute("DROP TRIGGER refuse_ids")
         seen_ids.close()
@@ -205,6 +214,7 @@ def test_a_failed_write_of_seen_ids_still_answers_and_the_server_keeps_serving(
     assert server.post({"events": [event(id="trk_after")]}).json() == {
         "accepted": 1,
         "written": 1,
+        "pipelineWritten": 1,
     }
     assert ids(server.stored()) == ["trk_unremembered", "trk_after"]
 
@@ -229,6 +239,7 @@ def test_an_unreadable_seen_ids_store_answers_503_and_the_server_recovers(
     assert server.post({"events": [event(id="trk_during")]}).json() == {
         "accepted": 1,
         "written": 1,
+        "pipelineWritten": 1,
     }
     assert ids(server.stored()) == ["trk_during"]
 
@@ -247,7 +258,7 @@ def test_a_full_disk_budget_answers_503_drops_nothing_and_recovers_when_space_is
         answer = server.post(body)
         if answer.status_code != 200:
             break
-        assert answer.json() == {"accepted": BATCH, "written": BATCH}
+        assert answer.json() == {"accepted": BATCH, "written": BATCH, "pipelineWritten": BATCH}
         answered += ids(body["events"])
     else:
         pytest.fail("the disk budget was never reached")
@@ -271,7 +282,7 @@ def test_a_full_disk_budget_answers_503_drops_nothing_and_recovers_when_space_is
     assert httpx.get(f"{server.url}/readyz").status_code == 200
     retried = server.post(body)  # the SDK's retry of the refused request
     assert retried.status_code == 200, retried.text
-    assert retried.json() == {"accepted": BATCH, "written": BATCH}
+    assert retried.json() == {"accepted": BATCH, "written": BATCH, "pipelineWritten": BATCH}
     assert sorted(ids(server.stored())) == sorted(refused)
 
 
@@ -340,7 +351,7 @@ def test_concurrent_requests_share_commits(server: Server) -> None:
     answers = post_all_at_once(server, bodies)
 
     assert [a.status_code for a in answers] == [200] * requests
-    assert all(a.json() == {"accepted": 1, "written": 1} for a in answers)
+    assert all(a.json() == {"accepted": 1, "written": 1, "pipelineWritten": 1} for a in answers)
     assert sorted(ids(server.stored())) == sorted(b["events"][0]["id"] for b in bodies)
     [(rows,)] = query(server.data_dir / QUEUE_FILE, f"SELECT COUNT(*) FROM {QUEUE_TABLE}")
     assert rows < requests
@@ -352,6 +363,7 @@ def test_sync_normal_accepts_and_stores(start_server: Callable[..., Server]) -> 
     assert server.post({"events": [event(id="trk_normal")]}).json() == {
         "accepted": 1,
         "written": 1,
+        "pipelineWritten": 1,
     }
     assert ids(server.stored()) == ["trk_normal"]
     assert "sync=normal" in server.log()
@@ -376,7 +388,9 @@ def test_server_restart_does_not_resume_in_flight_rows(server: Server) -> None:
         taken = forwarder.take()
         assert taken is not None
         row_id = taken.id
-        assert ids(orjson.loads(taken.data)) == ["trk_in_flight"]
+        assert [
+            rows.parse(raw)["id"] for _, raw_events in taken.groups() for raw in raw_events
+        ] == ["trk_in_flight"]
 
         server.stop()
         server.start()
@@ -389,7 +403,9 @@ def test_server_restart_does_not_resume_in_flight_rows(server: Server) -> None:
         again = forwarder.take()
         assert again is not None
         assert again.id != row_id
-        assert ids(orjson.loads(again.data)) == ["trk_after_restart"]
+        assert [
+            rows.parse(raw)["id"] for _, raw_events in again.groups() for raw in raw_events
+        ] == ["trk_after_restart"]
     finally:
         forwarder.close()
 
@@ -399,7 +415,7 @@ def test_taking_and_acking_rows_keeps_nothing_in_memory(tmp_path: Path) -> None:
     writer = GroupWriter(WriterConfig(tmp_path, "full", 1 << 30, 3600))
     try:
         for n in range(5):
-            writer.commit([[(f"trk_{n}", orjson.dumps(event(id=f"trk_{n}")))]])
+            writer.commit([[(f"trk_{n}", TARGET, orjson.dumps(event(id=f"trk_{n}")))]])
     finally:
         writer.close()
     forwarder = Spool(DataDir(tmp_path), budget_bytes=1 << 30, resume_in_flight=True)

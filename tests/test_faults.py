@@ -37,6 +37,7 @@ import httpx
 import pytest
 
 from collector.errors import QueueFull
+from collector.events import Target
 from collector.ops.status import collect
 from collector.settings import Settings
 from collector.store import recovery
@@ -59,6 +60,8 @@ from test_forward_faults import (  # noqa: F401  (the fixtures are used as argum
     wait_for,
 )
 from upstream import Upstream
+
+TARGET = Target("proj_test", "production")
 
 CLIENTS = 4  # concurrent posting clients: a kill can land inside a group commit
 DRAIN_WAIT_S = 120.0  # longest wait for everything answered to reach the upstream
@@ -395,6 +398,7 @@ def test_a_full_disk_answers_503_never_crashes_and_recovers_when_space_returns(
     assert server.post(fresh).json() == {
         "accepted": len(fresh["events"]),
         "written": len(fresh["events"]),
+        "pipelineWritten": len(fresh["events"]),
     }
     answered += ids(fresh["events"])
     assert httpx.get(f"{server.url}/readyz", timeout=5).status_code == 200
@@ -414,12 +418,14 @@ def test_sqlite_running_out_of_disk_mid_commit_is_a_clean_refusal(small_disk: Pa
     spool = Spool(DataDir(small_disk), budget_bytes=1 << 40)
     spool.reserve_bytes = 0  # let the write reach SQLite
     try:
-        spool.append([b'{"id":"before"}'])
+        spool.append({TARGET: [b'{"id":"before"}']})
         fill_up(small_disk / "filler")
         with pytest.raises(QueueFull):
-            spool.append([b'{"id":"x%d","pad":"%s"}' % (n, b"p" * 2000) for n in range(2000)])
+            spool.append(
+                {TARGET: [b'{"id":"x%d","pad":"%s"}' % (n, b"p" * 2000) for n in range(2000)]}
+            )
         (small_disk / "filler").unlink()
-        spool.append([b'{"id":"after"}'])
+        spool.append({TARGET: [b'{"id":"after"}']})
         assert [e["id"] for e in stored_events(small_disk)] == ["before", "after"]
     finally:
         spool.close()
@@ -498,7 +504,7 @@ def test_corrupt_files_are_moved_aside_and_the_collector_starts_fresh_every_time
             server.start()
         forwarder = start_forwarder(data_dir, upstream.url)
         body = batch(f"start{start}", 20)
-        assert server.post(body).json() == {"accepted": 20, "written": 20}
+        assert server.post(body).json() == {"accepted": 20, "written": 20, "pipelineWritten": 20}
         answered.extend(ids(body["events"]))
         wait_for(lambda: set(answered) <= set(upstream.event_ids()), "the events upstream")
 
@@ -558,7 +564,7 @@ def test_the_forwarder_alone_moves_a_corrupt_queue_aside_and_the_server_then_use
 
     server = start_server(data_dir=data_dir)
     body = batch("fresh-queue", 10)
-    assert server.post(body).json() == {"accepted": 10, "written": 10}
+    assert server.post(body).json() == {"accepted": 10, "written": 10, "pipelineWritten": 10}
     wait_for(lambda: set(ids(body["events"])) <= set(upstream.event_ids()), "the events upstream")
     assert sorted(moved_files(data_dir)) == ["queue.db"]
     assert not error_lines(server.log(), "collector.recovery")
@@ -701,7 +707,7 @@ def test_commands_name_a_corrupt_file_while_the_collector_is_down_and_leave_it(
     data_dir.mkdir()
     events = [json.dumps({"id": f"e{n}", "pad": "x" * 2000}).encode() for n in range(100)]
     spool = Spool(DataDir(data_dir), budget_bytes=1 << 30)
-    spool.append(events)
+    spool.append({TARGET: events})
     spool.close()
     dead = DeadLetters.writer(DataDir(data_dir))
     dead.add(events, "rejected by upstream: 400")

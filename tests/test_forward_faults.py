@@ -88,7 +88,11 @@ def post(server: Server, events: list[Json], per_request: int = ROW_EVENTS) -> N
         chunk = events[start : start + per_request]
         answer = server.post({"events": chunk})
         assert answer.status_code == 200, answer.text
-        assert answer.json() == {"accepted": len(chunk), "written": len(chunk)}
+        assert answer.json() == {
+            "accepted": len(chunk),
+            "written": len(chunk),
+            "pipelineWritten": len(chunk),
+        }
 
 
 def queue_depth(data_dir: Path) -> int:

@@ -33,7 +33,7 @@ from collector.store.datadir import QUEUE as QUEUE_FILE
 from collector.store.datadir import DataDir
 from collector.store.deadletters import DeadLetters
 
-from conftest import COLLECTOR, ROOT, Server, event, run_cli, terminate
+from conftest import COLLECTOR, ROOT, Server, event, run_cli, stored_bytes, terminate
 from upstream import Received, Upstream
 
 QUEUE_TABLE = "ack_queue_events"  # persist-queue's table for the queue named "events"
@@ -307,6 +307,62 @@ def test_events_arrive_field_by_field_as_the_client_sent_them(
         assert request.batch_id
         assert request.path == "/v1/events"
     forwarder.wait_for_state("ok", forwarded=len(expected))
+
+
+def corpus() -> list[bytes]:
+    r"""Events as clients write them, each a valid track event, holding what a re-encoder
+    would change: PHP's `\/` and `\uXXXX` escapes, number forms (`1.0e+21`, `-0`, `1E2`,
+    `0.10`), integers past 64 bits, a lone surrogate (a string cut inside an emoji), a
+    surrogate pair written as escapes, 300-deep nesting, keys out of order and repeated,
+    whitespace inside strings and between tokens."""
+    head = (
+        b'"type":"track","orgId":"org_test","projectId":"proj_test","env":"production",'
+        b'"unitKey":"u","timestamp":"2026-05-21T10:30:00Z","event":"e"'
+    )
+    bodies = [
+        b'"id":"php","url":"https:\\/\\/shop.example\\/p?q=1","name":"\\u30e6\\u30fc\\u30b6"',
+        b'"id":"numbers","value":1.0e+21,"values":{"a":-0,"b":1E2,"c":0.10,"d":-0.0e-0}',
+        b'"id":"big","n":123456789012345678901234567890,"m":-99999999999999999999999',
+        b'"id":"lone","title":"cut \\ud83d","pair":"\\ud83d\\ude00","low":"\\udc00!"',
+        b'"id":"deep","deep":' + b"[" * 300 + b'{"x":1}' + b"]" * 300,
+        b'"z":1,"id":"order","a":2,"a":3',
+        b'"id":"spaces","s":"  two  spaces\\t\\n tab  ",  "after" :\n\t [ 1 , 2 ]  ',
+    ]
+    return [b"{" + body + b"," + head + b"}" for body in bodies]
+
+
+def test_events_are_stored_and_forwarded_byte_for_byte_as_the_client_sent_them(
+    server: Server, upstream: RecordingUpstream, start_forwarder: Callable[..., Forwarder]
+) -> None:
+    sent = corpus()
+    body = b'{"events": [\n  ' + b",\n  ".join(sent) + b"\n]}"
+
+    answer = server.post(content=body, headers={"Content-Type": "application/json"})
+
+    assert answer.status_code == 200, answer.text
+    count = len(sent)
+    assert answer.json() == {"accepted": count, "written": count, "pipelineWritten": count}
+    assert stored_bytes(server.data_dir) == sent
+    forwarder = start_forwarder(server.data_dir, **to(upstream))
+    upstream.wait_for_events(count)
+    wait_until_drained(server, forwarder)
+    (request,) = upstream.accepted()
+    assert request.body == b'{"events":[' + b",".join(sent) + b"]}"
+
+
+def test_a_1490_event_request_of_the_browser_sdk_is_taken_whole_and_forwarded_in_batches(
+    server: Server, upstream: RecordingUpstream, start_forwarder: Callable[..., Forwarder]
+) -> None:
+    # A browser SDK with `eventMaxQueueSize: 2000` flushed 1490 events in one request.
+    sent = numbered("browser", 1490)
+    post(server, sent)
+
+    forwarder = start_forwarder(server.data_dir, **to(upstream))
+    received = upstream.wait_for_events(len(sent))
+    wait_until_drained(server, forwarder)
+
+    assert sorted(e["id"] for e in received) == ids(sent)
+    assert sorted(len(r.events) for r in upstream.accepted()) == [490, 1000]
 
 
 def test_batches_hold_at_most_1000_events_of_one_project_and_env(

@@ -185,7 +185,7 @@ def test_first_start_creates_a_key_and_prints_it_once(tmp_path: Path) -> None:
         secret = first_out.read_text().splitlines()[-1]
         assert SECRET_KEY.fullmatch(secret), first_out.read_text()
         answer = server.post({"events": [event(id="trk_first")]}, key=secret)
-        assert answer.json() == {"accepted": 1, "written": 1}
+        assert answer.json() == {"accepted": 1, "written": 1, "pipelineWritten": 1}
         assert secret not in server.log()  # not in the log (journald keeps logs)
     finally:
         server.stop()

@@ -517,9 +517,17 @@ def test_duplicates_are_counted_as_deduplicated_not_as_exposures_twice(
         *[exposure("pol_1", "control", id=f"x-{i}", decisionId=f"d-{i}") for i in range(10)],
         *[track("purchase", id=f"t-{i}", decisionId=f"d-{i}") for i in range(4)],
     ]
-    assert server.post({"events": batch}).json() == {"accepted": 14, "written": 14}
+    assert server.post({"events": batch}).json() == {
+        "accepted": 14,
+        "written": 14,
+        "pipelineWritten": 14,
+    }
     # A client retry of the same batch: nothing is written again.
-    assert server.post({"events": batch}).json() == {"accepted": 14, "written": 0}
+    assert server.post({"events": batch}).json() == {
+        "accepted": 14,
+        "written": 0,
+        "pipelineWritten": 0,
+    }
     families = settle(server, 2)
 
     assert total(families, "collector_events_received") == 28

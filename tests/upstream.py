@@ -114,6 +114,7 @@ class _Parsed:
     size: int  # body bytes after decompression (raw bytes if it could not be decompressed)
     events: list[Json]
     error: _Answer | None
+    body: bytes = b""  # after decompression, as received (for byte-for-byte checks)
 
 
 class Upstream:
@@ -379,6 +380,7 @@ class Upstream:
         with self._cond:
             self._in_flight -= 1
             answer = _DROP if interrupted else self._decide(path, headers, parsed)
+            self._extra = {"body": parsed.body}
             self._record(path, headers, parsed.events, answer.status)
             return answer
 
@@ -560,8 +562,8 @@ def _parse(headers: Mapping[str, str], raw: bytes, max_events: int) -> _Parsed:
         return _Parsed(len(raw), [], body)
     events = _events_of(body, max_events)
     if isinstance(events, _Answer):
-        return _Parsed(len(body), [], events)
-    return _Parsed(len(body), events, None)
+        return _Parsed(len(body), [], events, body)
+    return _Parsed(len(body), events, None, body)
 
 
 def _decode(headers: Mapping[str, str], raw: bytes) -> bytes | _Answer:

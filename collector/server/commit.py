@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from collector.errors import CollectorError, QueueBusy, QueueFull, Unavailable
+from collector.events import Target
 from collector.ops import logs
 from collector.store.datadir import DataDir
 from collector.store.seen import SeenIds
@@ -40,7 +41,9 @@ from collector.store.spool import Spool, Sync
 
 log = logging.getLogger("collector.commit")
 
-EncodedEvent = tuple[str | None, bytes]  # (the client's id or None, the event's JSON)
+# (the client's id or None, where it goes, the event's own JSON bytes). Events of a request
+# share their Target objects, so pickling them to the writer costs one per target.
+EncodedEvent = tuple[str | None, Target, bytes]
 
 # Upper bound on the events of one group, so one commit (and the latency of the requests
 # in it) stays bounded when many large requests arrive at once: 20 requests of 1000.
@@ -84,23 +87,26 @@ class GroupWriter:
         answered "already held" on the strength of another request's events that were
         refused.
         """
-        known = self.seen.seen([eid for events in requests for eid, _ in events if eid])
-        rows: list[bytes] = []
+        known = self.seen.seen([eid for events in requests for eid, _, _ in events if eid])
+        groups: dict[Target, list[bytes]] = {}
         ids: list[str] = []
         skipped: list[list[int]] = []
         for events in requests:
             dropped = []
-            for index, (eid, raw) in enumerate(events):
+            for index, (eid, target, raw) in enumerate(events):
                 if eid is not None:
                     if eid in known:
                         dropped.append(index)
                         continue
                     known.add(eid)
                     ids.append(eid)
-                rows.append(raw)
+                group = groups.get(target)
+                if group is None:
+                    group = groups[target] = []
+                group.append(raw)
             skipped.append(dropped)
-        if rows:
-            self.spool.append(rows)
+        if groups:
+            self.spool.append(groups)
         if ids:
             try:
                 self.seen.remember(ids)

@@ -2,19 +2,26 @@
 names, exposures per allocation (with their declared shares, for the sample-ratio check)
 and conversions attributed to an allocation.
 
-It runs on the request path, so it adds to `Counts`' in-memory counters only (flushed to
-`counts.db` every second by the app). Event names and labels are client-controlled, so
-each label value is cut to `LABEL_CHARS` characters and at most `MAX_NAMES` distinct event
-names are counted per process; later ones are counted as `(other)`.
+It runs on the request path, on the validated structs (`collector.events`), so it only
+reads attributes and adds to `Counts`' in-memory counters (flushed to `counts.db` every
+second by the app). Per event it builds one tuple; labels are cut and bounded once per
+distinct tuple of a request (`_add`), not once per event. Event names and labels are
+client-controlled, so each label value is cut to `LABEL_CHARS` characters and at most
+`MAX_NAMES` distinct event names are counted per process; later ones are counted as
+`(other)`.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from collections import OrderedDict
-from collections.abc import Iterable
+from collections import Counter, OrderedDict
+from collections.abc import Sequence
 from typing import Any
 
+import msgspec
+
+from collector.events import EVENT_TYPES, Decision, Event, Exposure, Track, attribution, number
 from collector.store.counts import Count, Counts, Labels
 
 # How many distinct track event names are counted separately (per process lifetime).
@@ -47,112 +54,149 @@ class EventCounter:
         self._names: set[str] = set()
         self._decisions: OrderedDict[str, tuple[float, list[Labels]]] = OrderedDict()
 
-    def received(self, events: Iterable[Any]) -> list[Labels]:
-        """Count events as received; returns each one's labels, for `accepted`."""
-        labels = list(map(_labels_of, events))
-        self.counts.counter(Count.EVENTS_RECEIVED).update(labels)
-        return labels
+    def received(self, decoded: Sequence[Event | None], raws: Sequence[bytes]) -> None:
+        """Count events as received: valid ones (`decoded`) by their labels, invalid ones
+        by what can be read of them (`raws`: their JSON)."""
+        received = Counter(map(_labels_of, decoded))
+        invalid = received.pop(None, 0)
+        if invalid:
+            received.update(
+                _invalid_labels(raw) for raw, e in zip(raws, decoded, strict=True) if e is None
+            )
+        self._add(Count.EVENTS_RECEIVED, received)
 
     def rejected(self, reason: str, count: int = 1) -> None:
         self.counts.add(Count.EVENTS_REJECTED, (reason,), count)
 
-    def accepted(
-        self, events: list[dict[str, Any]], labels: list[Labels], skipped: set[int]
-    ) -> None:
-        """Count accepted events (`labels` are theirs, from `received`); `skipped` holds
-        the indexes not written (duplicates)."""
-        self.counts.counter(Count.EVENTS_ACCEPTED).update(labels)
-        written = self.counts.counter(Count.EVENTS_WRITTEN)
+    def accepted(self, events: list[Event], skipped: set[int]) -> None:
+        """Count accepted events; `skipped` holds the indexes not written (duplicates)."""
+        labels = list(map(_labels_of, events))
+        accepted = Counter(labels)
+        self._add(Count.EVENTS_ACCEPTED, accepted)
         if skipped:
-            written.update(t for i, t in enumerate(labels) if i not in skipped)
-            self.counts.counter(Count.EVENTS_DEDUPLICATED).update(labels[i] for i in skipped)
-        else:
-            written.update(labels)
+            duplicates = Counter(labels[i] for i in skipped)
+            self._add(Count.EVENTS_DEDUPLICATED, duplicates)
+            accepted.subtract(duplicates)
+        self._add(Count.EVENTS_WRITTEN, +accepted)
+        tally = _Tally()
+        now = time.monotonic()
         for index, event in enumerate(events):
-            kind = event["type"]
             # A duplicate (a client's retry) is the same event again: counted once above as
             # de-duplicated, never twice as a track event, exposure or conversion.
-            if kind == "track":
+            if isinstance(event, Track):
                 if index not in skipped:
-                    self._track(event)
-            elif kind == "exposure":
+                    self._track(event, tally, now)
+            elif isinstance(event, Exposure):
                 if index not in skipped:
-                    self._exposure(event)
-                self._remember(event.get("decisionId"), event)
+                    _exposure(event, tally)
+                self._remember(event.decisionId, event, now)
             else:
-                self._remember(event.get("id"), event)
+                self._remember(event.id, event, now)
+        self._add(Count.TRACK_EVENTS, tally.tracks)
+        self._add(Count.CONVERSIONS, tally.conversions)
+        self._add(Count.EXPOSURES, tally.exposures)
+        if tally.shares:
+            self._add(Count.EXPOSURE_SHARES_N, tally.shares_n)
+            for key, share in tally.shares.items():
+                self.counts.add(Count.EXPOSURE_SHARES, tuple(map(label, key)), share)
 
-    def _track(self, event: dict[str, Any]) -> None:
-        target = (label(event["projectId"]), label(event["env"]))
-        name = self._name(event["event"])
-        self.counts.counter(Count.TRACK_EVENTS)[(*target, name)] += 1
-        for policy, allocation in self._attribution(event):
-            self.counts.counter(Count.CONVERSIONS)[(*target, policy, allocation, name)] += 1
+    def _add(self, name: Count, counted: Counter[Any]) -> None:
+        """Add a request's counts, each label cut once per distinct key (not per event)."""
+        counter = self.counts.counter(name)
+        for key, value in counted.items():
+            counter[tuple(map(label, key))] += value
 
-    def _exposure(self, event: dict[str, Any]) -> None:
-        target = (label(event["projectId"]), label(event["env"]))
-        exposures = self.counts.counter(Count.EXPOSURES)
-        for layer in event["layers"]:
-            if layer.get("bucket", 0) < 0 or layer.get("attributionOnly"):
-                continue
-            key = (
-                *target,
-                label(layer["layerId"]),
-                label(layer.get("policyId")),
-                label(layer.get("allocationName") or layer.get("allocationId")),
-            )
-            exposures[key] += 1
-            probability = layer.get("probability")
-            if isinstance(probability, int | float) and not isinstance(probability, bool):
-                self.counts.add(Count.EXPOSURE_SHARES, key, probability)
-                self.counts.counter(Count.EXPOSURE_SHARES_N)[key] += 1
+    def _track(self, event: Track, tally: _Tally, now: float) -> None:
+        name = self._name(event.event)
+        tally.tracks[(event.projectId, event.env, name)] += 1
+        for policy, allocation in self._attribution(event, now):
+            tally.conversions[(event.projectId, event.env, policy, allocation, name)] += 1
 
-    def _remember(self, decision_id: Any, event: dict[str, Any]) -> None:
-        if not isinstance(decision_id, str) or not decision_id:
+    def _remember(self, decision_id: str | None, event: Exposure | Decision, now: float) -> None:
+        if not decision_id:
             return
         allocations: list[Labels] = [
-            (label(layer.get("policyId")), label(layer.get("allocationName")))
-            for layer in event["layers"]
-            if layer.get("policyId") and layer.get("allocationName") and layer["bucket"] >= 0
+            (layer.policyId, layer.allocationName)
+            for layer in event.layers
+            if layer.policyId and layer.allocationName and layer.bucket >= 0
         ]
         if not allocations:
             return
-        self._decisions[decision_id] = (time.monotonic(), allocations)
-        self._decisions.move_to_end(decision_id)
-        while len(self._decisions) > DECISIONS_KEPT:
-            self._decisions.popitem(last=False)
+        decisions = self._decisions
+        decisions[decision_id] = (now, allocations)
+        if len(decisions) > DECISIONS_KEPT:
+            decisions.popitem(last=False)
 
-    def _attribution(self, event: dict[str, Any]) -> list[Labels]:
+    def _attribution(self, event: Track, now: float) -> list[Labels]:
         """(policy, allocation) pairs a track event counts for: those of the decision its
         `decisionId` names, if remembered and recent, else the SDK's own `attribution`."""
-        found = self._decisions.get(event.get("decisionId") or "")
-        if found is not None and time.monotonic() - found[0] <= DECISION_TTL_S:
+        found = self._decisions.get(event.decisionId) if event.decisionId else None
+        if found is not None and now - found[0] <= DECISION_TTL_S:
             return found[1]
-        given = event.get("attribution")
-        if not isinstance(given, list):
-            return []
         return [
-            (label(item.get("policyId")), label(item.get("allocationName")))
-            for item in given
-            if isinstance(item, dict) and item.get("policyId") and item.get("allocationName")
+            (str(item.get("policyId")), str(item.get("allocationName")))
+            for item in attribution(event)
+            if item.get("policyId") and item.get("allocationName")
         ]
 
     def _name(self, name: str) -> str:
         if name in self._names:
-            return label(name)
+            return name
         if len(self._names) >= MAX_NAMES:
             return OTHER
         self._names.add(name)
-        return label(name)
+        return name
 
 
-def _labels_of(event: Any) -> Labels:
-    if not isinstance(event, dict):
+class _Tally:
+    """One request's experiment counts, uncut, added to `Counts` at its end."""
+
+    def __init__(self) -> None:
+        self.tracks: Counter[Labels] = Counter()
+        self.conversions: Counter[Labels] = Counter()
+        self.exposures: Counter[Labels] = Counter()
+        self.shares: dict[Labels, float] = {}
+        self.shares_n: Counter[Labels] = Counter()
+
+
+def _exposure(event: Exposure, tally: _Tally) -> None:
+    for layer in event.layers:
+        if layer.bucket < 0 or layer.attributionOnly:
+            continue
+        key = (
+            event.projectId,
+            event.env,
+            layer.layerId,
+            layer.policyId or "",
+            layer.allocationName or layer.allocationId or "",
+        )
+        tally.exposures[key] += 1
+        if isinstance(layer.probability, msgspec.Raw):
+            probability = number(layer.probability)
+            if probability is not None and math.isfinite(probability):
+                tally.shares[key] = tally.shares.get(key, 0.0) + probability
+                tally.shares_n[key] += 1
+
+
+_TYPES = {Exposure: "exposure", Decision: "decision", Track: "track"}
+# Only what labels an invalid event: read leniently, whatever the other fields hold.
+_LABELS = msgspec.json.Decoder(dict[str, Any])
+
+
+def _labels_of(event: Event | None) -> Labels | None:
+    if event is None:
+        return None
+    return (event.orgId, event.projectId, event.env, _TYPES[type(event)])
+
+
+def _invalid_labels(raw: bytes) -> Labels:
+    try:
+        event = _LABELS.decode(raw)
+    except (msgspec.DecodeError, RecursionError):  # not an object (or not for msgspec)
         return ("", "", "", "invalid")
-    kind = event.get("type")
     return (
         label(event.get("orgId")),
         label(event.get("projectId")),
         label(event.get("env")),
-        kind if kind in ("exposure", "decision", "track") else "invalid",
+        kind if (kind := event.get("type")) in EVENT_TYPES else "invalid",
     )

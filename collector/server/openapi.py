@@ -20,7 +20,6 @@ from litestar.openapi.spec import Components, Operation, SecurityScheme
 
 from collector import __version__
 from collector.events import json_schema
-from collector.server.ingest import OVERFLOW_ALLOWANCE
 
 BEARER = "apiKey"
 _VALIDATION_ERRORS: dict[str, Any] = {
@@ -33,10 +32,15 @@ _VALIDATION_ERRORS: dict[str, Any] = {
 }
 ACCEPTED: dict[str, Any] = {
     "type": "object",
-    "required": ["accepted", "written"],
+    "required": ["accepted", "written", "pipelineWritten"],
     "properties": {
         "accepted": {"type": "integer", "minimum": 0},
         "written": {"type": "integer", "minimum": 0},
+        "pipelineWritten": {
+            "type": "integer",
+            "minimum": 0,
+            "description": "The same as `written` (the JavaScript SDK's name for it).",
+        },
         "validationErrors": _VALIDATION_ERRORS,
     },
 }
@@ -93,10 +97,10 @@ def envelope(max_events: int) -> dict[str, Any]:
             "events": {
                 "type": "array",
                 "minItems": 1,
-                "maxItems": int(max_events * (1 + OVERFLOW_ALLOWANCE)),
+                "maxItems": max_events,
                 "items": json_schema(),
-                "description": f"At most max_events_per_request ({max_events}; 10% more are "
-                "taken). Invalid events are reported by index; the others are taken.",
+                "description": f"At most max_events_per_request ({max_events}). Invalid "
+                "events are reported by index; the others are taken.",
             }
         },
         "additionalProperties": True,

@@ -17,10 +17,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
 from collector.errors import QueueFull
-from collector.store import db
+from collector.store import db, rows
 from collector.store.datadir import DataDir
 from collector.store.spool import Spool, Sync
 
@@ -99,8 +97,8 @@ class DeadLetters:
         if ids is not None:
             query += f" WHERE id IN ({','.join('?' * len(ids))})"
             params = tuple(ids)
-        rows = self._read(query + " ORDER BY id", params)
-        return [DeadLetter(i, at, reason, orjson.loads(raw)) for i, at, reason, raw in rows]
+        found = self._read(query + " ORDER BY id", params)
+        return [DeadLetter(i, at, reason, rows.parse(raw)) for i, at, reason, raw in found]
 
     def raw(self, ids: Sequence[int]) -> list[tuple[int, bytes]]:
         """(id, the event's JSON as stored) for `ids`, to put back into the queue."""
@@ -159,7 +157,7 @@ def replay(
                 continue
             # Into the queue first, then out of the store: a crash between the two leaves
             # the event in both (sent twice), never in neither.
-            spool.append([raw for _, raw in letters])
+            spool.append(rows.by_target([raw for _, raw in letters]))
             moved += dead.remove([letter_id for letter_id, _ in letters])
     except QueueFull as exc:
         return Replayed(moved, len(wanted), exc)

@@ -1,75 +1,106 @@
 """The format of a queue row: the one contract between the server that writes events and
 the forwarder that reads them back, kept in one place.
 
-- An event is stored as orjson's compact output of what the client sent (`encode_event`):
-  no whitespace, no newline, `"name":"value"` with no space, and no re-escaping of what
-  does not need it. (NaN/Infinity, which strict parsers refuse, were read as null before.)
-- A row is one commit's events, `[\\n` + the events joined by `,\\n` + `\\n]` (`join`): one
-  JSON array still (for SQLite's `json_array_length`, used by status, and any reader), and
-  split back into each event's exact bytes with `bytes.split` (`split`), since compact
-  JSON holds no newline. Rows written before events had lines of their own (`[e,e]`) are
-  still read, by parsing.
-- The forwarder batches by `Target` (project, env). When every event of a row certainly
-  shares one, it is read off the row's bytes by counting (`shared_target`) instead of
-  parsing each event, which was a third of the forwarder's time.
+A row is one commit's events, each the client's own JSON bytes, grouped by `Target`
+(project, env) with their routing keys in front, so the forwarder never reads an event to
+route it:
+
+    [<events>,<header bytes>,<header>,<event>,<event>,...]
+
+- `<events>` is the row's event count, for status (`EVENT_COUNT_SQL` reads it in SQL
+  without parsing the row);
+- `<header>` is the JSON array `[[project, env, [length, ...]], ...]`: each target with
+  the byte length of each of its events, in the order they follow; `<header bytes>` is the
+  header's own length, so it is sliced out, not searched for;
+- the events follow, joined by commas: each is sliced out by its length (`split`).
+
+The whole row is one JSON array still, readable by any JSON reader for debugging.
+
+Rows written before events were kept as sent are still read, by parsing: `[\\n` + events
+joined by `,\\n` + `\\n]`, and before that `[e,e]` (both orjson's compact output, so that
+writing an event again gives its stored bytes).
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
 
 from collector.events import Target
 
-ROW_START, EVENT_SEPARATOR, ROW_END = b"[\n", b",\n", b"\n]"
+ROW_START = b"["
+# Python refuses to int() a longer string (sys.int_info.default_max_str_digits).
+INT_DIGITS = 4300
+# The count of a current row's events, in SQL: its first element. Older rows (which start
+# with `[\n` or `[{`, never a digit) have theirs counted by SQLite's JSON reader.
+EVENT_COUNT_SQL = (
+    "CASE WHEN substr(data, 2, 1) BETWEEN X'30' AND X'39'"
+    " THEN CAST(CAST(substr(data, 2, 20) AS TEXT) AS INTEGER)"
+    " ELSE json_array_length(CAST(data AS TEXT)) END"
+)
 
 
-def encode_event(event: Any) -> bytes:
-    """An event as it is stored; raises orjson.JSONEncodeError when it cannot be (a lone
-    surrogate in a string, nesting deeper than orjson writes)."""
-    return orjson.dumps(event)
+def join(groups: Mapping[Target, Sequence[bytes]]) -> bytes:
+    """The row holding each target's events (their own JSON bytes), in that order."""
+    header = orjson.dumps([[*target, list(map(len, events))] for target, events in groups.items()])
+    count = sum(map(len, groups.values()))
+    events = b",".join(raw for group in groups.values() for raw in group)
+    return b"[%d,%d,%b,%b]" % (count, len(header), header, events)
 
 
-def join(events: list[bytes]) -> bytes:
-    """The row holding `events`, one per line; an event spread over lines (not written by
-    `encode_event`) is compacted first, so the one-per-line rule always holds."""
-    joined = EVENT_SEPARATOR.join(events)
-    if joined.count(b"\n") != len(events) - 1:
-        joined = EVENT_SEPARATOR.join(encode_event(orjson.loads(raw)) for raw in events)
-    return ROW_START + joined + ROW_END
+def split(data: bytes) -> list[tuple[Target, list[bytes]]]:
+    """Each target's events in a row, exactly as stored."""
+    if data[1:2].isdigit():
+        first = data.index(b",", 1)
+        second = data.index(b",", first + 1)
+        header_end = second + 1 + int(data[first + 1 : second])
+        at = header_end + 1  # past the comma after the header
+        groups = []
+        for project, env, lengths in orjson.loads(data[second + 1 : header_end]):
+            events = []
+            for length in lengths:
+                events.append(data[at : at + length])
+                at += length + 1
+            groups.append((Target(project, env), events))
+        return groups
+    return list(by_target([orjson.dumps(event) for event in orjson.loads(data)]).items())
 
 
-def split(data: bytes) -> list[bytes]:
-    """Each event's JSON in a row, exactly as stored."""
-    if data.startswith(ROW_START):
-        return data[len(ROW_START) : -len(ROW_END)].split(EVENT_SEPARATOR)
-    return [encode_event(event) for event in orjson.loads(data)]  # a row of the old format
+def by_target(events: Sequence[bytes]) -> dict[Target, list[bytes]]:
+    """`events` (JSON bytes) grouped by their target, read by parsing each one (for events
+    that come without their routing keys: dead letters, rows of an older format)."""
+    groups: dict[Target, list[bytes]] = {}
+    for raw in events:
+        groups.setdefault(target_of(raw), []).append(raw)
+    return groups
 
 
 def target_of(raw: bytes) -> Target:
-    """The (project, env) of one stored event, by parsing it."""
-    event = orjson.loads(raw)
-    return Target(str(event.get("projectId")), str(event.get("env")))
+    """The (project, env) of one event's JSON, by parsing it (a lone surrogate in a name is
+    kept as its escape, so the name can be written anywhere)."""
+    event = parse(raw)
+    if not isinstance(event, dict):
+        return Target("None", "None")
+    return Target(*(_text(event.get(name)) for name in ("projectId", "env")))
 
 
-def shared_target(data: bytes, events: list[bytes]) -> Target | None:
-    """The target of all of a row's `events` when they share one that can be read off the
-    row's bytes without parsing each event; else None.
+def parse(raw: bytes) -> Any:
+    """One stored event's JSON as Python values (for showing it, or reading its target):
+    what orjson refuses (a lone surrogate escape, a number past the double range) is read
+    by the stdlib, an integer too long for Python's int() as a float."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return json.loads(raw, parse_int=_integer)
 
-    Every stored event is `encode_event`'s output, so a key and its string value are
-    written `"name":"value"`. Without a backslash in the row, every quote delimits a
-    string, so `"projectId":"` occurs once per top-level `projectId` (a required string)
-    and once per nested one; as many occurrences as events means none is nested, and then
-    as many of the first event's `"projectId":"<value>"` means every event has that value.
-    The same goes for `env`.
-    """
-    count = len(events)
-    if b"\\" in data or data.count(b'"projectId":"') != count or data.count(b'"env":"') != count:
-        return None
-    target = target_of(events[0])
-    for name, value in zip((b"projectId", b"env"), target, strict=True):
-        pair = b'"' + name + b'":' + orjson.dumps(value)
-        if data.count(pair) != count:
-            return None
-    return target
+
+def _integer(text: str) -> int | float:
+    return int(text) if len(text) < INT_DIGITS else float(text)
+
+
+def _text(value: Any) -> str:
+    text = str(value)
+    return text.encode("utf-8", "backslashreplace").decode()

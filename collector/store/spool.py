@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -36,6 +36,7 @@ from persistqueue import SQLiteAckQueue
 from persistqueue.exceptions import Empty
 
 from collector.errors import QueueFull
+from collector.events import Target
 from collector.store import db, recovery, rows
 from collector.store.datadir import DataDir
 
@@ -71,8 +72,8 @@ class Row:
     data: bytes
     queued_at: float  # when the server committed it (Unix time)
 
-    def lines(self) -> list[bytes]:
-        """Each event's JSON, exactly as stored."""
+    def groups(self) -> list[tuple[Target, list[bytes]]]:
+        """Each target's events, their JSON exactly as stored."""
         return rows.split(self.data)
 
 
@@ -161,21 +162,20 @@ class Spool:
 
     # --- the server's side ----------------------------------------------------------
 
-    def append(self, events: list[bytes]) -> None:
-        """Commit `events` (each one event as `rows.encode_event` writes it: the forwarder
-        reads targets off these bytes) as one row, in one transaction.
+    def append(self, groups: Mapping[Target, Sequence[bytes]]) -> None:
+        """Commit each target's events (their JSON bytes) as one row, in one transaction.
 
         Raises `QueueFull` when they would take the queue past the disk budget (nothing is
         written), and `QueueFull`/`QueueBusy` when SQLite fails.
         """
-        size = sum(map(len, events))
+        size = sum(len(raw) for events in groups.values() for raw in events)
         with self._lock, _translated:
             used = _used_bytes(self._conn)
             if used + size > self.budget_bytes:
                 self._refused_at = used
                 raise QueueFull("disk budget reached; retry later")
             self._check_free_space(self._conn, size)
-            self._queue.put(rows.join(events))
+            self._queue.put(rows.join(groups))
             # A whole group fit: whatever was refused before, /readyz now agrees with the
             # 200 just given (it said "not ready" after an accepted retry, measured).
             self._refused_at = self._refused_free = None
@@ -254,8 +254,9 @@ class Spool:
 def summary(data_dir: DataDir) -> Summary:
     """What the queue file holds, read without opening it for writing (for status).
 
-    Counting events means reading every row's JSON array (in SQLite's C code, about a
-    second per gigabyte), which is why it is for status, not for the request path.
+    A row says how many events it holds in its first bytes (`rows.EVENT_COUNT_SQL`), so
+    counting them reads no event; rows of older formats are counted by SQLite's JSON
+    reader (about a second per gigabyte).
     """
     with _translated:
         return _summary(db.open_reader(data_dir.queue))
@@ -265,7 +266,7 @@ def _summary(conn: sqlite3.Connection | None) -> Summary:
     try:
         found = db.read(
             conn,
-            "SELECT COALESCE(SUM(json_array_length(data)), 0), COUNT(*),"
+            f"SELECT COALESCE(SUM({rows.EVENT_COUNT_SQL}), 0), COUNT(*),"
             f" COALESCE(SUM(LENGTH(data)), 0), MIN(timestamp) FROM {TABLE} WHERE status < {DONE}",
         )
         events, count, size, oldest = found[0] if found else (0, 0, 0, None)

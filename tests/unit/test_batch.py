@@ -9,7 +9,6 @@ import orjson
 import pytest
 
 from collector.events import Target
-from collector.store.rows import encode_event
 from forwarder.batch import Batch
 
 from conftest import event
@@ -21,7 +20,7 @@ def filled(count: int) -> Batch:
     batch = Batch(TARGET)
     for n in range(count):
         properties = {"n": n, "text": 'é, "quoted"' * n}
-        batch.add(encode_event(event(id=f"e{n}", properties=properties)), row_id=100 + n // 2)
+        batch.add(orjson.dumps(event(id=f"e{n}", properties=properties)), row_id=100 + n // 2)
     return batch
 
 

@@ -10,8 +10,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
+from collector.events import decode_all
 from collector.server.counting import LABEL_CHARS, MAX_NAMES, OTHER, EventCounter, label
 from collector.store.counts import Count, Counts
 from collector.store.datadir import DataDir
@@ -32,8 +34,11 @@ def accept(
     counter: EventCounter, *events: dict[str, Any], skipped: frozenset[int] = frozenset()
 ) -> None:
     """Count `events` as the ingest pipeline does: received, then accepted."""
-    labels = counter.received(list(events))
-    counter.accepted(list(events), labels, set(skipped))
+    raws = [orjson.dumps(e) for e in events]
+    decoded, errors = decode_all(raws)
+    assert not errors
+    counter.received(decoded, raws)
+    counter.accepted([e for e in decoded if e is not None], set(skipped))
 
 
 def flushed(counts: Counts, name: Count) -> dict[tuple[str, ...], float]:
@@ -76,7 +81,7 @@ def test_declared_probabilities_are_summed_with_how_many_declared_one(counts: Co
         event("exposure", layers=[layer("pol_1", "control", probability=0.5)]),
         event("exposure", layers=[layer("pol_1", "control", probability=0.25)]),
         event("exposure", layers=[layer("pol_1", "control")]),  # declares none
-        event("exposure", layers=[layer("pol_1", "control", probability=True)]),  # not a number
+        event("exposure", layers=[layer("pol_1", "control", probability=None)]),  # null
     )
 
     key = (*TARGET, "layer_pol_1", "pol_1", "control")
@@ -166,10 +171,11 @@ def test_labels_are_cut_and_never_the_text_of_an_object() -> None:
 def test_what_is_not_an_event_is_received_as_invalid(counts: Counts) -> None:
     counter = EventCounter(counts)
 
-    labels = counter.received([42, {"type": "other"}, event("decision")])
+    raws = [orjson.dumps(e) for e in (42, {"type": "other"}, {"type": "track"}, event("decision"))]
+    counter.received(decode_all(raws)[0], raws)
 
-    assert labels == [
-        ("", "", "", "invalid"),
-        ("", "", "", "invalid"),
-        ("org_test", "proj_test", "production", "decision"),
-    ]
+    assert flushed(counts, Count.EVENTS_RECEIVED) == {
+        ("", "", "", "invalid"): 2,
+        ("", "", "", "track"): 1,  # of a known type, but invalid
+        ("org_test", "proj_test", "production", "decision"): 1,
+    }

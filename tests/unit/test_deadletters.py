@@ -17,7 +17,6 @@ from collector.errors import QueueFull
 from collector.store import spool
 from collector.store.datadir import DataDir
 from collector.store.deadletters import REPLAY_CHUNK, DeadLetters, Replayed, replay
-from collector.store.rows import encode_event
 
 from conftest import event, stored_events
 
@@ -35,7 +34,7 @@ def dead(data_dir: DataDir) -> Iterator[DeadLetters]:
 
 
 def raw_events(*ids: str, **fields: object) -> list[bytes]:
-    return [encode_event(event(id=i, **fields)) for i in ids]
+    return [orjson.dumps(event(id=i, **fields)) for i in ids]
 
 
 def test_added_letters_are_counted_and_listed_oldest_first_with_their_reason(

@@ -1,14 +1,17 @@
 """collector/events.py: the OpenAPI schema of an event (`json_schema`) is self-contained and
-requires, for each event type, exactly the fields the validator (`invalid_events`) requires.
+requires, for each event type, exactly the fields the validator (`decode_all`) requires;
+the validator reads numbers it does not compute with as they are, and names the field at
+fault.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import orjson
 import pytest
 
-from collector.events import EVENT_TYPES, invalid_events, json_schema
+from collector.events import EVENT_TYPES, decode, decode_all, json_schema, number
 
 from conftest import event
 
@@ -22,6 +25,10 @@ SAMPLES: dict[str, Any] = {
     "layers": [],
     "event": "purchase",
 }
+
+
+def invalid_events(events: list[Any]) -> dict[int, str]:
+    return decode_all([orjson.dumps(e) for e in events])[1]
 
 
 def refs(node: Any) -> list[str]:
@@ -99,3 +106,23 @@ def test_invalid_events_are_reported_by_index_with_the_field_at_fault() -> None:
     assert errors[3].startswith("layers.0.bucket:")
     assert list(invalid_events([event(unitKey=True)])) == [0]  # a boolean is not a unit key
     assert invalid_events([event(unitKey=7), event(unitKey="")]) == {}
+
+
+def test_numbers_past_the_double_range_are_valid_where_the_collector_does_not_compute() -> None:
+    raw = orjson.dumps(event(value=0)).replace(b'"value":0', b'"value":1e999')
+
+    track = decode(raw)
+
+    assert number(track.value) == float("inf")  # type: ignore[union-attr]
+    huge = orjson.dumps(event(unitKey=7)).replace(b'"unitKey":7', b'"unitKey":' + b"9" * 40)
+    assert decode_all([huge])[1] == {}
+    assert invalid_events([event(value=None), event(value=-0.0)]) == {}
+    assert list(invalid_events([event(value="7"), event(value=True)])) == [0, 1]
+
+
+def test_an_unknown_type_is_an_error_about_the_event_not_a_field() -> None:
+    errors = invalid_events([event("pageview"), {"type": "track"}, 5])
+
+    assert errors[0].startswith("unknown event type 'pageview'")
+    assert errors[1].endswith(": required field missing")
+    assert errors[2] == "Expected `object`, got `int`"

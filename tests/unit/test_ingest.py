@@ -1,6 +1,7 @@
 """collector/server/ingest.py: one events request in process, from body bytes to committed
 events, through the real writer (`GroupWriter`: real spool and seen-ids files in tmp_path)
-with only the process hop removed; and its pure steps (decompress, parse, the envelope).
+with only the process hop removed; and its pure steps (decompress, finding each event's
+own bytes on the fast and the slow path, the envelope).
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ from collector.server.auth import ApiKey, KeyStore
 from collector.server.commit import Committer, EncodedEvent, GroupWriter, WriterConfig
 from collector.server.counting import EventCounter
 from collector.server.ingest import (
+    Envelope,
     Ingest,
     Outcome,
     decode_body,
-    envelope_events,
-    parse,
+    read_events,
     require_json,
 )
 from collector.store.counts import Count, Counts
@@ -86,7 +87,7 @@ def test_valid_events_are_committed_and_answered_accepted_and_written(
 
     outcome = pipeline.handle(sent, pipeline.key())
 
-    assert outcome.answer() == {"accepted": 3, "written": 3}
+    assert outcome.answer() == {"accepted": 3, "written": 3, "pipelineWritten": 3}
     assert stored_events(pipeline.data_dir) == sent
 
 
@@ -124,10 +125,10 @@ def test_a_retry_with_the_same_ids_is_accepted_but_not_written_again(
 
     again = pipeline.handle([*sent, event(id="c")], key)
 
-    assert again.answer() == {"accepted": 3, "written": 1}
+    assert again.answer() == {"accepted": 3, "written": 1, "pipelineWritten": 1}
     assert [e["id"] for e in stored_events(pipeline.data_dir)] == ["a", "b", "c"]
     retried = pipeline.handle(sent, key)
-    assert retried.answer() == {"accepted": 2, "written": 0}
+    assert retried.answer() == {"accepted": 2, "written": 0, "pipelineWritten": 0}
     assert len(stored_events(pipeline.data_dir)) == 3
 
 
@@ -135,8 +136,16 @@ def test_events_without_an_id_are_never_taken_for_retries(pipeline: Pipeline) ->
     key = pipeline.key()
     sent = [event(), event(id=""), event()]
 
-    assert pipeline.handle(sent, key).answer() == {"accepted": 3, "written": 3}
-    assert pipeline.handle(sent, key).answer() == {"accepted": 3, "written": 3}
+    assert pipeline.handle(sent, key).answer() == {
+        "accepted": 3,
+        "written": 3,
+        "pipelineWritten": 3,
+    }
+    assert pipeline.handle(sent, key).answer() == {
+        "accepted": 3,
+        "written": 3,
+        "pipelineWritten": 3,
+    }
     assert len(stored_events(pipeline.data_dir)) == 6
 
 
@@ -156,7 +165,11 @@ def test_a_key_restricted_to_another_project_is_forbidden_and_nothing_is_committ
 def test_a_key_restricted_to_its_project_and_env_may_send_there(pipeline: Pipeline) -> None:
     key = pipeline.key(project="proj_test", env="production")
 
-    assert pipeline.handle([event(id="a")], key).answer() == {"accepted": 1, "written": 1}
+    assert pipeline.handle([event(id="a")], key).answer() == {
+        "accepted": 1,
+        "written": 1,
+        "pipelineWritten": 1,
+    }
     with pytest.raises(Forbidden, match="restricted to environment 'production'"):
         pipeline.handle([event(id="b", env="staging")], key)
 
@@ -218,25 +231,56 @@ def test_only_json_and_gzip_are_supported() -> None:
         decode_body(b"", "br", 100)
 
 
-def test_parse_reads_nan_and_infinity_as_null_and_refuses_what_is_not_json() -> None:
-    assert parse(b'{"a": NaN, "b": -Infinity, "c": 1e999, "d": 7}') == {
-        "a": None,
-        "b": None,
-        "c": None,
-        "d": 7,
-    }
-    with pytest.raises(BadRequest, match="not valid JSON"):
-        parse(b"{nope")
+READ = Envelope(1000)
+
+
+def test_each_event_is_found_as_the_bytes_it_spans_in_the_body() -> None:
+    events = [
+        b'{"a" : 1.0e+21 ,\n "b":"\\/\\u30e6"}',
+        b"[ ]",
+        b"-0",
+        b"123456789012345678901234567890",
+    ]
+    body = b'{"sdk":"x", "events" :[ ' + b" ,\n\t".join(events) + b" ] }"
+
+    assert read_events(body, READ) == (events, events)
+
+
+def test_nan_and_infinity_become_null_only_in_the_events_that_hold_them() -> None:
+    kept = b'{"s":"NaN Infinity \\" NaN", "n": 1.50}'
+    body = b'{"events":[' + kept + b', {"a":NaN,"b":[-Infinity, Infinity],"c":"NaN"}]}'
+
+    stored, validated = read_events(body, READ)
+
+    assert stored == [kept, b'{"a":null,"b":[null, null],"c":"NaN"}']
+    assert validated == stored
+
+
+def test_a_lone_surrogate_is_stored_as_sent_and_validated_as_a_private_use_character() -> None:
+    sent = [b'{"id":"a\\ud83d","pair":"\\ud83d\\ude00"}', b'{"id":"\\\\ud800 is text"}']
+    body = b'{"events":[' + b",".join(sent) + b"]}"
+
+    stored, validated = read_events(body, READ)
+
+    assert stored == sent
+    assert orjson.loads(validated[0]) == {"id": "a\ue83d", "pair": "\U0001f600"}
+    assert orjson.loads(validated[1]) == {"id": "\\ue800 is text"}  # an escaped backslash
 
 
 @pytest.mark.parametrize(
-    "document",
-    [[], {}, {"events": []}, {"events": {}}, {"events": "x"}, {"events": [{}] * 12}],
+    ("body", "message"),
+    [
+        (b"{nope", "not valid JSON"),
+        (b'{"events":["\xff"]}', "not UTF-8"),
+        (b'{"events":[' + b"[" * 5000 + b"]" * 5000 + b"]}", "nested too deeply"),
+        (b'{"events":[]}', "non-empty array"),
+        (b'{"events":[1]} x', "not valid JSON"),
+        (b"[" * 100_000, "not valid JSON"),  # not an object, and not JSON either
+        (b'{"events":{}}', "non-empty array"),
+        (b'{"events":[' + b"1," * 1000 + b"1]}", "max 1000"),
+    ],
+    ids=["not-json", "not-utf8", "deep", "empty", "trailing", "open-array", "object", "too-many"],
 )
-def test_the_envelope_needs_a_non_empty_events_array_within_the_limit(document: Any) -> None:
-    with pytest.raises(BadRequest, match=r"max 10\)"):
-        envelope_events(document, 10)
-
-
-def test_the_envelope_takes_ten_percent_more_than_the_maximum() -> None:
-    assert len(envelope_events({"events": [{}] * 11}, 10)) == 11
+def test_what_is_not_an_events_document_is_a_bad_request(body: bytes, message: str) -> None:
+    with pytest.raises(BadRequest, match=message):
+        read_events(body, READ)

@@ -1,31 +1,43 @@
-"""collector/store/rows.py: queue rows as the forwarder reads them: one event per line,
-split without parsing (`join`/`split` round trips), and a (project, env) read off the bytes
-only when every event certainly shares it.
+"""collector/store/rows.py: queue rows as the forwarder reads them: each target's events
+sliced out by the lengths in the row's header, their bytes exactly as the client sent them
+(`join`/`split` round trips), the count readable in SQL, and rows of the two older formats
+still read.
 
 Real queue files in tmp paths (`Spool`), real bytes; nothing mocked.
 """
 
 from __future__ import annotations
 
+import json
+import sqlite3
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 
+from collector.events import Target
 from collector.store.datadir import DataDir
-from collector.store.rows import ROW_END, ROW_START, encode_event, join, split, target_of
-from collector.store.rows import shared_target as shared_key
-from collector.store.spool import Row, Spool
+from collector.store.rows import EVENT_COUNT_SQL, by_target, join, split, target_of
+from collector.store.spool import TABLE, Row, Spool, summary
 
 from conftest import event
 
+A, B = Target("proj_a", "production"), Target("proj_b", "staging")
+# What clients send and a re-encoder would change: escapes, number forms, key order,
+# whitespace (inside and between tokens), a lone surrogate, a comma and brackets in strings.
+AS_SENT = [
+    b'{"type":"track","b":1.0e+21,"a":-0,"url":"https:\\/\\/x","jp":"\\u30e6"}',
+    b'{ "type" : "track" ,\n  "big": 123456789012345678901234567890, "s": "x,\\n],[" }',
+    b'{"type":"track","cut":"\\ud83d","deep":' + b"[" * 300 + b"]" * 300 + b"}",
+]
 
-def stored(tmp_path: Path, events: list[bytes]) -> Row:
-    """`events` committed as one row of a real queue file, then taken back."""
+
+def stored(tmp_path: Path, groups: dict[Target, list[bytes]]) -> Row:
+    """`groups` committed as one row of a real queue file, then taken back."""
     spool = Spool(DataDir(tmp_path), budget_bytes=1 << 30, resume_in_flight=True)
     try:
-        spool.append(events)
+        spool.append(groups)
         row = spool.take()
     finally:
         spool.close()
@@ -37,95 +49,78 @@ def encoded(*events: dict[str, Any]) -> list[bytes]:
     return [orjson.dumps(e) for e in events]
 
 
-def test_a_row_splits_back_into_its_events_bytes_unchanged(tmp_path: Path) -> None:
-    sent = encoded(
-        event(id="a", properties={"text": "comma,\nnewline and ,\\n escaped", "n": [1, 2]}),
-        event(id="b", properties={"unicode": "é😀", "nested": {"x": {"y": None}}}),
-        event(id="c"),
-    )
-    row = stored(tmp_path, sent)
+def test_a_row_gives_back_each_targets_events_bytes_unchanged(tmp_path: Path) -> None:
+    groups = {A: AS_SENT[:2], B: [AS_SENT[2], b"{}"]}
 
-    assert row.lines() == sent
-    assert orjson.loads(row.data) == [orjson.loads(raw) for raw in sent]  # still one array
+    row = stored(tmp_path, groups)
+
+    assert row.groups() == list(groups.items())
+    assert json.loads(row.data)[0] == 4  # one JSON array still, led by its event count
 
 
-def test_an_event_spread_over_several_lines_is_stored_compact(tmp_path: Path) -> None:
-    pretty = b'{\n  "id": "a",\n  "projectId": "p",\n  "env": "e"\n}'
-    row = stored(tmp_path, [pretty, orjson.dumps(event(id="b"))])
-
-    lines = row.lines()
-    assert len(lines) == 2
-    assert orjson.loads(lines[0]) == orjson.loads(pretty)
-    assert b"\n" not in lines[0]
-
-
-def test_a_row_written_before_events_had_lines_of_their_own_still_splits() -> None:
-    sent = encoded(event(id="a"), event(id="b", properties={"s": "x,y"}))
-    row = Row(1, b"[" + b",".join(sent) + b"]", 0.0)
-
-    assert row.lines() == sent
-
-
-def test_a_row_of_one_project_and_env_is_read_off_the_bytes() -> None:
-    lines = encoded(*(event(id=str(n), projectId="proj_a", env="staging") for n in range(5)))
-    data = b"[\n" + b",\n".join(lines) + b"\n]"
-
-    assert shared_key(data, lines) == ("proj_a", "staging")
-
-
-@pytest.mark.parametrize(
-    "odd_one",
-    [
-        {"projectId": "proj_b"},  # another project
-        {"env": "production"},  # another env
-        {"projectId": "proj_a2"},  # a project named with a prefix of the others'
-        # the same project and env, and a nested pair naming another: not decidable by count
-        {"properties": {"projectId": "proj_b", "env": "production"}},
-        # a backslash: quotes may be escaped, so occurrences cannot be trusted
-        {"properties": {"note": 'say \\"projectId\\":\\"proj_b\\"'}},
-    ],
-    ids=["project", "env", "prefix", "nested", "backslash"],
-)
-def test_a_row_not_certainly_of_one_project_and_env_is_left_to_per_event_parsing(
-    odd_one: dict[str, Any],
-) -> None:
-    base = {"projectId": "proj_a", "env": "staging"}
-    lines = encoded(event(id="1", **base), event(id="2", **{**base, **odd_one}), event(**base))
-    data = b"[\n" + b",\n".join(lines) + b"\n]"
-
-    assert shared_key(data, lines) is None
-
-
-@pytest.mark.parametrize("count", [1, 2, 5])
+@pytest.mark.parametrize("count", [1, 2, 5, 1000])
 def test_join_then_split_gives_back_each_events_bytes(count: int) -> None:
-    sent = encoded(
-        *(
-            event(id=str(n), properties={"text": "a,\nb", "list": [n, {"x": "y"}]})
-            for n in range(count)
-        )
+    sent = [AS_SENT[n % len(AS_SENT)] for n in range(count)]
+
+    assert split(join({A: sent})) == [(A, sent)]
+
+
+def test_a_target_named_with_quotes_commas_and_unicode_round_trips() -> None:
+    odd = Target('p,"]é😀', "env\n")
+
+    assert split(join({odd: [b"{}"], A: [b"[]"]})) == [(odd, [b"{}"]), (A, [b"[]"])]
+
+
+def test_the_event_count_is_read_in_sql_for_every_row_format(tmp_path: Path) -> None:
+    current = join({A: AS_SENT, B: AS_SENT[:1]})
+    lines = b"[\n" + b",\n".join(encoded(event(), event())) + b"\n]"
+    oldest = b"[" + b",".join(encoded(event())) + b"]"
+    with sqlite3.connect(":memory:") as conn:
+        counts = [
+            conn.execute(f"SELECT {EVENT_COUNT_SQL} FROM (SELECT ? AS data)", (data,)).fetchone()[0]
+            for data in (current, lines, oldest)
+        ]
+    assert counts == [4, 2, 1]
+
+
+def test_status_counts_the_events_of_a_queue_holding_rows_of_every_format(tmp_path: Path) -> None:
+    data_dir = DataDir(tmp_path)
+    spool = Spool(data_dir, budget_bytes=1 << 30)
+    try:
+        spool.append({A: AS_SENT})
+    finally:
+        spool.close()
+    old = b"[\n" + b",\n".join(encoded(event(), event())) + b"\n]"
+    with sqlite3.connect(data_dir.queue) as conn:
+        conn.execute(f"INSERT INTO {TABLE} (data, timestamp, status) VALUES (?, 0, 0)", (old,))
+
+    assert (summary(data_dir).events, summary(data_dir).rows) == (5, 2)
+
+
+@pytest.mark.parametrize("old_format", ["lines", "array"])
+def test_a_row_of_an_older_format_is_read_by_parsing(old_format: str) -> None:
+    sent = encoded(event(id="a", projectId="proj_a"), event(id="b", projectId="proj_b"))
+    data = (
+        b"[\n" + b",\n".join(sent) + b"\n]"
+        if old_format == "lines"
+        else b"[" + b",".join(sent) + b"]"
     )
 
-    data = join(sent)
+    groups = Row(1, data, 0.0).groups()
 
-    assert data.startswith(ROW_START) and data.endswith(ROW_END)
-    assert data.count(b"\n") == count + 1  # one event per line, between the brackets
-    assert split(data) == sent
-    assert orjson.loads(data) == [orjson.loads(raw) for raw in sent]
-
-
-def test_join_compacts_an_event_spread_over_lines_and_split_reads_it_compact() -> None:
-    pretty = orjson.dumps(event(id="a"), option=orjson.OPT_INDENT_2)
-    compact = encode_event(event(id="b"))
-
-    assert split(join([pretty, compact])) == [encode_event(orjson.loads(pretty)), compact]
+    assert [(target.project, events) for target, events in groups] == [
+        ("proj_a", sent[:1]),
+        ("proj_b", sent[1:]),
+    ]
 
 
-def test_an_event_that_cannot_be_stored_as_json_is_refused_by_encode_event() -> None:
-    with pytest.raises(orjson.JSONEncodeError):
-        encode_event(event(properties={"lone": "\ud800"}))
+def test_events_without_routing_keys_are_grouped_by_parsing_them() -> None:
+    first, second, third = encoded(
+        event(projectId="proj_a", env="production"),
+        event(projectId="proj_b", env="staging"),
+        event(projectId="proj_a", env="production"),
+    )
 
-
-def test_target_of_reads_the_project_and_env_of_one_stored_event() -> None:
-    raw = encode_event(event(projectId="proj_x", env="staging"))
-
-    assert target_of(raw) == ("proj_x", "staging")
+    assert by_target([first, second, third]) == {A: [first, third], B: [second]}
+    assert target_of(b'{"projectId":"p\\ud800","env":"e"}') == ("p\\ud800", "e")
+    assert target_of(b"[1]") == ("None", "None")
