@@ -152,15 +152,23 @@ def decode(raw: bytes) -> Event:
 
 
 def decode_all(raws: Sequence[bytes]) -> tuple[list[Event | None], dict[int, str]]:
-    """Each of `raws` decoded (None where invalid), and index -> error of the invalid."""
+    """Each of `raws` decoded (None where invalid), and index -> error of the invalid.
+    (`decode` inlined: this loop runs once per event on the request path.)"""
     decoded: list[Event | None] = []
     errors: dict[int, str] = {}
+    read = _DECODER.decode
     for index, raw in enumerate(raws):
+        event: Event | None
+        problem: str | None
         try:
-            decoded.append(decode(raw))
-        except InvalidEvent as exc:
-            decoded.append(None)
-            errors[index] = str(exc)
+            event = read(raw)
+        except msgspec.ValidationError as exc:
+            event, problem = None, _message(str(exc))
+        else:
+            problem = _problem(event)
+        if problem is not None:
+            event, errors[index] = None, problem
+        decoded.append(event)
     return decoded, errors
 
 

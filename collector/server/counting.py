@@ -17,6 +17,7 @@ import math
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
+from operator import attrgetter
 from typing import Any
 
 import msgspec
@@ -52,25 +53,27 @@ class EventCounter:
     def __init__(self, counts: Counts) -> None:
         self.counts = counts
         self._names: set[str] = set()
-        self._decisions: OrderedDict[str, tuple[float, list[Labels]]] = OrderedDict()
+        self._decisions: OrderedDict[str, tuple[float, tuple[Labels, ...]]] = OrderedDict()
 
-    def received(self, decoded: Sequence[Event | None], raws: Sequence[bytes]) -> None:
+    def received(self, decoded: Sequence[Event | None], raws: Sequence[bytes]) -> list[Labels]:
         """Count events as received: valid ones (`decoded`) by their labels, invalid ones
-        by what can be read of them (`raws`: their JSON)."""
-        received = Counter(map(_labels_of, decoded))
-        invalid = received.pop(None, 0)
-        if invalid:
+        by what can be read of them (`raws`: their JSON). Returns the valid ones' labels,
+        in order, for `accepted`."""
+        labels = _labels_of(list(filter(None, decoded)))
+        received = Counter(labels)
+        if len(labels) < len(decoded):
             received.update(
                 _invalid_labels(raw) for raw, e in zip(raws, decoded, strict=True) if e is None
             )
         self._add(Count.EVENTS_RECEIVED, received)
+        return labels
 
     def rejected(self, reason: str, count: int = 1) -> None:
         self.counts.add(Count.EVENTS_REJECTED, (reason,), count)
 
-    def accepted(self, events: list[Event], skipped: set[int]) -> None:
-        """Count accepted events; `skipped` holds the indexes not written (duplicates)."""
-        labels = list(map(_labels_of, events))
+    def accepted(self, events: list[Event], labels: list[Labels], skipped: set[int]) -> None:
+        """Count accepted events (`labels` are theirs, from `received`); `skipped` holds
+        the indexes not written (duplicates)."""
         accepted = Counter(labels)
         self._add(Count.EVENTS_ACCEPTED, accepted)
         if skipped:
@@ -113,13 +116,15 @@ class EventCounter:
             tally.conversions[(event.projectId, event.env, policy, allocation, name)] += 1
 
     def _remember(self, decision_id: str | None, event: Exposure | Decision, now: float) -> None:
-        if not decision_id:
+        """Note the allocations of a decision (or of an exposure naming one not noted yet),
+        for the conversions of later track events that name it."""
+        if not decision_id or decision_id in self._decisions:
             return
-        allocations: list[Labels] = [
+        allocations = tuple(
             (layer.policyId, layer.allocationName)
             for layer in event.layers
             if layer.policyId and layer.allocationName and layer.bucket >= 0
-        ]
+        )
         if not allocations:
             return
         decisions = self._decisions
@@ -127,7 +132,7 @@ class EventCounter:
         if len(decisions) > DECISIONS_KEPT:
             decisions.popitem(last=False)
 
-    def _attribution(self, event: Track, now: float) -> list[Labels]:
+    def _attribution(self, event: Track, now: float) -> Sequence[Labels]:
         """(policy, allocation) pairs a track event counts for: those of the decision its
         `decisionId` names, if remembered and recent, else the SDK's own `attribution`."""
         found = self._decisions.get(event.decisionId) if event.decisionId else None
@@ -178,15 +183,19 @@ def _exposure(event: Exposure, tally: _Tally) -> None:
                 tally.shares_n[key] += 1
 
 
-_TYPES = {Exposure: "exposure", Decision: "decision", Track: "track"}
+_TYPES: dict[type, str] = {Exposure: "exposure", Decision: "decision", Track: "track"}
 # Only what labels an invalid event: read leniently, whatever the other fields hold.
 _LABELS = msgspec.json.Decoder(dict[str, Any])
 
 
-def _labels_of(event: Event | None) -> Labels | None:
-    if event is None:
-        return None
-    return (event.orgId, event.projectId, event.env, _TYPES[type(event)])
+_ORG, _PROJECT, _ENV = attrgetter("orgId"), attrgetter("projectId"), attrgetter("env")
+
+
+def _labels_of(events: list[Event]) -> list[Labels]:
+    """Each event's (org, project, env, type), built in C (map and zip, no Python loop)."""
+    kinds = map(_TYPES.__getitem__, map(type, events))
+    columns = map(_ORG, events), map(_PROJECT, events), map(_ENV, events), kinds
+    return list(zip(*columns, strict=True))
 
 
 def _invalid_labels(raw: bytes) -> Labels:

@@ -197,7 +197,7 @@ class Ingest:
     async def handle(self, body: bytes, key: ApiKey) -> Outcome:
         stored, readable = read_events(body, self._envelope)
         decoded, errors = decode_all(readable)
-        self._counter.received(decoded, readable)
+        labels = self._counter.received(decoded, readable)
         for error in errors.values():
             self._counter.rejected(_reason(error))
         valid: list[Event] = []
@@ -222,7 +222,7 @@ class Ingest:
         except CollectorError as exc:
             self._counter.rejected(type(exc).__name__, len(valid))
             raise
-        self._counter.accepted(valid, set(skipped))
+        self._counter.accepted(valid, labels, set(skipped))
         return Outcome(accepted=len(valid), written=len(valid) - len(skipped), errors=errors)
 
 
