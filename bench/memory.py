@@ -73,6 +73,9 @@ BATCHES = Scenario("batch", 1000, 4, BATCH_POOL)
 SINGLES = Scenario("single", 1, 64, SINGLE_POOL)
 PROCESSES = ("server", "writer", "forwarder")
 
+# persist-queue's table for the collector's queue named "events" (collector/store/spool.py).
+QUEUE_TABLE = "ack_queue_events"
+
 
 @dataclass
 class Phase:
@@ -248,7 +251,7 @@ def queued_events(data_dir: Path) -> int:
 
 def wait_drained(data_dir: Path, forwarder: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + DRAIN_TIMEOUT_S
-    while queue_rows(data_dir):
+    while queue_rows(data_dir, QUEUE_TABLE):
         if forwarder.poll() is not None:
             raise RuntimeError(f"the forwarder exited with status {forwarder.returncode}")
         if time.monotonic() > deadline:

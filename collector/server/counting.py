@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, deque
 from collections.abc import Sequence
 from operator import attrgetter
 from typing import Any
@@ -30,9 +30,14 @@ MAX_NAMES = 500
 OTHER = "(other)"
 LABEL_CHARS = 100
 # Decisions remembered to attribute later track events to their allocation: enough for an
-# hour of a busy service, bounded so memory is too (~300 bytes each: ~60 MB at most).
+# hour of a busy service, bounded so memory is too (~100 bytes each: ~20 MB at most; held
+# as full tuples per decision they took 48 MB, a quarter of the server's memory).
 DECISIONS_KEPT = 200_000
 DECISION_TTL_S = 3600.0
+# Distinct sets of (policy, allocation) pairs the decisions may name (labels are client
+# text): past it, further decisions are not remembered (their conversions then count by the
+# SDK's own `attribution`).
+MAX_ALLOCATION_SETS = 10_000
 
 
 def label(value: Any) -> str:
@@ -53,7 +58,7 @@ class EventCounter:
     def __init__(self, counts: Counts) -> None:
         self.counts = counts
         self._names: set[str] = set()
-        self._decisions: OrderedDict[str, tuple[float, tuple[Labels, ...]]] = OrderedDict()
+        self._decisions = Decisions()
 
     def received(self, decoded: Sequence[Event | None], raws: Sequence[bytes]) -> list[Labels]:
         """Count events as received: valid ones (`decoded`) by their labels, invalid ones
@@ -121,23 +126,19 @@ class EventCounter:
         if not decision_id or decision_id in self._decisions:
             return
         allocations = tuple(
-            (layer.policyId, layer.allocationName)
+            (label(layer.policyId), label(layer.allocationName))
             for layer in event.layers
             if layer.policyId and layer.allocationName and layer.bucket >= 0
         )
-        if not allocations:
-            return
-        decisions = self._decisions
-        decisions[decision_id] = (now, allocations)
-        if len(decisions) > DECISIONS_KEPT:
-            decisions.popitem(last=False)
+        if allocations:
+            self._decisions.note(decision_id, allocations, now)
 
     def _attribution(self, event: Track, now: float) -> Sequence[Labels]:
         """(policy, allocation) pairs a track event counts for: those of the decision its
         `decisionId` names, if remembered and recent, else the SDK's own `attribution`."""
-        found = self._decisions.get(event.decisionId) if event.decisionId else None
-        if found is not None and now - found[0] <= DECISION_TTL_S:
-            return found[1]
+        found = self._decisions.get(event.decisionId, now) if event.decisionId else None
+        if found is not None:
+            return found
         return [
             (str(item.get("policyId")), str(item.get("allocationName")))
             for item in attribution(event)
@@ -151,6 +152,47 @@ class EventCounter:
             return OTHER
         self._names.add(name)
         return name
+
+
+class Decisions:
+    """Decision id -> the (policy, allocation) pairs it assigned, for DECISION_TTL_S, the
+    latest DECISIONS_KEPT of them, in ~100 bytes each.
+
+    Keyed by the id's hash, not the id (a collision of two 64-bit hashes among 200,000 ids,
+    about one in 10^9, would count one conversion for the other's allocation: a count,
+    never an event); the value packs the second it was noted with the index of its set of
+    pairs, each distinct set held once."""
+
+    def __init__(self) -> None:
+        self._noted: dict[int, int] = {}
+        self._order: deque[int] = deque()  # the keys, oldest first, to forget in order
+        self._sets: list[tuple[Labels, ...]] = []
+        self._set_index: dict[tuple[Labels, ...], int] = {}
+
+    def __contains__(self, decision_id: str) -> bool:
+        return hash(decision_id) in self._noted
+
+    def __len__(self) -> int:
+        return len(self._noted)
+
+    def note(self, decision_id: str, allocations: tuple[Labels, ...], now: float) -> None:
+        index = self._set_index.get(allocations)
+        if index is None:
+            if len(self._sets) >= MAX_ALLOCATION_SETS:
+                return
+            index = self._set_index[allocations] = len(self._sets)
+            self._sets.append(allocations)
+        key = hash(decision_id)
+        self._noted[key] = int(now) << 32 | index
+        self._order.append(key)
+        if len(self._order) > DECISIONS_KEPT:
+            self._noted.pop(self._order.popleft(), None)
+
+    def get(self, decision_id: str, now: float) -> tuple[Labels, ...] | None:
+        packed = self._noted.get(hash(decision_id))
+        if packed is None or now - (packed >> 32) > DECISION_TTL_S:
+            return None
+        return self._sets[packed & 0xFFFFFFFF]
 
 
 class _Tally:

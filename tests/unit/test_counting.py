@@ -14,6 +14,7 @@ import orjson
 import pytest
 
 from collector.events import decode_all
+from collector.server import counting
 from collector.server.counting import LABEL_CHARS, MAX_NAMES, OTHER, EventCounter, label
 from collector.store.counts import Count, Counts
 from collector.store.datadir import DataDir
@@ -37,8 +38,8 @@ def accept(
     raws = [orjson.dumps(e) for e in events]
     decoded, errors = decode_all(raws)
     assert not errors
-    counter.received(decoded, raws)
-    counter.accepted([e for e in decoded if e is not None], set(skipped))
+    labels = counter.received(decoded, raws)
+    counter.accepted([e for e in decoded if e is not None], labels, set(skipped))
 
 
 def flushed(counts: Counts, name: Count) -> dict[tuple[str, ...], float]:
@@ -179,3 +180,29 @@ def test_what_is_not_an_event_is_received_as_invalid(counts: Counts) -> None:
         ("", "", "", "track"): 1,  # of a known type, but invalid
         ("org_test", "proj_test", "production", "decision"): 1,
     }
+
+
+def test_decisions_are_remembered_for_their_ttl_and_the_oldest_forgotten_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(counting, "DECISIONS_KEPT", 3)
+    decisions = counting.Decisions()
+    pairs = (("pol_1", "control"),)
+    for n in range(4):
+        decisions.note(f"dec_{n}", pairs, now=1000.0)
+
+    assert "dec_0" not in decisions and len(decisions) == 3  # the oldest went first
+    assert decisions.get("dec_3", now=1000.0 + counting.DECISION_TTL_S) == pairs
+    assert decisions.get("dec_3", now=1001.0 + counting.DECISION_TTL_S) is None  # expired
+
+
+def test_distinct_allocation_sets_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(counting, "MAX_ALLOCATION_SETS", 2)
+    decisions = counting.Decisions()
+    for n in range(3):
+        decisions.note(f"dec_{n}", ((f"pol_{n}", "a"),), now=0.0)
+    decisions.note("dec_again", (("pol_0", "a"),), now=0.0)  # a set already held
+
+    assert decisions.get("dec_1", 0.0) == (("pol_1", "a"),)
+    assert decisions.get("dec_2", 0.0) is None  # a third set: not remembered
+    assert decisions.get("dec_again", 0.0) == (("pol_0", "a"),)
