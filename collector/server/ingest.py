@@ -41,11 +41,17 @@ GZIP_WBITS = 16 + zlib.MAX_WBITS
 # A JSON string (kept as is), or a bare non-finite token outside strings (becomes null).
 # Only applied to text the stdlib parser accepted, so every quote outside a string opens one.
 _NON_FINITE = re.compile(r'"(?:[^"\\]++|\\.)*+"|-?Infinity|NaN')
-# A surrogate pair's escapes (kept), or a lone surrogate's: read as the private-use
-# character 0xE000 above it (same length, so spans line up; distinct, so ids stay distinct).
+# An escaped backslash or a surrogate pair's escapes (kept), or a lone surrogate's escape:
+# read as the private-use character 0xE000 above it (same length, so spans line up).
+# Escaped backslashes are matched first, so that in `\\\\ud800` the text `ud800` after
+# one is not taken for an escape.
 _SURROGATE = re.compile(
-    rb"\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}|\\u[dD]([89a-fA-F][0-9a-fA-F]{2})"
+    rb"\\\\|\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+    rb"|\\u[dD]([89a-fA-F][0-9a-fA-F]{2})"
 )
+# JSON's whitespace, then the comma between two elements of an array, or its end.
+_NEXT = re.compile(rb"[ \t\n\r]*,[ \t\n\r]*")
+_END = re.compile(rb"[ \t\n\r]*\]")
 
 
 @dataclass
@@ -142,7 +148,8 @@ def _judge(text: str) -> list[str]:
     """BadRequest unless `text` is JSON (NaN/Infinity allowed); the constants it holds."""
     constants: list[str] = []
     try:
-        json.loads(text, parse_constant=constants.append)
+        # Numbers are not converted (they are kept as sent; int() refuses 4300+ digits).
+        json.loads(text, parse_constant=constants.append, parse_int=len, parse_float=len)
     except RecursionError as exc:
         raise BadRequest("body is not valid JSON: nested too deeply") from exc
     except ValueError as exc:
@@ -164,17 +171,35 @@ def _lenient_events(body: bytes, envelope: Envelope) -> tuple[list[bytes], list[
         raise BadRequest(envelope.refusal) from None
     except (msgspec.DecodeError, RecursionError) as exc:  # deeper than msgspec reads
         raise BadRequest("body is not valid JSON: nested too deeply") from exc
-    kept: list[bytes] = []
-    validated: list[bytes] = []
-    at = 0
-    for span in spans:
-        raw = bytes(span)
-        # Between two events lie only whitespace and a comma, which no event starts with.
-        start = readable.index(raw, at)
-        at = start + len(raw)
-        kept.append(stored[start:at])
-        validated.append(raw)
+    validated = [bytes(span) for span in spans]
+    kept = [stored[start : start + len(raw)] for start, raw in _offsets(readable, validated)]
     return kept, validated
+
+
+def _offsets(text: bytes, events: list[bytes]) -> list[tuple[int, bytes]]:
+    """Where each of `events` (the elements of the body's `events` array, in order) starts
+    in `text`: the first place where they follow one another as an array's elements do
+    (the same bytes may occur earlier, in another member of the body)."""
+    start = text.find(events[0])
+    while start >= 0:
+        found = _consecutive(text, events, start)
+        if found is not None:
+            return found
+        start = text.find(events[0], start + 1)
+    raise AssertionError("the events msgspec read are not in the body")  # cannot happen
+
+
+def _consecutive(text: bytes, events: list[bytes], at: int) -> list[tuple[int, bytes]] | None:
+    found = []
+    for index, raw in enumerate(events):
+        if not text.startswith(raw, at):
+            return None
+        found.append((at, raw))
+        gap = (_NEXT if index < len(events) - 1 else _END).match(text, at + len(raw))
+        if gap is None:
+            return None
+        at = gap.end()
+    return found
 
 
 def _null(found: re.Match[str]) -> str:
