@@ -7,7 +7,9 @@ What it measures, for each backlog size N (default 1,000,000):
               events (decisions, exposures, purchases, page views; `bench/ingest.py`'s
               factory), every id unique over the run; all of one project, or with
               `--projects N` each row mixing N projects (as a row gathering several SDKs'
-              requests would), whose events the forwarder must then parse one by one
+              requests would), whose events the forwarder must then parse one by one. It
+              runs in a subprocess with the tree under test first on the import path, so
+              the rows are in that tree's own format
     upstream  a minimal HTTP/1.1 keep-alive server on uvloop, in its own process on
               127.0.0.1: it reads each request, gunzips it, parses it, counts its events and
               their distinct ids, and answers 200 at once (far faster than the forwarder,
@@ -26,10 +28,23 @@ must be on PATH or next to this Python) and prints where its time goes, by funct
 busy thread (SQLite and gzip run in worker threads), or with `--profile-gil` only the
 thread holding the GIL, which is the part that cannot run in parallel.
 
+`--old-tree DIR` compares the forwarder of an older commit with this checkout's in the same
+run. DIR holds a copy of that commit's files, e.g. made with
+
+    mkdir -p /tmp/oldtree && git archive COMMIT | tar -x -C /tmp/oldtree
+
+Each backlog size is then measured twice, back to back, each time on a fresh data
+directory and a fresh upstream: first with the old tree (its fill and its forwarder, both
+from DIR's code on this interpreter, since the queue row format may differ between them),
+then with this one. The report shows both rows and the ratios new/old of the drain rate
+(whole and steady), the forwarder's CPU per event and its peak RSS. Machines drift (other
+load, the page cache), so only a ratio well away from 1 says much from a single run.
+
 Run it by hand (it is not part of the test suite):
 
     python bench/forward.py [--events 100000,1000000] [--in-flight N] [--projects N]
-                             [--profile [--profile-gil]]
+                             [--profile [--profile-gil]] [--old-tree DIR]
+    python bench/forward.py --events 1000000 --old-tree /tmp/oldtree
 
 It removes its data directories and stops its processes on exit, Ctrl-C included. Load only
 ever targets 127.0.0.1.
@@ -40,6 +55,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import inspect
 import os
 import platform
 import shutil
@@ -51,6 +67,7 @@ import tempfile
 import time
 import zlib
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,8 +88,9 @@ from ingest import (
     version_of,
 )
 
-from collector.store.datadir import DataDir
-from collector.store.spool import TABLE, Spool
+# Nothing of `collector` or `forwarder` is imported here: the fill and the forwarder each
+# import the tree under test in their own process (see `Tree`), so this process works with
+# either tree, and with the current one even while it does not import.
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -82,8 +100,13 @@ SAMPLE_S = 0.05  # how often the upstream's count and the forwarder's memory are
 STALL_S = 120.0  # give up when no event arrives for this long
 ACK_TIMEOUT_S = 60.0  # time allowed, once all events arrived, for the last acks
 STOP_TIMEOUT_S = 30.0
+# Lines of a failed child's log shown: enough for a traceback's end (its workdir is removed).
+LOG_TAIL_LINES = 15
 TARGET_EVENTS_S = 60_000
 MIB = 1024 * 1024
+# The name of `Spool.append`'s parameter says which row it takes: "events", a list of the
+# row's events (up to dc17329), or "groups", those events by target (the row format after).
+APPEND_STYLES = ("events", "groups")
 
 
 # --- the upstream: a bare HTTP/1.1 server that counts events -----------------------------
@@ -191,11 +214,13 @@ def child_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("COLLECTOR_")}
 
 
-def start(argv: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+def start(
+    argv: list[str], log_path: Path, env: dict[str, str], cwd: Path = ROOT
+) -> subprocess.Popen[bytes]:
     with open(log_path, "wb") as log:
         return subprocess.Popen(
             argv,
-            cwd=ROOT,
+            cwd=cwd,
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=log,
@@ -236,10 +261,10 @@ def cpu_seconds(pid: int) -> float:
     return 0.0
 
 
-def queue_rows(data_dir: Path) -> int:
+def queue_rows(data_dir: Path, table: str) -> int:
     conn = sqlite3.connect(f"file:{data_dir / 'queue.db'}?mode=ro", uri=True, timeout=10)
     try:
-        (rows,) = conn.execute(f"SELECT COUNT(*) FROM {TABLE}").fetchone()
+        (rows,) = conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()
         return int(rows)
     finally:
         conn.close()
@@ -250,12 +275,43 @@ def py_spy() -> str | None:
     return str(beside) if beside.exists() else shutil.which("py-spy")
 
 
+# --- the trees compared -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tree:
+    """A checkout whose `cli`, `collector` and `forwarder` a run uses: this one ("new") or
+    `--old-tree` ("old"). Its children run with it as working directory and first on
+    PYTHONPATH, ahead of the editable install, which maps those packages to this checkout
+    (an install's finder comes after the path's)."""
+
+    name: str
+    root: Path
+
+    def env(self, base: dict[str, str]) -> dict[str, str]:
+        path = os.pathsep.join(p for p in (str(self.root), base.get("PYTHONPATH", "")) if p)
+        return {**base, "PYTHONPATH": path}
+
+    def describe(self) -> str:
+        """Its directory, and its commit when it is a git checkout (a `git archive` copy is
+        not, and `git -C` would then report whatever repository encloses it)."""
+        if not (self.root / ".git").exists():
+            return f"{self.root} (not a git checkout)"
+        git = ["git", "--no-optional-locks", "-C", str(self.root)]  # takes no index lock
+        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True)
+        dirty = subprocess.run([*git, "status", "--porcelain", "-uno"], capture_output=True)
+        commit = head.stdout.decode().strip() or "?"
+        changes = " plus uncommitted changes" if dirty.stdout.strip() else ""
+        return f"{self.root} at {commit}{changes}"
+
+
 # --- one run ----------------------------------------------------------------------------
 
 
 @dataclass
 class Result:
     events: int
+    tree: str = "new"
     fill_s: float = 0.0
     queue_mib: float = 0.0
     first_s: float = 0.0  # from the forwarder's start to the first event upstream
@@ -276,37 +332,109 @@ class Result:
         return self.events / self.delivered_s if self.delivered_s else 0.0
 
 
-def fill(data_dir: Path, events: int, seed: int, projects: int) -> float:
+@dataclass(frozen=True)
+class Filled:
+    """What the fill subprocess reports."""
+
+    seconds: float
+    table: str  # the queue's table, `spool.TABLE` of the tree that wrote it
+    spool_file: str  # where `Spool` was imported from: the check that the tree was used
+
+
+def fill(data_dir: Path, events: int, seed: int, projects: int) -> Filled:
     """Queue `events` events in rows of ROW_EVENTS, each row's events spread over
-    `projects` projects; returns the seconds it took."""
-    templates = []
+    `projects` projects, with whatever `collector` is first on the import path (run by
+    `fill_with` in a subprocess); the seconds exclude imports and building the events."""
+    from collector.store.datadir import DataDir
+    from collector.store.spool import TABLE, Spool
+
+    style = append_style(Spool.append)
+    templates, targets = [], []
     for offset in range(TEMPLATES):
         made = EventFactory(seed + offset).events(ROW_EVENTS)
         if projects > 1:
             for index, event in enumerate(made):
                 event["projectId"] = f"proj_bench_{index % projects}"
         templates.append([orjson.dumps(event) for event in made])
+        targets.append([(event["projectId"], event["env"]) for event in made])
+    if style == "groups":  # only such a tree is sure to have `Target`
+        from collector.events import Target
+
+        targets = [[Target(*key) for key in keys] for keys in targets]
     began = time.monotonic()
     spool = Spool(DataDir(data_dir), sync="normal", budget_bytes=1 << 50)
+    # Typed loosely: mypy sees this checkout's signature, the call must suit either tree's.
+    append: Callable[[Any], None] = spool.append
     try:
         for row in range(-(-events // ROW_EVENTS)):
             count = min(ROW_EVENTS, events - row * ROW_EVENTS)
             number = b"%0*d" % (REQ_DIGITS, row)
             template = templates[row % TEMPLATES]
-            spool.append([raw.replace(MARKER, number) for raw in template[:count]])
+            lines = [raw.replace(MARKER, number) for raw in template[:count]]
+            if style == "groups":
+                append(grouped(targets[row % TEMPLATES][:count], lines))
+            else:
+                append(lines)
     finally:
         spool.close()
-    return time.monotonic() - began
+    seconds = time.monotonic() - began
+    return Filled(seconds, TABLE, str(inspect.getfile(Spool)))
 
 
-def run_one(events: int, workdir: Path, args: argparse.Namespace) -> Result:
-    result = Result(events)
+def append_style(append: Callable[..., Any]) -> str:
+    """Which row `Spool.append` (unbound) takes (APPEND_STYLES), from its parameter's name."""
+    names = list(inspect.signature(append).parameters)[1:]  # after self
+    if not names or names[0] not in APPEND_STYLES:
+        raise RuntimeError(f"Spool.append({', '.join(names)}): takes neither of {APPEND_STYLES}")
+    return names[0]
+
+
+def grouped(targets: list[Any], lines: list[bytes]) -> dict[Any, list[bytes]]:
+    """`lines` by target (`collector.events.Target`), each target's in their order."""
+    groups: dict[Any, list[bytes]] = {}
+    for target, line in zip(targets, lines, strict=True):
+        groups.setdefault(target, []).append(line)
+    return groups
+
+
+def fill_with(tree: Tree, data_dir: Path, events: int, args: argparse.Namespace) -> Filled:
+    """`fill` in a subprocess (this file, `--fill-only`) importing `tree`'s code."""
+    argv = [sys.executable, str(Path(__file__).resolve()), "--fill-only"]
+    argv += ["--data-dir", str(data_dir), "--events", str(events)]
+    argv += ["--seed", str(args.seed), "--projects", str(args.projects)]
+    done = subprocess.run(
+        argv,
+        cwd=tree.root,
+        env=tree.env(child_env()),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        start_new_session=True,  # as `start`: Ctrl-C reaches the bench, which ends it
+        preexec_fn=_die_with_parent,
+    )
+    if done.returncode != 0:
+        tail = done.stderr.decode(errors="replace").strip().splitlines()[-LOG_TAIL_LINES:]
+        raise RuntimeError(
+            f"the fill with the {tree.name} tree ({tree.root}) exited with status "
+            f"{done.returncode}:\n" + "\n".join(tail)
+        )
+    filled = Filled(**orjson.loads(done.stdout.splitlines()[-1]))
+    if not Path(filled.spool_file).resolve().is_relative_to(tree.root.resolve()):
+        raise RuntimeError(
+            f"the fill for the {tree.name} tree imported {filled.spool_file}, "
+            f"not code from {tree.root}"
+        )
+    return filled
+
+
+def run_one(events: int, workdir: Path, args: argparse.Namespace, tree: Tree) -> Result:
+    result = Result(events, tree.name)
     data_dir = workdir / "data"
     data_dir.mkdir(parents=True)
     config = workdir / "collector.toml"
     config.write_text("")  # an empty file: /etc/collector/collector.toml is never read
-    note(f"{events:,} events: filling the queue in rows of {ROW_EVENTS}")
-    result.fill_s = fill(data_dir, events, args.seed, args.projects)
+    note(f"{events:,} events, {tree.name} tree: filling the queue in rows of {ROW_EVENTS}")
+    filled = fill_with(tree, data_dir, events, args)
+    result.fill_s = filled.seconds
     result.queue_mib = sum(p.stat().st_size for p in data_dir.glob("queue.db*")) / MIB
     note(f"filled in {result.fill_s:.1f} s ({result.queue_mib:.0f} MiB); starting upstream")
 
@@ -322,7 +450,7 @@ def run_one(events: int, workdir: Path, args: argparse.Namespace) -> Result:
     try:
         wait_for_upstream(client, upstream)
         env = {
-            **child_env(),
+            **tree.env(child_env()),
             "COLLECTOR_UPSTREAM_URL": f"http://{HOST}:{port}",
             "COLLECTOR_UPSTREAM_KEY": "traffical_sk_bench",
             "COLLECTOR_LOG_LEVEL": "warning",
@@ -333,15 +461,15 @@ def run_one(events: int, workdir: Path, args: argparse.Namespace) -> Result:
         argv += ["--data-dir", str(data_dir)]
         busy_before = machine_busy_seconds()
         began = time.monotonic()
-        forwarder = start(argv, workdir / "forwarder.log", env)
-        note(f"forwarder pid {forwarder.pid} draining to 127.0.0.1:{port}")
+        forwarder = start(argv, workdir / "forwarder.log", env, cwd=tree.root)
+        note(f"{tree.name} forwarder pid {forwarder.pid} draining to 127.0.0.1:{port}")
         if args.profile:
             spy = start_profiler(forwarder.pid, workdir, result, args.profile_gil)
         watch(client, forwarder, events, began, result)
         busy = machine_busy_seconds() - busy_before
         result.machine_busy = busy / (time.monotonic() - began)
         deadline = time.monotonic() + ACK_TIMEOUT_S
-        while queue_rows(data_dir) and time.monotonic() < deadline:
+        while queue_rows(data_dir, filled.table) and time.monotonic() < deadline:
             time.sleep(SAMPLE_S)
         result.acked_s = time.monotonic() - began
         result.peak_rss = proc_status(forwarder.pid).get("VmHWM", 0)
@@ -425,7 +553,7 @@ def watch(
 # --- reporting --------------------------------------------------------------------------
 
 
-def report(results: list[Result], args: argparse.Namespace) -> None:
+def report(results: list[Result], args: argparse.Namespace, trees: list[Tree]) -> None:
     print()
     print(f"machine: nproc {len(os.sched_getaffinity(0))} ({os.cpu_count()} CPUs), {cpu_model()}")
     print(
@@ -440,16 +568,18 @@ def report(results: list[Result], args: argparse.Namespace) -> None:
         f"rows of {ROW_EVENTS} events"
         + (f" mixing {args.projects} projects" if args.projects > 1 else " of one project")
     )
+    for tree in trees:
+        print(f"{tree.name} tree: {tree.describe()}")
     print()
     header = (
-        f"{'backlog':>10} {'events/s':>9} {'steady/s':>9} {'drain s':>8} {'acked s':>8} "
-        f"{'1st ev s':>8} {'peak RSS':>9} {'RSS@10%':>8} {'RSS@50%':>8} {'RSS@90%':>8} "
-        f"{'fwd CPU µs/ev':>13} {'upstr µs/ev':>11} {'busy cores':>10}"
+        f"{'tree':<4} {'backlog':>10} {'events/s':>9} {'steady/s':>9} {'drain s':>8} "
+        f"{'acked s':>8} {'1st ev s':>8} {'peak RSS':>9} {'RSS@10%':>8} {'RSS@50%':>8} "
+        f"{'RSS@90%':>8} {'fwd CPU µs/ev':>13} {'upstr µs/ev':>11} {'busy cores':>10}"
     )
     print(header)
     for r in results:
         print(
-            f"{r.events:>10,} {r.events_s:>9,.0f} {r.steady_events_s:>9,.0f} "
+            f"{r.tree:<4} {r.events:>10,} {r.events_s:>9,.0f} {r.steady_events_s:>9,.0f} "
             f"{r.delivered_s:>8.1f} {r.acked_s:>8.1f} {r.first_s:>8.2f} "
             f"{r.peak_rss / MIB:>7.0f}Mi {r.rss_at.get(10, 0) / MIB:>6.0f}Mi "
             f"{r.rss_at.get(50, 0) / MIB:>6.0f}Mi {r.rss_at.get(90, 0) / MIB:>6.0f}Mi "
@@ -461,10 +591,10 @@ def report(results: list[Result], args: argparse.Namespace) -> None:
         up = r.upstream
         ratio = up["json_bytes"] / up["gzip_bytes"] if up.get("gzip_bytes") else 0
         print(
-            f"{r.events:,}: queue {r.queue_mib:.0f} MiB filled in {r.fill_s:.1f} s; upstream got "
-            f"{up['requests']:,} requests, {up['events']:,} events ({up['distinct']:,} distinct, "
-            f"{up['events'] - up['distinct']:,} repeated), {up['bad']} refused, gzip {ratio:.1f}x; "
-            f"forwarder exit status {r.exit_code}"
+            f"{r.tree} {r.events:,}: queue {r.queue_mib:.0f} MiB filled in {r.fill_s:.1f} s; "
+            f"upstream got {up['requests']:,} requests, {up['events']:,} events "
+            f"({up['distinct']:,} distinct, {up['events'] - up['distinct']:,} repeated), "
+            f"{up['bad']} refused, gzip {ratio:.1f}x; forwarder exit status {r.exit_code}"
         )
     print()
     print(
@@ -472,24 +602,59 @@ def report(results: list[Result], args: argparse.Namespace) -> None:
         "steady/s: from 10% to 90% of the backlog; acked s: until the queue was empty; "
         "busy cores: the whole machine's, averaged over the drain (2 = saturated)."
     )
+    for tree in trees:
+        if ran := [r for r in results if r.tree == tree.name]:
+            report_tree(ran, tree.name)
+    if len(trees) > 1:
+        report_ratios(results)
+    for r in results:
+        if r.profile is not None:
+            print_profile(r)
+
+
+def report_tree(results: list[Result], name: str) -> None:
+    """The target and the memory verdicts of one tree's runs."""
     # The target is for a large backlog: a small one's rate is mostly start-up.
     largest = max(results, key=lambda r: r.events)
     verdict = "met" if largest.events_s >= TARGET_EVENTS_S else "NOT met"
     print(
-        f"target: >= {TARGET_EVENTS_S:,} events/s draining {largest.events:,}: {verdict} "
-        f"({largest.events_s:,.0f}/s)"
+        f"{name} tree: target >= {TARGET_EVENTS_S:,} events/s draining {largest.events:,}: "
+        f"{verdict} ({largest.events_s:,.0f}/s)"
     )
     if len(results) > 1:
         small, large = min(results, key=lambda r: r.events), max(results, key=lambda r: r.events)
         print(
-            f"memory: peak RSS {small.peak_rss / MIB:.0f} MiB for {small.events:,} events, "
-            f"{large.peak_rss / MIB:.0f} MiB for {large.events:,} "
-            f"({large.peak_rss / small.peak_rss:.2f}x for {large.events / small.events:.0f}x "
-            "the backlog)"
+            f"{name} tree: memory: peak RSS {small.peak_rss / MIB:.0f} MiB for "
+            f"{small.events:,} events, {large.peak_rss / MIB:.0f} MiB for {large.events:,} "
+            f"({_ratio(large.peak_rss, small.peak_rss)} for "
+            f"{large.events / small.events:.0f}x the backlog)"
         )
-    for r in results:
-        if r.profile is not None:
-            print_profile(r)
+
+
+def report_ratios(results: list[Result]) -> None:
+    """new/old for each backlog size: above 1 is faster for the rates, costlier for CPU and
+    memory."""
+    old = {r.events: r for r in results if r.tree == "old"}
+    print()
+    print(f"{'new/old':>10} {'events/s':>9} {'steady/s':>9} {'fwd CPU/ev':>10} {'peak RSS':>9}")
+    for new in (r for r in results if r.tree == "new" and r.events in old):
+        was = old[new.events]
+        print(
+            f"{new.events:>10,} {_ratio(new.events_s, was.events_s):>9} "
+            f"{_ratio(new.steady_events_s, was.steady_events_s):>9} "
+            f"{_ratio(new.forwarder_cpu_s, was.forwarder_cpu_s):>10} "
+            f"{_ratio(new.peak_rss, was.peak_rss):>9}"
+        )
+    print(
+        "(events/s and steady/s: above 1 is faster; fwd CPU/ev and peak RSS: above 1 costs "
+        "more; the same backlog, so CPU/ev's ratio is that of CPU seconds)"
+    )
+
+
+def _ratio(new: float, old: float) -> str:
+    """`new / old` as "1.23x", or "-" without a measure to divide by (a steady rate needs
+    samples at 10% and 90% of the backlog, which a tiny one may not give)."""
+    return f"{new / old:.2f}x" if old and new else "-"
 
 
 # Packages whose functions the inclusive profile lists (the rest is plumbing: runpy, click,
@@ -517,7 +682,7 @@ def print_profile(result: Result, top: int = 25) -> None:
         for frame in {_short(f) for f in frames if any(p in f for p in PROFILED)}:
             inclusive[frame] += count
     print()
-    print(f"profile of the {result.events:,}-event drain: {total} samples")
+    print(f"profile of the {result.tree} tree's {result.events:,}-event drain: {total} samples")
     print(f"  self time, top {top}:")
     for frame, count in own.most_common(top):
         print(f"    {count / total:6.1%}  {frame}")
@@ -530,6 +695,15 @@ def _short(frame: str) -> str:
     """`function (file.py)` from py-spy's `function (path/file.py:line)`."""
     function, _, rest = frame.partition(" (")
     return f"{function} ({Path(rest.split(':')[0]).name})" if rest else function
+
+
+def failed(exc: RuntimeError, events: int, tree: Tree, workdir: Path) -> None:
+    """Say which run failed and how, with the end of its forwarder's and upstream's logs."""
+    note(f"{events:,} events, {tree.name} tree ({tree.root}) failed: {exc}")
+    for log in (workdir / "forwarder.log", workdir / "upstream.log"):
+        with contextlib.suppress(OSError):
+            if lines := log.read_text(errors="replace").strip().splitlines():
+                note(f"end of {log.name}:\n" + "\n".join(lines[-LOG_TAIL_LINES:]))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -555,8 +729,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--tmp-dir", type=Path, default=None, help="where data dirs go (default: system tmp)"
     )
+    parser.add_argument(
+        "--old-tree",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="a copy of an older commit: measure its fill and forwarder first, then this one's",
+    )
     parser.add_argument("--serve-upstream", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--fill-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--data-dir", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
         args.sizes = [int(size.replace("_", "")) for size in args.events.split(",") if size]
@@ -566,6 +749,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--events must be at least 1")
     if args.projects < 1:
         parser.error("--projects must be at least 1")
+    if args.fill_only and (args.data_dir is None or len(args.sizes) != 1):
+        parser.error("--fill-only takes --data-dir and one size in --events")
+    if args.old_tree is not None:
+        args.old_tree = args.old_tree.resolve()
+        missing = [
+            n for n in ("cli.py", "collector", "forwarder") if not (args.old_tree / n).exists()
+        ]
+        if missing:
+            parser.error(f"--old-tree {args.old_tree}: no {', '.join(missing)} (not a checkout?)")
     return args
 
 
@@ -574,6 +766,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve_upstream:
         serve_upstream(args.port)
         return 0
+    if args.fill_only:  # in the subprocess of `fill_with`: the one line it reads
+        filled = fill(args.data_dir, args.sizes[0], args.seed, args.projects)
+        print(orjson.dumps(filled).decode())
+        return 0
+    trees = [Tree("new", ROOT)]
+    if args.old_tree is not None:
+        trees.insert(0, Tree("old", args.old_tree))
     tmp_root = Path(tempfile.mkdtemp(prefix="collector-forward-bench-", dir=args.tmp_dir))
     results: list[Result] = []
 
@@ -583,13 +782,20 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, interrupt)
     try:
         for number, events in enumerate(args.sizes):
-            workdir = tmp_root / f"run{number}"
-            results.append(run_one(events, workdir, args))
-            if results[-1].profile is not None:  # keep the profile, drop the queue
-                shutil.rmtree(workdir / "data", ignore_errors=True)
-            else:
-                shutil.rmtree(workdir, ignore_errors=True)
-        report(results, args)
+            for tree in trees:  # back to back, so both see about the same machine
+                workdir = tmp_root / f"run{number}-{tree.name}"
+                try:
+                    results.append(run_one(events, workdir, args, tree))
+                except RuntimeError as exc:  # still report what ran (the old tree's rows)
+                    failed(exc, events, tree, workdir)
+                    if results:
+                        report(results, args, trees)
+                    return 1
+                if results[-1].profile is not None:  # keep the profile, drop the queue
+                    shutil.rmtree(workdir / "data", ignore_errors=True)
+                else:
+                    shutil.rmtree(workdir, ignore_errors=True)
+        report(results, args, trees)
     except KeyboardInterrupt:
         note("interrupted; processes stopped and temporary files removed")
         return 130

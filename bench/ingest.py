@@ -1,16 +1,45 @@
-"""Ingest throughput and latency of the collector, next to a bare Litestar endpoint.
+"""Ingest throughput and latency of the collector, next to reference servers.
 
-What it measures: requests/s, events/s, p50 and p99 latency and non-200 answers of
-`POST /v1/events/batch` on the real collector (its own `collector serve` process, a fresh
-data directory in a temporary directory, the default `sync=full`, a key made with
-`collector keys create --scope sdk:write`), and of a bare Litestar app on the same uvicorn
-options (uvloop, httptools, no access log) whose handler only reads the body and answers
-`{"accepted": N, "written": N}`. The bare app is the ceiling the framework and the server
-leave; the ratio collector/bare is what validation, de-duplication and the durable commit
-cost. Each scenario gets fresh server processes:
+What it measures: requests/s, events/s, p50 and p99 latency, server CPU and non-200
+answers of `POST /v1/events/batch` on the real collector (its own `collector serve`
+process, a fresh data directory in a temporary directory, the default `sync=full`, a key
+made with `collector keys create --scope sdk:write`), and on reference servers that bound
+it from either side (`--servers`, a comma separated list of these kinds):
+
+    collector  this tree's collector, as above
+    old        the collector as it was at another commit: `--old-tree DIR` is a checkout
+               of that commit of this repository; it gets its own `keys create` and
+               `serve`, run exactly like this tree's (working directory and PYTHONPATH on
+               DIR, this interpreter and so this virtualenv's dependencies)
+    durable    the minimal durable pipeline: a Litestar app on the same uvicorn options
+               as the collector (uvloop, httptools, no access log) whose handler reads
+               the body, parses it with orjson, takes its `events` list and puts the raw
+               body as one item into a persist-queue `SQLiteAckQueue` (WAL,
+               `synchronous=FULL`: an fsync per request, as `sync=full` promises), a
+               blocking put in the handler, then answers `{"accepted": N, "written": N}`.
+               No validation, no de-duplication, no grouping of requests into one commit:
+               what the simplest endpoint that keeps its word costs
+    bare       the same app whose handler only reads the body and answers the counts: the
+               ceiling the framework and the server leave
+
+By default the kinds are collector, durable and bare, and with `--old-tree` also old
+(right after collector, so the two runs compared most closely are nearest in time). Each
+scenario gets fresh server processes:
 
     batch   1000-event requests over 4 connections   (an SDK or relay flushing big batches)
     single  1-event requests over 64 connections     (many small clients)
+
+After the table a "ratios" block gives, per scenario, the collector's figure divided by
+the reference's in the same scenario, one line each (`batch: collector/durable events/s
+0.83`), for each reference that ran:
+
+    collector/bare     events/s, req/s       what validation, de-duplication and the
+                                             durable commit cost against no work at all
+    collector/durable  events/s, req/s, p99  the collector's extra work against one fsync
+                                             per request (above 1: its group commit wins)
+    collector/old      ms/req, events/s      server CPU per request (below 1: cheaper now)
+                                             and throughput (above 1: faster now) against
+                                             the older commit
 
 Events look like the ones the Python SDK (traffical 0.3.2) sends: decisions, exposures and
 track events (purchase, page_view) with layers, assignments, context and attribution,
@@ -27,12 +56,21 @@ requests per second instead (open loop, like wrk2: latency counts from when a re
 due, so a slow server cannot hide its backlog); use them to check latency at a target
 load. The generator runs in this process, the servers in their own, so on a 2-core
 machine each gets about one core; `gen CPU` shows how near the generator came to
-saturating its core, `other` how much of the machine something else used.
+saturating its core, `other` how much of the machine something else used. Server CPU
+counts the server process and its children (the collector's queue writer process and
+multiprocessing's resource tracker), for every kind alike.
 
 Run it by hand (it is not part of the test suite; pytest only collects `tests/`):
 
     python bench/ingest.py [--duration S] [--warmup S] [--scenarios batch,single]
-                           [--servers collector,bare] [--batch-rate R] [--single-rate R]
+                           [--servers collector,old,durable,bare] [--old-tree DIR]
+                           [--batch-rate R] [--single-rate R]
+
+To compare with an older commit, check it out beside this tree first, for example:
+
+    git worktree add --detach /tmp/old <commit>
+        (or: mkdir /tmp/old && git archive <commit> | tar -x -C /tmp/old)
+    python bench/ingest.py --old-tree /tmp/old --duration 10
 
 It stops by itself after about (warm-up + duration + a few seconds of start-up) per
 scenario and server, and removes its servers and temporary directories on exit, Ctrl-C
@@ -46,18 +84,20 @@ import asyncio
 import contextlib
 import ctypes
 import json
+import math
 import os
 import platform
 import random
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -66,6 +106,7 @@ from typing import Any, cast
 import orjson
 import uvloop
 from litestar import Litestar, MediaType, Request, Response, get, post
+from persistqueue import SQLiteAckQueue
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -98,6 +139,20 @@ RECONNECT_DELAY_S = 0.1
 TARGET_BATCH_EVENTS_S = 60_000
 TARGET_SINGLE_REQUESTS_S = 5_000
 TARGET_P99_MS = 50.0
+
+# Each --servers kind and its name in the table (and so in every Result).
+SERVER_NAMES = {
+    "collector": "collector",
+    "old": "old collector",
+    "durable": "durable queue",
+    "bare": "bare litestar",
+}
+# The order when --servers is not given; old (only with --old-tree) runs right after the
+# collector, so that the pair compared most closely is measured nearest in time.
+DEFAULT_SERVERS = ("collector", "durable", "bare")
+WITH_OLD_SERVERS = ("collector", "old", "durable", "bare")
+# SQLite's answer to `PRAGMA synchronous` when it is FULL (an fsync of the WAL per commit).
+SQLITE_SYNCHRONOUS_FULL = 2
 
 
 @dataclass(frozen=True)
@@ -517,11 +572,74 @@ def bare_app() -> Litestar:
     )
 
 
-def serve_bare(port: int) -> None:
+class RawBytes:
+    """persist-queue serializer that stores the bytes it is given, unchanged (no pickle,
+    as the collector stores its rows); written here so the reference owes nothing to the
+    code it is compared with."""
+
+    @staticmethod
+    def dumps(value: bytes) -> bytes:
+        return value
+
+    @staticmethod
+    def loads(value: bytes) -> bytes:
+        return value
+
+
+def durable_queue(directory: Path) -> SQLiteAckQueue:
+    """A fresh persist-queue ack queue in `directory` that fsyncs every put.
+
+    persist-queue 1.1 opens its own connections (`_new_db_connection`, WAL already) and
+    writes through `_putter`, the second of them with `multithreading=True`; synchronous
+    is a setting of each connection, so it is set there, and both settings are read back:
+    a reference that silently skipped the fsync would flatter itself.
+    """
+    queue = SQLiteAckQueue(
+        str(directory),
+        multithreading=True,
+        auto_commit=True,
+        serializer=RawBytes,
+    )
+    putter = cast(sqlite3.Connection, queue._putter)
+    mode = putter.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+    putter.execute("PRAGMA synchronous=FULL")
+    synchronous = putter.execute("PRAGMA synchronous").fetchone()[0]
+    if mode != "wal" or synchronous != SQLITE_SYNCHRONOUS_FULL:
+        raise RuntimeError(f"queue not durable: journal_mode={mode}, synchronous={synchronous}")
+    return queue
+
+
+def durable_app(queue_dir: Path) -> Litestar:
+    """The bare app with a durable handler: the same limits and the same /healthz, so the
+    only difference between the two references is the parse and the fsynced put."""
+    queue = durable_queue(queue_dir)
+
+    @post(PATH, status_code=200)
+    async def durable_events(request: Request[Any, Any, Any]) -> Response[bytes]:
+        """The minimal durable pipeline: parse, then one fsynced put of the raw body.
+
+        The put blocks the event loop on purpose: one commit per request, nothing grouped
+        or moved off the loop, is the simplest thing that keeps its word.
+        """
+        body = await request.body()
+        count = len(orjson.loads(body)["events"])
+        queue.put(body)
+        return Response(
+            content=b'{"accepted":%d,"written":%d}' % (count, count), media_type=MediaType.JSON
+        )
+
+    return Litestar(
+        route_handlers=[durable_events, bare_healthz],
+        request_max_body_size=10 * MIB,  # the collector's default max_body_bytes
+    )
+
+
+def serve(app: Litestar, port: int) -> None:
+    """Run `app` on the uvicorn options the collector uses, for every reference alike."""
     import uvicorn
 
     uvicorn.run(
-        bare_app(),
+        app,
         host=HOST,
         port=port,
         log_level="info",
@@ -549,6 +667,33 @@ def machine_busy_seconds() -> float:
     return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # without guest time
 
 
+def process_tree_cpu_seconds(root: int) -> float:
+    """User + system CPU time of process `root` and of all its descendants alive now.
+
+    Each process also brings what its exited, waited-for children used (cutime, cstime),
+    so a child that ends between two readings moves its time rather than losing it.
+    """
+    children: dict[int, list[int]] = {}
+    ticks: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # exited while we looked
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        pid = int(entry.name)
+        children.setdefault(int(fields[1]), []).append(pid)
+        ticks[pid] = sum(int(n) for n in fields[11:15])  # utime, stime, cutime, cstime
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        total += ticks.get(pid, 0)
+        todo.extend(children.get(pid, ()))
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind((HOST, 0))
@@ -558,10 +703,13 @@ def free_port() -> int:
 class Server:
     """A server subprocess on 127.0.0.1, its log in the run's temporary directory."""
 
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], workdir: Path) -> None:
+    def __init__(
+        self, name: str, argv: list[str], env: dict[str, str], workdir: Path, cwd: Path = ROOT
+    ) -> None:
         self.name = name
         self.argv = argv
         self.env = env
+        self.cwd = cwd
         self.port = free_port()
         self.argv += ["--port", str(self.port)]
         self.log_path = workdir / f"{name}.log"
@@ -571,7 +719,7 @@ class Server:
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 self.argv,
-                cwd=ROOT,
+                cwd=self.cwd,
                 env=self.env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -596,14 +744,10 @@ class Server:
         raise RuntimeError(f"{self.name} not ready after {READY_TIMEOUT_S} s:\n{self.log_tail()}")
 
     def cpu_seconds(self) -> float:
-        """User + system CPU time of the server process (all its threads)."""
+        """User + system CPU time of the server process (all its threads) and its children:
+        the collector commits in a queue writer process, which is part of its cost."""
         assert self.proc is not None
-        try:
-            stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
-        except OSError:
-            return 0.0
-        fields = stat.rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return process_tree_cpu_seconds(self.proc.pid)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -630,30 +774,72 @@ def child_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("COLLECTOR_")}
 
 
-def collector_server(workdir: Path) -> tuple[Server, str]:
-    """A collector on a fresh data dir, default settings, and a new sdk:write key."""
+def tree_env(tree: Path) -> dict[str, str]:
+    """`child_env` importing the collector from `tree` before this virtualenv's editable
+    install of this tree (which Python consults last), in the server and its children."""
+    env = child_env()
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(tree), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def collector_server(
+    workdir: Path, tree: Path = ROOT, env: dict[str, str] | None = None, name: str = "collector"
+) -> tuple[Server, str]:
+    """A collector of `tree` on a fresh data dir, default settings, and a new sdk:write key
+    (made by that tree's own `keys create`: the key file's format may differ between
+    commits)."""
+    env = child_env() if env is None else env
     data_dir = workdir / "data"
     config = workdir / "collector.toml"
     config.write_text("")  # an empty file: /etc/collector/collector.toml is never read
     common = ["--config", str(config), "--data-dir", str(data_dir)]
     created = subprocess.run(
         [sys.executable, "-m", "cli", "keys", "create", "--scope", "sdk:write", *common],
-        cwd=ROOT,
-        env=child_env(),
+        cwd=tree,
+        env=env,
         capture_output=True,
         text=True,
         check=True,
     )
     api_key = created.stdout.strip().splitlines()[-1]
-    server = Server(
-        "collector", [sys.executable, "-m", "cli", "serve", *common], child_env(), workdir
-    )
+    server = Server(name, [sys.executable, "-m", "cli", "serve", *common], env, workdir, tree)
     return server, api_key
 
 
-def bare_server(workdir: Path) -> tuple[Server, str]:
+def new_collector_server(workdir: Path, args: argparse.Namespace) -> tuple[Server, str]:
+    """This tree's collector, run as it always was (no PYTHONPATH: the editable install)."""
+    return collector_server(workdir)
+
+
+def old_collector_server(workdir: Path, args: argparse.Namespace) -> tuple[Server, str]:
+    """The collector of --old-tree (parse_args made it absolute and checked its cli.py)."""
+    tree = cast(Path, args.old_tree)
+    return collector_server(workdir, tree, tree_env(tree), SERVER_NAMES["old"])
+
+
+def durable_server(workdir: Path, args: argparse.Namespace) -> tuple[Server, str]:
+    argv = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--serve-durable",
+        "--queue-dir",
+        str(workdir / "queue"),  # fresh: each run has its own workdir
+    ]
+    return Server(SERVER_NAMES["durable"], argv, child_env(), workdir), "traffical_sk_bench"
+
+
+def bare_server(workdir: Path, args: argparse.Namespace) -> tuple[Server, str]:
     argv = [sys.executable, str(Path(__file__).resolve()), "--serve-bare"]
-    return Server("bare litestar", argv, child_env(), workdir), "traffical_sk_bench"
+    return Server(SERVER_NAMES["bare"], argv, child_env(), workdir), "traffical_sk_bench"
+
+
+# How each --servers kind is started: the server (not yet running) and the key to send.
+SERVER_FACTORIES: dict[str, Callable[[Path, argparse.Namespace], tuple[Server, str]]] = {
+    "collector": new_collector_server,
+    "old": old_collector_server,
+    "durable": durable_server,
+    "bare": bare_server,
+}
 
 
 # --- running and reporting --------------------------------------------------------------
@@ -661,7 +847,7 @@ def bare_server(workdir: Path) -> tuple[Server, str]:
 
 def run_one(scenario: Scenario, kind: str, tmp_root: Path, args: argparse.Namespace) -> Result:
     workdir = Path(tempfile.mkdtemp(prefix=f"{scenario.name}-{kind}-", dir=tmp_root))
-    server, api_key = (collector_server if kind == "collector" else bare_server)(workdir)
+    server, api_key = SERVER_FACTORIES[kind](workdir, args)
     try:
         server.start()
         assert server.proc is not None
@@ -713,18 +899,57 @@ def version_of(package: str) -> str:
         return "?"
 
 
+# The ratios block: for each reference kind, the figures of the collector divided by that
+# reference's, in the order printed, and how each figure is read from a Result.
+RATIOS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("bare", ("events/s", "req/s")),
+    ("durable", ("events/s", "req/s", "p99")),
+    ("old", ("ms/req", "events/s")),
+)
+FIGURES: dict[str, Callable[[Result], float]] = {
+    "events/s": lambda r: r.events_s,
+    "req/s": lambda r: r.requests_s,
+    "p99": lambda r: r.percentile_ms(0.99),
+    "ms/req": lambda r: r.cpu_ms_per_request,
+}
+
+
+def ratio_lines(results: list[Result]) -> list[str]:
+    """`scenario: collector/kind figure ratio` for every reference run beside the collector;
+    a ratio without a denominator (nothing answered) reads n/a."""
+    by_name = {(r.scenario, r.server): r for r in results}
+    lines = []
+    for scenario in dict.fromkeys(r.scenario for r in results):
+        collector = by_name.get((scenario, SERVER_NAMES["collector"]))
+        if collector is None:
+            continue
+        for kind, figures in RATIOS:
+            reference = by_name.get((scenario, SERVER_NAMES[kind]))
+            if reference is None:
+                continue
+            for figure in figures:
+                num, den = FIGURES[figure](collector), FIGURES[figure](reference)
+                ok = den > 0 and math.isfinite(num) and math.isfinite(den)
+                value = f"{num / den:.2f}" if ok else "n/a"
+                lines.append(f"{scenario}: collector/{kind} {figure} {value}")
+    return lines
+
+
 def report(results: list[Result], args: argparse.Namespace, tmp_root: Path) -> None:
     print()
     print(f"machine: {os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}), {cpu_model()}")
     print(
         f"python {platform.python_version()} ({sys.executable}); litestar "
         f"{version_of('litestar')}, uvicorn {version_of('uvicorn')}, uvloop "
-        f"{version_of('uvloop')}, httptools {version_of('httptools')}"
+        f"{version_of('uvloop')}, httptools {version_of('httptools')}, persist-queue "
+        f"{version_of('persist-queue')}, SQLite {sqlite3.sqlite_version}"
     )
     print(
         f"data dir on {filesystem_of(tmp_root)} ({tmp_root}); collector settings: defaults "
         f"(sync=full); warm-up {args.warmup:g} s, measured {args.duration:g} s per row"
     )
+    if args.old_tree is not None:
+        print(f"old collector: the tree in {args.old_tree}, run with the same settings")
     print()
     width = max([len("scenario")] + [len(SCENARIOS[r.scenario].label()) for r in results])
     header = (
@@ -734,13 +959,13 @@ def report(results: list[Result], args: argparse.Namespace, tmp_root: Path) -> N
     )
     print(header)
     print("-" * len(header))
-    bare = {r.scenario: r for r in results if r.server == "bare litestar"}
+    bare = {r.scenario: r for r in results if r.server == SERVER_NAMES["bare"]}
     for r in results:
         scenario = SCENARIOS[r.scenario]
         label = scenario.label()
         ratio = ""
         base = bare.get(r.scenario)
-        if r.server == "collector" and base is not None and base.requests_s:
+        if r.server == SERVER_NAMES["collector"] and base is not None and base.requests_s:
             ratio = f"{r.requests_s / base.requests_s:.2f}"
         print(
             f"{label:<{width}} {r.server:<14} {r.requests_s:>9,.0f} {r.events_s:>10,.0f} "
@@ -749,25 +974,32 @@ def report(results: list[Result], args: argparse.Namespace, tmp_root: Path) -> N
             f"{r.other_cpu:>6.0%} {ratio:>9}"
         )
     print()
-    print("srv CPU, gen CPU: CPU time of the server process (all threads) and of this load")
-    print("generator per wall second, 100% = one core; ms/req: server CPU time per request")
-    print("(steadier than req/s on a busy machine); other: the rest of the machine's busy")
-    print("time (kernel, other programs; high values mean a noisy run). coll/bare: collector")
-    print("requests/s (and so events/s) divided by the bare endpoint's in the same scenario.")
+    print("srv CPU, gen CPU: CPU time of the server process (all threads, and its children")
+    print("such as the collector's queue writer) and of this load generator per wall second,")
+    print("100% = one core; ms/req: server CPU time per request (steadier than req/s on a busy")
+    print("machine); other: the rest of the machine's busy time (kernel, other programs; high")
+    print("values mean a noisy run). coll/bare: collector requests/s (and so events/s) divided")
+    print("by the bare endpoint's in the same scenario.")
+    lines = ratio_lines(results)
+    if lines:
+        print()
+        print("ratios (the collector's figure divided by the reference's, same scenario):")
+        for line in lines:
+            print(line)
     for r in results:
         if r.statuses:
             detail = ", ".join(f"{k}: {v}" for k, v in r.statuses.most_common())
             print(f"errors of {r.scenario} on {r.server}: {detail}")
         if r.server_died:
             print(f"{r.server} died during {r.scenario}")
-        if r.server == "collector" and r.written != r.events:
+        if r.server in (SERVER_NAMES["collector"], SERVER_NAMES["old"]) and r.written != r.events:
             print(
-                f"warning: {r.scenario} on the collector wrote {r.written} of {r.events} "
+                f"warning: {r.scenario} on the {r.server} wrote {r.written} of {r.events} "
                 f"accepted events (duplicates?)"
             )
     checks = []
     for r in results:
-        if r.server != "collector":
+        if r.server != SERVER_NAMES["collector"]:
             continue
         p99 = r.percentile_ms(0.99)
         if r.scenario == "batch":
@@ -796,7 +1028,7 @@ SCENARIOS: dict[str, Scenario] = {}
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Collector ingest throughput and latency against a bare Litestar endpoint.",
+        description="Collector ingest throughput and latency against reference servers.",
     )
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per row")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds first")
@@ -804,7 +1036,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--scenarios", default="batch,single", help="comma separated: batch, single"
     )
     parser.add_argument(
-        "--servers", default="collector,bare", help="comma separated: collector, bare"
+        "--servers",
+        default=None,
+        help="comma separated: collector, old, durable, bare (default: collector, durable, "
+        "bare, and old after collector when --old-tree is given)",
+    )
+    parser.add_argument(
+        "--old-tree",
+        type=Path,
+        default=None,
+        help="a checkout of an older commit of this repository, run as the `old` server",
     )
     parser.add_argument("--batch-events", type=int, default=1000, help="events per batch request")
     parser.add_argument("--batch-connections", type=int, default=4)
@@ -824,6 +1065,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--tmp-dir", type=Path, default=None, help="where data dirs go (default: system tmp)"
     )
     parser.add_argument("--serve-bare", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-durable", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--queue-dir", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.duration <= 0 or args.warmup < 0:
@@ -835,13 +1078,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "single", 1, args.single_connections, SINGLE_POOL, args.single_rate
     )
     args.scenario_list = [s.strip() for s in args.scenarios.split(",") if s.strip()]
-    args.server_list = [s.strip() for s in args.servers.split(",") if s.strip()]
+    if args.servers is None:
+        args.server_list = list(DEFAULT_SERVERS if args.old_tree is None else WITH_OLD_SERVERS)
+    else:
+        args.server_list = [s.strip() for s in args.servers.split(",") if s.strip()]
     for name in args.scenario_list:
         if name not in SCENARIOS:
             parser.error(f"unknown scenario {name!r}")
     for name in args.server_list:
-        if name not in ("collector", "bare"):
+        if name not in SERVER_NAMES:
             parser.error(f"unknown server {name!r}")
+    if args.old_tree is not None:
+        args.old_tree = args.old_tree.resolve()  # the server runs with it as working directory
+        if not (args.old_tree / "cli.py").is_file():
+            parser.error(f"--old-tree {args.old_tree}: no cli.py there (not a checkout?)")
+    elif "old" in args.server_list:
+        parser.error("the old server needs --old-tree")
+    if args.serve_durable and args.queue_dir is None:
+        parser.error("--serve-durable needs --queue-dir")
     return args
 
 
@@ -863,7 +1117,10 @@ def stopped_by_signals() -> Iterator[None]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.serve_bare:
-        serve_bare(args.port)
+        serve(bare_app(), args.port)
+        return 0
+    if args.serve_durable:
+        serve(durable_app(args.queue_dir), args.port)
         return 0
     tmp_root = Path(tempfile.mkdtemp(prefix="collector-bench-", dir=args.tmp_dir))
     results: list[Result] = []

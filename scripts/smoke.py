@@ -230,7 +230,8 @@ class Smoke:
 
         step("POST /v1/events/batch (one event)")
         status, body = http("POST", f"{self.url}/v1/events/batch", {"events": [EVENT]}, key)
-        if status != 200 or json_or_none(body) != {"accepted": 1, "written": 1, "pipelineWritten": 1}:
+        answer = {"accepted": 1, "written": 1, "pipelineWritten": 1}
+        if status != 200 or json_or_none(body) != answer:
             raise Failed(f"POST /v1/events/batch: {status} {body[:300]!r}")
 
         step("GET /metrics")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import re
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -49,7 +50,10 @@ _SURROGATE = re.compile(
     rb"\\\\|\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}"
     rb"|\\u[dD]([89a-fA-F][0-9a-fA-F]{2})"
 )
-# JSON's whitespace, then the comma between two elements of an array, or its end.
+# JSON's whitespace; then the comma between two elements of an array, or its end.
+_WS = re.compile(rb"[ \t\n\r]*")
+# The stdlib's reader of one JSON string (from after its opening quote): public, untyped.
+_SCAN_STRING: Callable[[str, int], tuple[str, int]] = json.decoder.scanstring  # type: ignore[attr-defined]
 _NEXT = re.compile(rb"[ \t\n\r]*,[ \t\n\r]*")
 _END = re.compile(rb"[ \t\n\r]*\]")
 
@@ -178,15 +182,41 @@ def _lenient_events(body: bytes, envelope: Envelope) -> tuple[list[bytes], list[
 
 def _offsets(text: bytes, events: list[bytes]) -> list[tuple[int, bytes]]:
     """Where each of `events` (the elements of the body's `events` array, in order) starts
-    in `text`: the first place where they follow one another as an array's elements do
-    (the same bytes may occur earlier, in another member of the body)."""
-    start = text.find(events[0])
-    while start >= 0:
-        found = _consecutive(text, events, start)
-        if found is not None:
+    in `text`: in the array of the last top-level `events` member, which is the one
+    msgspec read (the same bytes may occur elsewhere in the body, in another member)."""
+    start = _skip_ws(text, _events_member(text) + 1)  # past the array's "["
+    found = _consecutive(text, events, start)
+    if found is None:
+        raise AssertionError("the events msgspec read are not in the body")  # cannot happen
+    return found
+
+
+def _events_member(text: bytes) -> int:
+    """The offset of the value of the last top-level `events` member of `text`, a JSON
+    object already judged valid, found by the stdlib's scanner member by member (read as
+    Latin-1, so that offsets in characters are offsets in bytes)."""
+    chars = text.decode("latin-1")
+    scan = json.JSONDecoder(parse_int=len, parse_float=len).raw_decode
+    found = -1
+    at = _skip_ws(text, 0) + 1  # past the "{"
+    while True:
+        at = _skip_ws(text, at)
+        if text[at : at + 1] == b"}":
             return found
-        start = text.find(events[0], start + 1)
-    raise AssertionError("the events msgspec read are not in the body")  # cannot happen
+        key, at = _SCAN_STRING(chars, at + 1)
+        at = _skip_ws(text, _skip_ws(text, at) + 1)  # past the ":"
+        if key == "events":
+            found = at
+        _, at = scan(chars, at)
+        at = _skip_ws(text, at)
+        at += text[at : at + 1] == b","
+
+
+def _skip_ws(text: bytes, at: int) -> int:
+    """The offset of the first byte from `at` on that is not JSON whitespace."""
+    found = _WS.match(text, at)
+    assert found is not None  # the pattern matches the empty string
+    return found.end()
 
 
 def _consecutive(text: bytes, events: list[bytes], at: int) -> list[tuple[int, bytes]] | None:
