@@ -22,7 +22,16 @@ from typing import Any
 
 import msgspec
 
-from collector.events import EVENT_TYPES, Decision, Event, Exposure, Track, attribution, number
+from collector.events import (
+    EVENT_TYPES,
+    Decision,
+    Event,
+    Exposure,
+    LayerAssignment,
+    Track,
+    attribution,
+    number,
+)
 from collector.store.counts import Count, Counts, Labels
 
 # How many distinct track event names are counted separately (per process lifetime).
@@ -97,9 +106,10 @@ class EventCounter:
             elif isinstance(event, Exposure):
                 if index not in skipped:
                     _exposure(event, tally)
-                self._remember(event.decisionId, event, now)
-            else:
-                self._remember(event.id, event, now)
+                if event.decisionId:
+                    self._decisions.remember(event.decisionId, event.layers, now)
+            elif event.id:
+                self._decisions.remember(event.id, event.layers, now)
         self._add(Count.TRACK_EVENTS, tally.tracks)
         self._add(Count.CONVERSIONS, tally.conversions)
         self._add(Count.EXPOSURES, tally.exposures)
@@ -119,19 +129,6 @@ class EventCounter:
         tally.tracks[(event.projectId, event.env, name)] += 1
         for policy, allocation in self._attribution(event, now):
             tally.conversions[(event.projectId, event.env, policy, allocation, name)] += 1
-
-    def _remember(self, decision_id: str | None, event: Exposure | Decision, now: float) -> None:
-        """Note the allocations of a decision (or of an exposure naming one not noted yet),
-        for the conversions of later track events that name it."""
-        if not decision_id or decision_id in self._decisions:
-            return
-        allocations = tuple(
-            (label(layer.policyId), label(layer.allocationName))
-            for layer in event.layers
-            if layer.policyId and layer.allocationName and layer.bucket >= 0
-        )
-        if allocations:
-            self._decisions.note(decision_id, allocations, now)
 
     def _attribution(self, event: Track, now: float) -> Sequence[Labels]:
         """(policy, allocation) pairs a track event counts for: those of the decision its
@@ -175,18 +172,42 @@ class Decisions:
     def __len__(self) -> int:
         return len(self._noted)
 
-    def note(self, decision_id: str, allocations: tuple[Labels, ...], now: float) -> None:
-        index = self._set_index.get(allocations)
-        if index is None:
-            if len(self._sets) >= MAX_ALLOCATION_SETS:
-                return
-            index = self._set_index[allocations] = len(self._sets)
-            self._sets.append(allocations)
+    def remember(self, decision_id: str, layers: list[LayerAssignment], now: float) -> None:
+        """Note the pairs of `layers` for `decision_id`, unless it is noted already (an
+        exposure naming a decision seen before). Runs for most events: kept flat."""
         key = hash(decision_id)
+        if key in self._noted:
+            return
+        pairs = tuple(
+            [
+                (layer.policyId, layer.allocationName)
+                for layer in layers
+                if layer.policyId and layer.allocationName and layer.bucket >= 0
+            ]
+        )
+        if not pairs:
+            return
+        index = self._set_index.get(pairs)
+        if index is None:
+            index = self._new_set(pairs)
+            if index is None:
+                return
         self._noted[key] = int(now) << 32 | index
         self._order.append(key)
         if len(self._order) > DECISIONS_KEPT:
             self._noted.pop(self._order.popleft(), None)
+
+    def _new_set(self, pairs: tuple[Labels, ...]) -> int | None:
+        """The index of `pairs` with their labels cut, held from now on if new (and found
+        by the uncut pairs next time when cutting changed nothing); None when full."""
+        cut = tuple((label(policy), label(allocation)) for policy, allocation in pairs)
+        index = self._set_index.get(cut)
+        if index is None:
+            if len(self._sets) >= MAX_ALLOCATION_SETS:
+                return None
+            index = self._set_index[cut] = len(self._sets)
+            self._sets.append(cut)
+        return index
 
     def get(self, decision_id: str, now: float) -> tuple[Labels, ...] | None:
         packed = self._noted.get(hash(decision_id))

@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 import pytest
 
-from collector.events import decode_all
+from collector.events import LayerAssignment, decode_all
 from collector.server import counting
 from collector.server.counting import LABEL_CHARS, MAX_NAMES, OTHER, EventCounter, label
 from collector.store.counts import Count, Counts
@@ -182,27 +182,41 @@ def test_what_is_not_an_event_is_received_as_invalid(counts: Counts) -> None:
     }
 
 
+def layers_of(*pairs: tuple[str, str]) -> list[LayerAssignment]:
+    return [
+        LayerAssignment(layerId="l", bucket=1, policyId=policy, allocationName=allocation)
+        for policy, allocation in pairs
+    ]
+
+
 def test_decisions_are_remembered_for_their_ttl_and_the_oldest_forgotten_first(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(counting, "DECISIONS_KEPT", 3)
     decisions = counting.Decisions()
-    pairs = (("pol_1", "control"),)
     for n in range(4):
-        decisions.note(f"dec_{n}", pairs, now=1000.0)
+        decisions.remember(f"dec_{n}", layers_of(("pol_1", "control")), now=1000.0)
 
     assert "dec_0" not in decisions and len(decisions) == 3  # the oldest went first
-    assert decisions.get("dec_3", now=1000.0 + counting.DECISION_TTL_S) == pairs
-    assert decisions.get("dec_3", now=1001.0 + counting.DECISION_TTL_S) is None  # expired
+    late = 1000.0 + counting.DECISION_TTL_S
+    assert decisions.get("dec_3", now=late) == (("pol_1", "control"),)
+    assert decisions.get("dec_3", now=late + 1) is None  # expired
 
 
-def test_distinct_allocation_sets_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_distinct_allocation_sets_are_bounded_and_held_with_their_labels_cut(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setattr(counting, "MAX_ALLOCATION_SETS", 2)
     decisions = counting.Decisions()
-    for n in range(3):
-        decisions.note(f"dec_{n}", ((f"pol_{n}", "a"),), now=0.0)
-    decisions.note("dec_again", (("pol_0", "a"),), now=0.0)  # a set already held
+    long_name = "a" * (LABEL_CHARS + 50)
+    decisions.remember("dec_0", layers_of(("pol_0", long_name)), now=0.0)
+    decisions.remember("dec_1", layers_of(("pol_1", "a")), now=0.0)
+    decisions.remember("dec_2", layers_of(("pol_2", "a")), now=0.0)  # a third set
+    decisions.remember("dec_again", layers_of(("pol_0", long_name)), now=0.0)  # held already
+    decisions.remember("dec_skipped", [LayerAssignment(layerId="l", bucket=-1)], now=0.0)
 
+    assert decisions.get("dec_0", 0.0) == (("pol_0", long_name[:LABEL_CHARS]),)
+    assert decisions.get("dec_again", 0.0) == (("pol_0", long_name[:LABEL_CHARS]),)
     assert decisions.get("dec_1", 0.0) == (("pol_1", "a"),)
-    assert decisions.get("dec_2", 0.0) is None  # a third set: not remembered
-    assert decisions.get("dec_again", 0.0) == (("pol_0", "a"),)
+    assert decisions.get("dec_2", 0.0) is None  # not remembered: the sets are full
+    assert "dec_skipped" not in decisions  # no allocation to remember
