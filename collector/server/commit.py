@@ -96,24 +96,15 @@ class GroupWriter:
         refused.
         """
         self._settle_remembering()  # a retry in this group must find the last group's ids
-        known = self.seen.seen([eid for events in requests for eid, _, _ in events if eid])
+        ids = [eid for events in requests for eid, _, _ in events if eid]
+        known = self.seen.seen(ids)
         groups: dict[Target, list[bytes]] = {}
-        ids: list[str] = []
-        skipped: list[list[int]] = []
-        for events in requests:
-            dropped = []
-            for index, (eid, target, raw) in enumerate(events):
-                if eid is not None:
-                    if eid in known:
-                        dropped.append(index)
-                        continue
-                    known.add(eid)
-                    ids.append(eid)
-                group = groups.get(target)
-                if group is None:
-                    group = groups[target] = []
-                group.append(raw)
-            skipped.append(dropped)
+        if not known and len(set(ids)) == len(ids):
+            skipped: list[list[int]] = [[] for _ in requests]  # nothing to drop: in bulk
+            for events in requests:
+                _group_all(groups, events)
+        else:
+            skipped, ids = _drop_known(requests, known, groups)
         if groups:
             self.spool.append(groups)
         if ids:
@@ -132,6 +123,40 @@ class GroupWriter:
         remembered, self._remembered = self._remembered, None
         if remembered is not None:
             remembered.result()
+
+
+def _group_all(groups: dict[Target, list[bytes]], events: list[EncodedEvent]) -> None:
+    """Add `events` to their targets' groups; in one step when they share one target, as
+    a request's events nearly always do (it runs for every event of every commit)."""
+    if not events:
+        return
+    first = events[0][1]
+    if all(target is first for _, target, _ in events):
+        groups.setdefault(first, []).extend([raw for _, _, raw in events])
+        return
+    for _, target, raw in events:
+        groups.setdefault(target, []).append(raw)
+
+
+def _drop_known(
+    requests: list[list[EncodedEvent]], known: set[str], groups: dict[Target, list[bytes]]
+) -> tuple[list[list[int]], list[str]]:
+    """Group the events whose id is neither `known` nor repeated in the group; returns,
+    per request, the indexes dropped, and the ids kept (to remember)."""
+    ids: list[str] = []
+    skipped: list[list[int]] = []
+    for events in requests:
+        dropped = []
+        for index, (eid, target, raw) in enumerate(events):
+            if eid is not None:
+                if eid in known:
+                    dropped.append(index)
+                    continue
+                known.add(eid)
+                ids.append(eid)
+            groups.setdefault(target, []).append(raw)
+        skipped.append(dropped)
+    return skipped, ids
 
 
 # --- the writer process's side: one GroupWriter per process ------------------------------

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from itertools import chain
 from typing import Any
 
 import orjson
@@ -47,7 +48,7 @@ def join(groups: Mapping[Target, Sequence[bytes]]) -> bytes:
     """The row holding each target's events (their own JSON bytes), in that order."""
     header = orjson.dumps([[*target, list(map(len, events))] for target, events in groups.items()])
     count = sum(map(len, groups.values()))
-    events = b",".join(raw for group in groups.values() for raw in group)
+    events = b",".join(chain.from_iterable(groups.values()))
     return b"[%d,%d,%b,%b]" % (count, len(header), header, events)
 
 

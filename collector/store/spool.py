@@ -173,14 +173,15 @@ class Spool:
         Raises `QueueFull` when they would take the queue past the disk budget (nothing is
         written), and `QueueFull`/`QueueBusy` when SQLite fails.
         """
-        size = sum(len(raw) for events in groups.values() for raw in events)
+        row = rows.join(groups)
+        size = len(row)
         with self._lock, _translated:
             used = _used_bytes(self._conn)
             if used + size > self.budget_bytes:
                 self._refused_at = used
                 raise QueueFull("disk budget reached; retry later")
             self._check_free_space(self._conn, size)
-            self._queue.put(rows.join(groups))
+            self._queue.put(row)
             # A whole group fit: whatever was refused before, /readyz now agrees with the
             # 200 just given (it said "not ready" after an accepted retry, measured).
             self._refused_at = self._refused_free = None
