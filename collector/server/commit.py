@@ -8,7 +8,10 @@ at once, under heavy load groups grow by themselves.
 
 It is also where de-duplication happens, since both work on a whole group at once: ids
 already stored (or repeated within the group) are dropped before the commit, and the new
-ids are remembered only after it.
+ids are remembered only after it, in a thread of the writer, while the answer goes back;
+the next group waits for that before it looks ids up, so a retry is still found. A writer
+killed in between forgets those ids: a retry may then be stored twice (at-least-once),
+never an event lost.
 
 The writer (`GroupWriter`: de-dup, append, remember) runs in a child process of its own.
 Parsing and validating keep the server's event loop busy, and committing keeps the writer
