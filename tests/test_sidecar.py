@@ -78,6 +78,19 @@ def test_the_health_listener_serves_probes_and_metrics_and_nothing_else(tmp_path
     assert "health on http://127.0.0.1:" in (tmp_path / "server.log").read_text()
 
 
+def read_to_close(sock: socket.socket, timeout: float = 10.0) -> bytes:
+    """Everything the server sends until it closes (it answers `connection: close`): the
+    head and the body may come in separate reads."""
+    sock.settimeout(timeout)
+    chunks = []
+    try:
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    finally:
+        sock.close()
+    return b"".join(chunks)
+
+
 def slow_request(port: int, key: str, body: bytes) -> socket.socket:
     """A POST whose head and first half of body are sent; the rest is the caller's."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=20)
@@ -120,8 +133,7 @@ def test_on_sigterm_it_refuses_what_is_new_and_commits_what_is_in_progress(
             lambda: answers(f"http://127.0.0.1:{port}/healthz") is None, "refused", timeout=2
         )
         sock.sendall(body[len(body) // 2 :])
-        answer = sock.recv(65536).decode()
-        sock.close()
+        answer = read_to_close(sock).decode()
         assert answer.startswith("HTTP/1.1 200"), answer
         assert '"written":1' in answer
         code = process.wait(timeout=30)
