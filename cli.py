@@ -88,6 +88,18 @@ DataDirOption = Annotated[
     Path | None,
     typer.Option("--data-dir", metavar="DIR", help="Data directory (COLLECTOR_DATA_DIR)."),
 ]
+# The options `keys create` and `keys import` share.
+ScopeOption = Annotated[
+    list[str],
+    typer.Option(metavar="SCOPE", help=f"Scope to grant, repeatable: {', '.join(SCOPES)}."),
+]
+ProjectOption = Annotated[
+    str | None, typer.Option(metavar="PROJECT", help="Restrict the key to this project.")
+]
+EnvOption = Annotated[
+    str | None, typer.Option(metavar="ENV", help="Restrict the key to this environment.")
+]
+NameOption = Annotated[str | None, typer.Option(metavar="NAME", help="A name to find the key by.")]
 
 
 def show_version(asked: bool) -> None:
@@ -278,22 +290,13 @@ def _path_flag(flag: str, value: Path | None) -> list[str]:
 
 @keys_app.command("create")
 def keys_create(
-    scope: Annotated[
-        list[str],
-        typer.Option(metavar="SCOPE", help=f"Scope to grant, repeatable: {', '.join(SCOPES)}."),
-    ],
-    project: Annotated[
-        str | None, typer.Option(metavar="PROJECT", help="Restrict the key to this project.")
-    ] = None,
-    env: Annotated[
-        str | None, typer.Option(metavar="ENV", help="Restrict the key to this environment.")
-    ] = None,
+    scope: ScopeOption,
+    project: ProjectOption = None,
+    env: EnvOption = None,
     expires: Annotated[
         datetime | None, typer.Option(metavar="WHEN", help="Expiry, ISO 8601 (UTC when no offset).")
     ] = None,
-    name: Annotated[
-        str | None, typer.Option(metavar="NAME", help="A name to find the key by.")
-    ] = None,
+    name: NameOption = None,
     publishable: Annotated[
         bool, typer.Option(help="Make a traffical_pk_ key, safe to ship in browsers.")
     ] = False,
@@ -318,19 +321,10 @@ def keys_create(
 
 @keys_app.command("import")
 def keys_import(
-    scope: Annotated[
-        list[str],
-        typer.Option(metavar="SCOPE", help=f"Scope to grant, repeatable: {', '.join(SCOPES)}."),
-    ],
-    project: Annotated[
-        str | None, typer.Option(metavar="PROJECT", help="Restrict the key to this project.")
-    ] = None,
-    env: Annotated[
-        str | None, typer.Option(metavar="ENV", help="Restrict the key to this environment.")
-    ] = None,
-    name: Annotated[
-        str | None, typer.Option(metavar="NAME", help="A name to find the key by.")
-    ] = None,
+    scope: ScopeOption,
+    project: ProjectOption = None,
+    env: EnvOption = None,
+    name: NameOption = None,
     config: ConfigOption = None,
     data_dir: DataDirOption = None,
 ) -> None:

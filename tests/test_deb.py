@@ -473,6 +473,11 @@ class ScratchRoot:
     def analyze(self, *args: str) -> subprocess.CompletedProcess[str]:
         return _systemd_analyze(*args, f"--root={self.path}")
 
+    def verify(self, unit: str) -> subprocess.CompletedProcess[str]:
+        """`systemd-analyze verify` of an installed unit, as the tests below run it."""
+        path = f"/usr/lib/systemd/system/{unit}"
+        return self.analyze("verify", "--man=no", "--recursive-errors=no", path)
+
 
 def installed_root(path: Path, deb: Path) -> tuple[ScratchRoot, str]:
     root = ScratchRoot.make(path)
@@ -543,9 +548,7 @@ def test_installed_units_pass_systemd_analyze_verify(
     name: str, installed: tuple[ScratchRoot, str]
 ) -> None:
     root, _ = installed
-    done = root.analyze(
-        "verify", "--man=no", "--recursive-errors=no", f"/usr/lib/systemd/system/{name}"
-    )
+    done = root.verify(name)
     assert (done.returncode, done.stdout + done.stderr) == (0, "")
 
 
@@ -555,14 +558,11 @@ def test_verify_looks_for_the_units_commands_in_the_root(deb: Path, tmp_path: Pa
     forwarder is refused; without /usr/bin/collector there, both are."""
     root, _ = installed_root(tmp_path, deb)
 
-    def verify(name: str) -> str:
-        path = f"/usr/lib/systemd/system/{name}"
-        return root.analyze("verify", "--man=no", "--recursive-errors=no", path).stderr
-
-    assert verify("collector-server.service") == ""
-    assert "Command kill is not executable" in verify("collector-forwarder.service")
+    assert root.verify("collector-server.service").stderr == ""
+    assert "Command kill is not executable" in root.verify("collector-forwarder.service").stderr
     (root.path / "usr/bin/collector").unlink()
-    assert f"Command {INSTALLED} is not executable" in verify("collector-server.service")
+    missing = root.verify("collector-server.service").stderr
+    assert f"Command {INSTALLED} is not executable" in missing
 
 
 def exposure(done: subprocess.CompletedProcess[str]) -> float:

@@ -28,6 +28,25 @@ def start(data_dir: Path, command: str, log: Path, **settings: str) -> subproces
         )
 
 
+def with_health_port(
+    tmp_path: Path, command: str, **settings: str
+) -> tuple[subprocess.Popen[bytes], str, int, int]:
+    """`collector COMMAND` on tmp_path/data with its health listener on a port of its own
+    (log in tmp_path/COMMAND.log); returns it, a write key, the port and the health port."""
+    data_dir, port, health = tmp_path / "data", free_port(), free_port()
+    key = create_key(data_dir, "--scope", "sdk:write")
+    process = start(
+        data_dir,
+        command,
+        tmp_path / f"{command}.log",
+        COLLECTOR_PORT=str(port),
+        COLLECTOR_HEALTH_PORT=str(health),
+        COLLECTOR_HEALTH_HOST="127.0.0.1",
+        **settings,
+    )
+    return process, key, port, health
+
+
 def answers(url: str) -> int | None:
     """The status `url` answers, or None when nothing accepts the connection."""
     try:
@@ -37,16 +56,8 @@ def answers(url: str) -> int | None:
 
 
 def test_the_health_listener_serves_probes_and_metrics_and_nothing_else(tmp_path: Path) -> None:
-    data_dir, port, health = tmp_path / "data", free_port(), free_port()
-    key = create_key(data_dir, "--scope", "sdk:write")
-    process = start(
-        data_dir,
-        "serve",
-        tmp_path / "server.log",
-        COLLECTOR_PORT=str(port),
-        COLLECTOR_HEALTH_PORT=str(health),
-        COLLECTOR_HEALTH_HOST="127.0.0.1",
-    )
+    data_dir = tmp_path / "data"
+    process, key, port, health = with_health_port(tmp_path, "serve")
     try:
         wait_for(lambda: answers(f"http://127.0.0.1:{health}/healthz") == 200, "the listener")
         assert answers(f"http://127.0.0.1:{health}/readyz") == 200
@@ -75,7 +86,7 @@ def test_the_health_listener_serves_probes_and_metrics_and_nothing_else(tmp_path
         terminate(process)
     assert process.returncode == 0
     assert [e["id"] for e in stored_events(data_dir)] == ["ingest-1"]
-    assert "health on http://127.0.0.1:" in (tmp_path / "server.log").read_text()
+    assert "health on http://127.0.0.1:" in (tmp_path / "serve.log").read_text()
 
 
 def read_to_close(sock: socket.socket, timeout: float = 10.0) -> bytes:
@@ -108,16 +119,9 @@ def test_on_sigterm_it_refuses_what_is_new_and_commits_what_is_in_progress(
 ) -> None:
     """The kubelet's stop: /readyz fails at once, new connections are refused, the request
     in progress is answered 200 and its event stored, and everything exits 0."""
-    data_dir, port, health = tmp_path / "data", free_port(), free_port()
-    key = create_key(data_dir, "--scope", "sdk:write")
-    process = start(
-        data_dir,
-        "run",
-        tmp_path / "run.log",
-        COLLECTOR_PORT=str(port),
-        COLLECTOR_HEALTH_PORT=str(health),
-        COLLECTOR_HEALTH_HOST="127.0.0.1",
-        COLLECTOR_STOP_TIMEOUT_SECONDS="10",
+    data_dir = tmp_path / "data"
+    process, key, port, health = with_health_port(
+        tmp_path, "run", COLLECTOR_STOP_TIMEOUT_SECONDS="10"
     )
     try:
         wait_for(lambda: answers(f"http://127.0.0.1:{health}/readyz") == 200, "readiness")
