@@ -176,7 +176,11 @@ def _lenient_events(body: bytes, envelope: Envelope) -> tuple[list[bytes], list[
     except (msgspec.DecodeError, RecursionError) as exc:  # deeper than msgspec reads
         raise BadRequest("body is not valid JSON: nested too deeply") from exc
     validated = [bytes(span) for span in spans]
-    kept = [stored[start : start + len(raw)] for start, raw in _offsets(readable, validated)]
+    try:
+        offsets = _offsets(readable, validated)
+    except RecursionError as exc:  # the stdlib's scanner at the edge of its depth: never a 500
+        raise BadRequest("body is not valid JSON: nested too deeply") from exc
+    kept = [stored[start : start + len(raw)] for start, raw in offsets]
     return kept, validated
 
 

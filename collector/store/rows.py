@@ -32,7 +32,6 @@ import orjson
 
 from collector.events import Target
 
-ROW_START = b"["
 # Python refuses to int() a longer string (sys.int_info.default_max_str_digits).
 INT_DIGITS = 4300
 # The count of a current row's events, in SQL: its first element. Older rows (which start
