@@ -1,5 +1,7 @@
 """collector/server/ratelimit.py: per-key token buckets, on an injected clock: the burst,
-the refill, the Retry-After that is always long enough, one bucket per key, and off at 0.
+the refill, the Retry-After that is always long enough, one bucket per key, and off at 0;
+and a full table that shares slots, never looser. (One bucket shared by the server's
+processes is shown on a real server with two workers: tests/test_workers.py.)
 """
 
 from __future__ import annotations
@@ -97,5 +99,32 @@ def test_a_rate_of_zero_limits_nothing() -> None:
     limiter = RateLimiter(0.0, clock=Clock())
 
     assert not limiter.enabled
+    assert limiter._table is None  # no shared memory, no lock
     for _ in range(1000):
         limiter.take(key("web"))
+
+
+def takes(limiter: RateLimiter, name: str, tries: int) -> int:
+    """How many of `tries` takes from `name`'s bucket succeed."""
+    taken = 0
+    for _ in range(tries):
+        try:
+            limiter.take(key(name))
+            taken += 1
+        except RateLimited:
+            pass
+    return taken
+
+
+def test_a_full_table_makes_a_new_key_share_a_slot_never_looser() -> None:
+    clock = Clock()
+    limiter = RateLimiter(1.0, burst=2, clock=clock, slots=2)
+    assert takes(limiter, "a", 1) == 1  # a and b fill the table, one token left each
+    assert takes(limiter, "b", 1) == 1
+
+    # c shares a's or b's bucket: the table's two tokens left are all there is for the three.
+    assert takes(limiter, "c", 5) == 1
+    assert takes(limiter, "a", 5) + takes(limiter, "b", 5) == 1
+
+    clock.now += 1  # one token back in each bucket
+    assert takes(limiter, "a", 5) + takes(limiter, "b", 5) + takes(limiter, "c", 5) == 2
