@@ -143,6 +143,7 @@ TARGET_P99_MS = 50.0
 # Each --servers kind and its name in the table (and so in every Result).
 SERVER_NAMES = {
     "collector": "collector",
+    "workers": "collector w/N",
     "old": "old collector",
     "durable": "durable queue",
     "bare": "bare litestar",
@@ -712,8 +713,9 @@ class Server:
         self.cwd = cwd
         self.port = free_port()
         self.argv += ["--port", str(self.port)]
-        self.log_path = workdir / f"{name}.log"
+        self.log_path = workdir / f"{name.replace('/', '-')}.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.ready_line = ""  # ready once /healthz answers and the log holds this line
 
     def start(self) -> None:
         with open(self.log_path, "wb") as log:
@@ -738,7 +740,7 @@ class Server:
                 raise RuntimeError(f"{self.name} exited at start:\n{self.log_tail()}")
             with contextlib.suppress(OSError), socket.create_connection((HOST, self.port), 1) as s:
                 s.sendall(request)
-                if s.recv(64).startswith(b"HTTP/1.1 200"):
+                if s.recv(64).startswith(b"HTTP/1.1 200") and self.ready_line in self.log_tail():
                     return
             time.sleep(0.05)
         raise RuntimeError(f"{self.name} not ready after {READY_TIMEOUT_S} s:\n{self.log_tail()}")
@@ -811,6 +813,14 @@ def new_collector_server(workdir: Path, args: argparse.Namespace) -> tuple[Serve
     return collector_server(workdir)
 
 
+def workers_collector_server(workdir: Path, args: argparse.Namespace) -> tuple[Server, str]:
+    """This tree's collector with `workers = --workers` server processes."""
+    env = {**child_env(), "COLLECTOR_WORKERS": str(args.workers)}
+    server, key = collector_server(workdir, env=env, name=SERVER_NAMES["workers"])
+    server.ready_line = "serving on"  # /healthz answers once the first worker does
+    return server, key
+
+
 def old_collector_server(workdir: Path, args: argparse.Namespace) -> tuple[Server, str]:
     """The collector of --old-tree (parse_args made it absolute and checked its cli.py)."""
     tree = cast(Path, args.old_tree)
@@ -836,6 +846,7 @@ def bare_server(workdir: Path, args: argparse.Namespace) -> tuple[Server, str]:
 # How each --servers kind is started: the server (not yet running) and the key to send.
 SERVER_FACTORIES: dict[str, Callable[[Path, argparse.Namespace], tuple[Server, str]]] = {
     "collector": new_collector_server,
+    "workers": workers_collector_server,
     "old": old_collector_server,
     "durable": durable_server,
     "bare": bare_server,
@@ -905,6 +916,7 @@ RATIOS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("bare", ("events/s", "req/s")),
     ("durable", ("events/s", "req/s", "p99")),
     ("old", ("ms/req", "events/s")),
+    ("collector", ("events/s", "req/s")),  # workers against one server process
 )
 FIGURES: dict[str, Callable[[Result], float]] = {
     "events/s": lambda r: r.events_s,
@@ -920,18 +932,19 @@ def ratio_lines(results: list[Result]) -> list[str]:
     by_name = {(r.scenario, r.server): r for r in results}
     lines = []
     for scenario in dict.fromkeys(r.scenario for r in results):
-        collector = by_name.get((scenario, SERVER_NAMES["collector"]))
-        if collector is None:
-            continue
-        for kind, figures in RATIOS:
-            reference = by_name.get((scenario, SERVER_NAMES[kind]))
-            if reference is None:
+        for ours in ("collector", "workers"):
+            collector = by_name.get((scenario, SERVER_NAMES[ours]))
+            if collector is None:
                 continue
-            for figure in figures:
-                num, den = FIGURES[figure](collector), FIGURES[figure](reference)
-                ok = den > 0 and math.isfinite(num) and math.isfinite(den)
-                value = f"{num / den:.2f}" if ok else "n/a"
-                lines.append(f"{scenario}: collector/{kind} {figure} {value}")
+            for kind, figures in RATIOS:
+                reference = by_name.get((scenario, SERVER_NAMES[kind]))
+                if reference is None or kind == ours:
+                    continue
+                for figure in figures:
+                    num, den = FIGURES[figure](collector), FIGURES[figure](reference)
+                    ok = den > 0 and math.isfinite(num) and math.isfinite(den)
+                    value = f"{num / den:.2f}" if ok else "n/a"
+                    lines.append(f"{scenario}: {SERVER_NAMES[ours]}/{kind} {figure} {value}")
     return lines
 
 
@@ -965,7 +978,8 @@ def report(results: list[Result], args: argparse.Namespace, tmp_root: Path) -> N
         label = scenario.label()
         ratio = ""
         base = bare.get(r.scenario)
-        if r.server == SERVER_NAMES["collector"] and base is not None and base.requests_s:
+        ours = r.server in (SERVER_NAMES["collector"], SERVER_NAMES["workers"])
+        if ours and base is not None and base.requests_s:
             ratio = f"{r.requests_s / base.requests_s:.2f}"
         print(
             f"{label:<{width}} {r.server:<14} {r.requests_s:>9,.0f} {r.events_s:>10,.0f} "
@@ -992,7 +1006,8 @@ def report(results: list[Result], args: argparse.Namespace, tmp_root: Path) -> N
             print(f"errors of {r.scenario} on {r.server}: {detail}")
         if r.server_died:
             print(f"{r.server} died during {r.scenario}")
-        if r.server in (SERVER_NAMES["collector"], SERVER_NAMES["old"]) and r.written != r.events:
+        collectors = (SERVER_NAMES["collector"], SERVER_NAMES["workers"], SERVER_NAMES["old"])
+        if r.server in collectors and r.written != r.events:
             print(
                 f"warning: {r.scenario} on the {r.server} wrote {r.written} of {r.events} "
                 f"accepted events (duplicates?)"
@@ -1038,8 +1053,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--servers",
         default=None,
-        help="comma separated: collector, old, durable, bare (default: collector, durable, "
-        "bare, and old after collector when --old-tree is given)",
+        help="comma separated: collector, workers, old, durable, bare (default: collector, "
+        "durable, bare, and old after collector when --old-tree is given)",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=2, help="server processes of the `workers` server"
     )
     parser.add_argument(
         "--old-tree",

@@ -28,6 +28,9 @@ DEFAULT_CONFIG_FILE = Path("/etc/collector/collector.toml")
 
 GIB = 1024**3
 MIB = 1024**2
+# Server processes at most: each holds ~100 MiB and a connection to the one writer, whose
+# commits (one fsync each) bound throughput long before 64 processes would.
+MAX_WORKERS = 64
 # Settings whose values are never printed (`collector config show`).
 SECRET_SETTINGS = frozenset({"upstream_key"})
 MASK = "********"
@@ -174,7 +177,17 @@ class Settings(BaseSettings):
         "are closed after it.",
     )
     max_connections: int = Field(
-        4096, ge=1, description="Client connections open at once; more are closed on arrival."
+        4096,
+        ge=1,
+        description="Client connections open at once, per server process (see workers); "
+        "more are closed on arrival.",
+    )
+    workers: int = Field(
+        1,
+        ge=1,
+        le=MAX_WORKERS,
+        description="Server processes taking requests on the one port, sharing one queue "
+        "writer: more than 1 uses more cores on a host that aggregates many app servers.",
     )
     rate_limit_per_second: float = Field(
         0.0,

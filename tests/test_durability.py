@@ -22,7 +22,7 @@ import pytest
 
 from collector.errors import QueueFull
 from collector.events import Target
-from collector.server.commit import GroupWriter, WriterConfig
+from collector.server.writer import GroupWriter, WriterConfig
 from collector.store import rows
 from collector.store.datadir import QUEUE as QUEUE_FILE
 from collector.store.datadir import SEEN_IDS as SEEN_IDS_FILE

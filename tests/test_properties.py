@@ -51,9 +51,10 @@ from hypothesis import strategies as st
 from collector.errors import BadRequest, CollectorError, PayloadTooLarge
 from collector.events import MAX_ERROR_CHARS, Track, decode_all, number
 from collector.server.auth import ApiKey
-from collector.server.commit import Committer, EncodedEvent
-from collector.server.counting import EventCounter
+from collector.server.commit import Committer
+from collector.server.counting import EventCounter, Note
 from collector.server.ingest import Envelope, Ingest, Outcome, decode_body, read_events
+from collector.server.writer import EncodedEvent
 from collector.store.counts import Count, Counts
 
 MAX_EVENTS = 1000
@@ -368,7 +369,7 @@ class Recorder:
     def __init__(self) -> None:
         self.events: list[EncodedEvent] = []
 
-    async def write(self, events: list[EncodedEvent]) -> list[int]:
+    async def write(self, events: list[EncodedEvent], notes: list[Note]) -> list[int]:
         self.events.extend(events)
         return []
 

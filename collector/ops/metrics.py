@@ -1,23 +1,37 @@
 """`GET /metrics`: the server's and the forwarder's figures in Prometheus text format.
 
-Counters come from the running totals in `counts.db` (both processes add to them, and they
-survive restarts, so they only ever go up); gauges from the status document (queue, age,
-budget, processes, upstream state, sample ratio); the request latency histogram from this
-server process. Names (all prefixed `collector_`) are listed in `docs/reference.md`.
+Counters and the two latency histograms come from the running totals in `counts.db` (every
+process adds to them, and they survive restarts, so they only ever go up: a histogram's
+totals are its requests per bucket, made cumulative here); gauges from the status document
+(queue, age, budget, processes, upstream state, sample ratio). Names (all prefixed
+`collector_`) are listed in `docs/reference.md`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from collector.ops import status
 from collector.settings import Settings
-from collector.store.counts import Count, Counts, Labels, ProxyOutcome, UpstreamOutcome
+from collector.store.counts import (
+    Count,
+    Counts,
+    Labels,
+    ProxyOutcome,
+    UpstreamOutcome,
+    bucket,
+)
 from collector.store.datadir import DataDir
 from collector.store.heartbeats import UpstreamState
 
@@ -82,26 +96,32 @@ COUNTERS: tuple[tuple[Count, str, str, tuple[str, ...]], ...] = (
         ("route", "outcome"),
     ),
 )
+# (buckets name, sum name, metric name, help, label names besides `le`, bounds)
+HISTOGRAMS: tuple[tuple[Count, Count, str, str, tuple[str, ...], tuple[float, ...]], ...] = (
+    (
+        Count.REQUEST_DURATION,
+        Count.REQUEST_DURATION_SUM,
+        "collector_request_duration_seconds",
+        "Time to answer an events API request.",
+        (),
+        LATENCY_BUCKETS,
+    ),
+    (
+        Count.PROXY_DURATION,
+        Count.PROXY_DURATION_SUM,
+        "collector_proxy_request_duration_seconds",
+        "Time to answer a config, resolve or decide call passed upstream.",
+        ("route",),
+        PROXY_BUCKETS,
+    ),
+)
 
 
 class Metrics:
-    """The server's metrics registry: its latency histogram and the collected figures."""
+    """The server's metrics registry: the figures collected from the data directory."""
 
     def __init__(self, settings: Settings) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.latency = Histogram(
-            "collector_request_duration_seconds",
-            "Time to answer an events API request.",
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        self.proxy_latency = Histogram(
-            "collector_proxy_request_duration_seconds",
-            "Time to answer a config, resolve or decide call passed upstream.",
-            labelnames=["route"],
-            buckets=PROXY_BUCKETS,
-            registry=self.registry,
-        )
         self.registry.register(_Figures(settings))
 
     def render(self) -> bytes:
@@ -118,6 +138,10 @@ class _Figures(Collector):
             totals = counts.all_totals()
         finally:
             counts.close()
+        for buckets, seconds, metric, text, labels, bounds in HISTOGRAMS:
+            yield _histogram(
+                metric, text, labels, bounds, totals.get(buckets, {}), totals.get(seconds, {})
+            )
         for name, metric, text, labels in COUNTERS:
             yield _counter(metric, text, labels, totals.get(name, {}))
         yield from _gauges(status.collect(self._settings))
@@ -129,6 +153,30 @@ def _counter(
     family = CounterMetricFamily(name, text, labels=list(labels))
     for key, value in sorted(values.items()):
         family.add_metric(list(key), value)
+    return family
+
+
+def _histogram(
+    name: str,
+    text: str,
+    labels: tuple[str, ...],
+    bounds: tuple[float, ...],
+    buckets: dict[Labels, float],
+    seconds: dict[Labels, float],
+) -> HistogramMetricFamily:
+    """`buckets` holds each request once, in its bucket (labels, then `le`); Prometheus wants
+    each bucket to count every request at or below its bound. An unlabelled histogram is
+    exported with zeros before its first request, as prometheus_client's own was."""
+    family = HistogramMetricFamily(name, text, labels=list(labels))
+    les = [bucket(bounds, bound) for bound in (*bounds, math.inf)]  # the labels written
+    keys = {key[:-1] for key in buckets} | set(seconds) | (set() if labels else {()})
+    for key in sorted(keys):
+        running = 0.0
+        cumulative = []
+        for le in les:
+            running += buckets.get((*key, le), 0)
+            cumulative.append((le, running))
+        family.add_metric(list(key), cumulative, seconds.get(key, 0))
     return family
 
 

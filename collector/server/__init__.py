@@ -1,13 +1,16 @@
 """The server process: the HTTP face of the collector, from request bytes to a commit.
 
-    bootstrap.py   start: data directory, first key, uvicorn, systemd notify
+    bootstrap.py   start: data directory, ports, first key; one server or `workers`
+    serving.py     one server process: the app on uvicorn, systemd notify
+    workers.py     several server processes on one port under a supervisor
     app.py         the Litestar app: routes, and every error type mapped to HTTP
     limits.py      what one connection may cost (head size, deadlines, connection cap)
     auth.py        the API keys (keys.json): judging a key, and editing the store
-    ratelimit.py   per-key token buckets
+    ratelimit.py   per-key token buckets, shared by the server processes
     ingest.py      one events request: decompress, parse, validate, encode
-    counting.py    what is counted of each event (rolling counts, on the request path)
-    commit.py      group commit in a writer process: de-dup, one queue row, ids remembered
+    counting.py    what is counted of each event (on the request path, and in the writer)
+    commit.py      group commit, the server's side: requests' events sent in groups
+    writer.py      the queue writer process: de-dup, one queue row, ids remembered
     proxy.py       config, resolve and decide passed upstream; the config cache served
     openapi.py     the OpenAPI description of the events API
 

@@ -56,17 +56,18 @@ from collector.errors import (
     UpstreamTimeout,
 )
 from collector.ops import status
-from collector.ops.metrics import Metrics
+from collector.ops.metrics import LATENCY_BUCKETS, Metrics
 from collector.server import limits, openapi
 from collector.server.auth import ADMIN_READ, ApiKey, KeyStore
-from collector.server.commit import Committer, WriterConfig
+from collector.server.commit import Committer
 from collector.server.counting import EventCounter
 from collector.server.ingest import Ingest, decode_body, require_json
 from collector.server.proxy import STALE_HEADER, Answer, Proxy, segment
 from collector.server.ratelimit import RateLimiter
+from collector.server.writer import WriterConfig, WriterLink
 from collector.settings import Settings
 from collector.store import heartbeats
-from collector.store.counts import Count, Counts, ProxyRoute
+from collector.store.counts import Count, Counts, ProxyRoute, bucket
 from collector.store.datadir import DataDir
 
 log = logging.getLogger("collector.server")
@@ -287,8 +288,8 @@ def tune_garbage_collector() -> None:
     gc.set_threshold(100_000, 50, 100)
 
 
-def measured(app: ASGIApp, metrics: Metrics, counts: Counts) -> ASGIApp:
-    """Wrap `app` to time each events request and count it by status."""
+def measured(app: ASGIApp, counts: Counts) -> ASGIApp:
+    """Wrap `app` to time each events request and count it by status and latency bucket."""
 
     async def wrapper(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != ScopeType.HTTP or scope["path"] not in EVENTS_PATHS:
@@ -305,8 +306,10 @@ def measured(app: ASGIApp, metrics: Metrics, counts: Counts) -> ASGIApp:
         try:
             await app(scope, receive, send_status)
         finally:
-            metrics.latency.observe(time.perf_counter() - started)
+            seconds = time.perf_counter() - started
             counts.add(Count.REQUESTS, (str(status_code[0]),))
+            counts.add(Count.REQUEST_DURATION, (bucket(LATENCY_BUCKETS, seconds),))
+            counts.add(Count.REQUEST_DURATION_SUM, (), seconds)
 
     return wrapper
 
@@ -330,24 +333,36 @@ async def keep_house(settings: Settings, counts: Counts, started: float) -> None
             log.warning("could not write counts or heartbeat: %s", exc)
 
 
-def create_app(settings: Settings) -> Litestar:
-    """The collector's app for `settings`; the queue is opened when the app starts."""
+def writer_config(settings: Settings) -> WriterConfig:
+    return WriterConfig(
+        data_dir=settings.data_dir,
+        sync=settings.sync,
+        budget_bytes=settings.disk_budget_bytes,
+        dedup_window_s=settings.dedup_window_seconds,
+        counts_window_minutes=settings.counts_window_minutes,
+        log_level=settings.log_level,
+    )
+
+
+def create_app(
+    settings: Settings, writer: WriterLink | None = None, limiter: RateLimiter | None = None
+) -> Litestar:
+    """The collector's app for `settings`; the queue is opened when the app starts.
+
+    Alone, the app starts its own queue writer and rate limiter. As one of `workers`
+    server processes it is given the link to the supervisor's writer and the limiter
+    shared by all of them."""
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        committer = Committer(
-            WriterConfig(
-                data_dir=settings.data_dir,
-                sync=settings.sync,
-                budget_bytes=settings.disk_budget_bytes,
-                dedup_window_s=settings.dedup_window_seconds,
-                log_level=settings.log_level,
-            )
-        )
+        if writer is None:  # alone: this server runs its own writer
+            committer = Committer(owned=writer_config(settings))
+        else:
+            committer = Committer(link=writer)
         await committer.start()
         app.state.committer = committer
         app.state.ingest = Ingest(committer, settings.max_events_per_request, EventCounter(counts))
-        app.state.proxy = Proxy(settings, counts, app_metrics.proxy_latency)
+        app.state.proxy = Proxy(settings, counts)
         # Before the first request is served, so that a server answering /healthz is
         # up to `collector status` at once (it said "server is down" for a second or two).
         started = time.time()
@@ -379,7 +394,8 @@ def create_app(settings: Settings) -> Litestar:
             max_age=CORS_MAX_AGE_S,
         )
     data_dir = DataDir(settings.data_dir)
-    counts = Counts.writer(data_dir, settings.counts_window_minutes, recover=True)
+    # Only one process may move a corrupt file aside: the supervisor, when there are workers.
+    counts = Counts.writer(data_dir, settings.counts_window_minutes, recover=writer is None)
     app_metrics = Metrics(settings)
     app = Litestar(
         route_handlers=[
@@ -405,13 +421,15 @@ def create_app(settings: Settings) -> Litestar:
         },
     )
     app.state.key_store = KeyStore(data_dir)
-    app.state.rate_limiter = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
+    app.state.rate_limiter = limiter or RateLimiter(
+        settings.rate_limit_per_second, settings.rate_limit_burst
+    )
     app.state.max_body_bytes = settings.max_body_bytes
     app.state.settings = settings
     app.state.metrics = app_metrics
     app.state.stopping = False  # set on SIGTERM (bootstrap.NotifyingServer)
     guarded = limits.guarded(app.asgi_handler, settings.request_timeout_seconds)
-    app.asgi_handler = measured(guarded, app_metrics, counts)
+    app.asgi_handler = measured(guarded, counts)
     if settings.health_port is not None:
         app.asgi_handler = health_only(app.asgi_handler, settings.health_port)
     return app

@@ -1,20 +1,24 @@
-"""What the server counts of each event: by type (with org, project and env), track event
-names, exposures per allocation (with their declared shares, for the sample-ratio check)
+"""What is counted of each event: by type (with org, project and env), exposures per
+allocation (with their declared shares, for the sample-ratio check), track event names,
 and conversions attributed to an allocation.
 
-It runs on the request path, on the validated structs (`collector.events`), so it only
-reads attributes and adds to `Counts`' in-memory counters (flushed to `counts.db` every
-second by the app). Per event it builds one tuple; labels are cut and bounded once per
-distinct tuple of a request (`_add`), not once per event. Event names and labels are
-client-controlled, so each label value is cut to `LABEL_CHARS` characters and at most
-`MAX_NAMES` distinct event names are counted per process; later ones are counted as
-`(other)`.
+`EventCounter` runs in each server process, on the request path, on the validated structs
+(`collector.events`), so it only reads attributes and adds to `Counts`' in-memory counters
+(flushed to `counts.db` every second by the app). Per event it builds one tuple; labels are
+cut and bounded once per distinct tuple of a request (`_add`), not once per event.
+
+Track events and conversions need what other requests said (the decision a track names,
+the event names seen so far), and with `workers` those requests may reach another server
+process. So each server sends the `notes` of a request's decisions and tracks with its
+events to the one queue writer, where `Conversions` counts them, after the commit and off
+the request path. Event names and labels are client-controlled, so each label value is cut
+to `LABEL_CHARS` characters and at most `MAX_NAMES` distinct event names are counted;
+later ones are counted as `(other)`.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from collections import Counter, deque
 from collections.abc import Sequence
 from operator import attrgetter
@@ -66,8 +70,6 @@ class EventCounter:
 
     def __init__(self, counts: Counts) -> None:
         self.counts = counts
-        self._names: set[str] = set()
-        self._decisions = Decisions()
 
     def received(self, decoded: Sequence[Event | None], raws: Sequence[bytes]) -> list[Labels]:
         """Count events as received: valid ones (`decoded`) by their labels, invalid ones
@@ -96,22 +98,11 @@ class EventCounter:
             accepted.subtract(duplicates)
         self._add(Count.EVENTS_WRITTEN, +accepted)
         tally = _Tally()
-        now = time.monotonic()
         for index, event in enumerate(events):
             # A duplicate (a client's retry) is the same event again: counted once above as
-            # de-duplicated, never twice as a track event, exposure or conversion.
-            if isinstance(event, Track):
-                if index not in skipped:
-                    self._track(event, tally, now)
-            elif isinstance(event, Exposure):
-                if index not in skipped:
-                    _exposure(event, tally)
-                if event.decisionId:
-                    self._decisions.remember(event.decisionId, event.layers, now)
-            elif event.id:
-                self._decisions.remember(event.id, event.layers, now)
-        self._add(Count.TRACK_EVENTS, tally.tracks)
-        self._add(Count.CONVERSIONS, tally.conversions)
+            # de-duplicated, never twice as an exposure.
+            if isinstance(event, Exposure) and index not in skipped:
+                _exposure(event, tally)
         self._add(Count.EXPOSURES, tally.exposures)
         if tally.shares:
             self._add(Count.EXPOSURE_SHARES_N, tally.shares_n)
@@ -119,28 +110,82 @@ class EventCounter:
                 self.counts.add(Count.EXPOSURE_SHARES, tuple(map(label, key)), share)
 
     def _add(self, name: Count, counted: Counter[Any]) -> None:
-        """Add a request's counts, each label cut once per distinct key (not per event)."""
-        counter = self.counts.counter(name)
-        for key, value in counted.items():
-            counter[tuple(map(label, key))] += value
+        _add(self.counts, name, counted)
 
-    def _track(self, event: Track, tally: _Tally, now: float) -> None:
-        name = self._name(event.event)
-        tally.tracks[(event.projectId, event.env, name)] += 1
-        for policy, allocation in self._attribution(event, now):
-            tally.conversions[(event.projectId, event.env, policy, allocation, name)] += 1
 
-    def _attribution(self, event: Track, now: float) -> Sequence[Labels]:
-        """(policy, allocation) pairs a track event counts for: those of the decision its
-        `decisionId` names, if remembered and recent, else the SDK's own `attribution`."""
-        found = self._decisions.get(event.decisionId, now) if event.decisionId else None
-        if found is not None:
-            return found
-        return [
-            (str(item.get("policyId")), str(item.get("allocationName")))
-            for item in attribution(event)
-            if item.get("policyId") and item.get("allocationName")
+def _add(counts: Counts, name: Count, counted: Counter[Any]) -> None:
+    """Add a request's counts, each label cut once per distinct key (not per event)."""
+    counter = counts.counter(name)
+    for key, value in counted.items():
+        counter[tuple(map(label, key))] += value
+
+
+# What `Conversions` needs of one event, in the request's order:
+#   ("d", index, decision id, pairs)    a decision, or an exposure naming its decision
+#   ("t", index, project, env, name, decision id, the SDK's own attribution's pairs)
+Note = tuple[Any, ...]
+
+
+def notes(events: Sequence[Event]) -> list[Note]:
+    """The notes of a request's decisions and track events, for `Conversions`."""
+    found: list[Note] = []
+    shared: dict[tuple[Labels, ...], tuple[Labels, ...]] = {}  # pickled once per request
+    for index, event in enumerate(events):
+        if isinstance(event, Track):
+            fallback = tuple(
+                (str(item.get("policyId")), str(item.get("allocationName")))
+                for item in attribution(event)
+                if item.get("policyId") and item.get("allocationName")
+            )
+            found.append(
+                ("t", index, event.projectId, event.env, event.event, event.decisionId, fallback)
+            )
+            continue
+        decision_id = event.decisionId if isinstance(event, Exposure) else event.id
+        if decision_id:
+            pairs = pairs_of(event.layers)
+            if pairs:
+                found.append(("d", index, decision_id, shared.setdefault(pairs, pairs)))
+    return found
+
+
+def pairs_of(layers: list[LayerAssignment]) -> tuple[Labels, ...]:
+    """The (policy, allocation) pairs a decision's layers assign (bucket -1: none)."""
+    return tuple(
+        [
+            (layer.policyId, layer.allocationName)
+            for layer in layers
+            if layer.policyId and layer.allocationName and layer.bucket >= 0
         ]
+    )
+
+
+class Conversions:
+    """Counts track events by name, and conversions by the allocation of the decision they
+    name (or by the SDK's own `attribution`), from every server's `notes`: in the queue
+    writer, the one process they all reach."""
+
+    def __init__(self, counts: Counts) -> None:
+        self.counts = counts
+        self._names: set[str] = set()
+        self._decisions = Decisions()
+
+    def count(self, notes: Sequence[Note], skipped: Sequence[int], now: float) -> None:
+        """Count one request's `notes`; `skipped` holds the indexes not written."""
+        tally = _Tally()
+        dropped = set(skipped)
+        for note in notes:
+            if note[0] == "d":
+                self._decisions.remember(note[2], note[3], now)
+            elif note[1] not in dropped:  # a duplicate is never counted twice
+                _, _, project, env, name, decision_id, fallback = note
+                name = self._name(name)
+                tally.tracks[(project, env, name)] += 1
+                found = self._decisions.get(decision_id, now) if decision_id else None
+                for policy, allocation in fallback if found is None else found:
+                    tally.conversions[(project, env, policy, allocation, name)] += 1
+        _add(self.counts, Count.TRACK_EVENTS, tally.tracks)
+        _add(self.counts, Count.CONVERSIONS, tally.conversions)
 
     def _name(self, name: str) -> str:
         if name in self._names:
@@ -172,19 +217,12 @@ class Decisions:
     def __len__(self) -> int:
         return len(self._noted)
 
-    def remember(self, decision_id: str, layers: list[LayerAssignment], now: float) -> None:
-        """Note the pairs of `layers` for `decision_id`, unless it is noted already (an
-        exposure naming a decision seen before). Runs for most events: kept flat."""
+    def remember(self, decision_id: str, pairs: tuple[Labels, ...], now: float) -> None:
+        """Note the (policy, allocation) `pairs` for `decision_id`, unless it is noted
+        already (an exposure naming a decision seen before). Runs for most events: flat."""
         key = hash(decision_id)
         if key in self._noted:
             return
-        pairs = tuple(
-            [
-                (layer.policyId, layer.allocationName)
-                for layer in layers
-                if layer.policyId and layer.allocationName and layer.bucket >= 0
-            ]
-        )
         if not pairs:
             return
         index = self._set_index.get(pairs)

@@ -34,8 +34,9 @@ import msgspec
 from collector.errors import BadRequest, CollectorError, PayloadTooLarge, UnsupportedMediaType
 from collector.events import Event, Target, decode_all
 from collector.server.auth import ApiKey
-from collector.server.commit import Committer, EncodedEvent
-from collector.server.counting import EventCounter
+from collector.server.commit import Committer
+from collector.server.counting import EventCounter, notes
+from collector.server.writer import EncodedEvent
 
 # zlib's window bits for "gzip header and trailer".
 GZIP_WBITS = 16 + zlib.MAX_WBITS
@@ -278,7 +279,7 @@ class Ingest:
             if key.restricted:
                 for target in targets.values():
                     key.require_target(target)
-            skipped = await self._committer.write(encoded)
+            skipped = await self._committer.write(encoded, notes(valid))
         except CollectorError as exc:
             self._counter.rejected(type(exc).__name__, len(valid))
             raise

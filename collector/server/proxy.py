@@ -39,18 +39,17 @@ from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import parse_qsl, quote, urlencode
 
-from prometheus_client import Histogram
-
 from collector.errors import (
     Unavailable,
     UpstreamFailed,
     UpstreamNotConfigured,
     UpstreamRedirect,
 )
+from collector.ops.metrics import PROXY_BUCKETS
 from collector.server.auth import bearer, digest
 from collector.settings import Settings
 from collector.store.configcache import Bundle, ConfigCache, Slot
-from collector.store.counts import Count, Counts, ProxyOutcome, ProxyRoute
+from collector.store.counts import Count, Counts, ProxyOutcome, ProxyRoute, bucket
 from collector.store.datadir import DataDir
 from collector.upstream import Reply, Upstream, Verdict
 
@@ -124,9 +123,7 @@ def matches(tags: set[str], etag: str | None) -> bool:
 class Proxy:
     """Passes SDK calls to the upstream; serves config bundles from the cache when it fails."""
 
-    def __init__(
-        self, settings: Settings, counts: Counts, latency: Histogram | None = None
-    ) -> None:
+    def __init__(self, settings: Settings, counts: Counts) -> None:
         self.upstream = (
             Upstream(settings.upstream_url, max_connections=MAX_CONNECTIONS)
             if settings.upstream_url
@@ -141,7 +138,6 @@ class Proxy:
             settings.config_cache_max_stale_seconds,
         )
         self._counts = counts
-        self._latency = latency
 
     async def aclose(self) -> None:
         if self.upstream is not None:
@@ -281,9 +277,10 @@ class Proxy:
         return answer
 
     def _count(self, route: ProxyRoute, outcome: ProxyOutcome, started: float) -> None:
+        seconds = time.perf_counter() - started
         self._counts.add(Count.PROXY_REQUESTS, (route, outcome))
-        if self._latency is not None:
-            self._latency.labels(route).observe(time.perf_counter() - started)
+        self._counts.add(Count.PROXY_DURATION, (route, bucket(PROXY_BUCKETS, seconds)))
+        self._counts.add(Count.PROXY_DURATION_SUM, (route,), seconds)
 
 
 def segment(value: str) -> str:

@@ -26,6 +26,14 @@ count cannot silently read 0. Names and their labels:
     upstream_requests     outcome (UpstreamOutcome)
     dead_lettered         reason (DeadLetterReason)
     proxy_requests        route (ProxyRoute), outcome (ProxyOutcome)   (server)
+    request_duration      le (`bucket`)                          (events requests)
+    request_duration_sum                                         (their seconds)
+    proxy_duration        route (ProxyRoute), le (`bucket`)      (calls passed upstream)
+    proxy_duration_sum    route (ProxyRoute)                     (their seconds)
+
+The two latency histograms count each request once, in the bucket of the first bound at
+or above its duration (`bucket`); `/metrics` adds them up into Prometheus' cumulative
+buckets, the last of which ("+Inf") is the count.
 
 Event names and labels are client-controlled; the server cuts and bounds them
 (`collector.server.counting`).
@@ -33,10 +41,12 @@ Event names and labels are client-controlled; the server cuts and bounds them
 
 from __future__ import annotations
 
+import bisect
 import sqlite3
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
 from enum import StrEnum
 from typing import Any
 
@@ -73,6 +83,10 @@ class Count(StrEnum):
     UPSTREAM_REQUESTS = "upstream_requests"
     DEAD_LETTERED = "dead_lettered"
     PROXY_REQUESTS = "proxy_requests"
+    REQUEST_DURATION = "request_duration"
+    REQUEST_DURATION_SUM = "request_duration_sum"
+    PROXY_DURATION = "proxy_duration"
+    PROXY_DURATION_SUM = "proxy_duration_sum"
 
 
 class UpstreamOutcome(StrEnum):
@@ -108,6 +122,13 @@ class ProxyOutcome(StrEnum):
 
 def minute_of(moment: float) -> int:
     return int(moment // 60)
+
+
+def bucket(bounds: Sequence[float], seconds: float) -> str:
+    """The `le` label of the histogram bucket `seconds` is counted in: the first of `bounds`
+    (ascending) at or above it, as text ("0.005", "1.0"), or "+Inf" past the last."""
+    index = bisect.bisect_left(bounds, seconds)
+    return str(float(bounds[index])) if index < len(bounds) else "+Inf"
 
 
 _translated = db.translated("counts")

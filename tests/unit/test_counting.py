@@ -6,6 +6,7 @@ and event names bounded (MAX_NAMES, then `(other)`) and cut (LABEL_CHARS).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,15 @@ import pytest
 
 from collector.events import LayerAssignment, decode_all
 from collector.server import counting
-from collector.server.counting import LABEL_CHARS, MAX_NAMES, OTHER, EventCounter, label
+from collector.server.counting import (
+    LABEL_CHARS,
+    MAX_NAMES,
+    OTHER,
+    Conversions,
+    EventCounter,
+    label,
+    notes,
+)
 from collector.store.counts import Count, Counts
 from collector.store.datadir import DataDir
 
@@ -31,15 +40,26 @@ def counts(tmp_path: Path) -> Iterator[Counts]:
     writer.close()
 
 
+class Counter:
+    """Both halves of the counting: the server's, and the queue writer's of its notes."""
+
+    def __init__(self, counts: Counts) -> None:
+        self.server = EventCounter(counts)
+        self.writer = Conversions(counts)
+
+
 def accept(
-    counter: EventCounter, *events: dict[str, Any], skipped: frozenset[int] = frozenset()
+    counter: Counter, *events: dict[str, Any], skipped: frozenset[int] = frozenset()
 ) -> None:
-    """Count `events` as the ingest pipeline does: received, then accepted."""
+    """Count `events` as the ingest pipeline and the writer do: received, then accepted,
+    then their notes."""
     raws = [orjson.dumps(e) for e in events]
     decoded, errors = decode_all(raws)
     assert not errors
-    labels = counter.received(decoded, raws)
-    counter.accepted([e for e in decoded if e is not None], labels, set(skipped))
+    labels = counter.server.received(decoded, raws)
+    valid = [e for e in decoded if e is not None]
+    counter.server.accepted(valid, labels, set(skipped))
+    counter.writer.count(notes(valid), sorted(skipped), time.monotonic())
 
 
 def flushed(counts: Counts, name: Count) -> dict[tuple[str, ...], float]:
@@ -58,7 +78,7 @@ def layer(policy: str, allocation: str, **fields: Any) -> dict[str, Any]:
 
 
 def test_exposures_are_counted_per_layer_policy_and_allocation(counts: Counts) -> None:
-    counter = EventCounter(counts)
+    counter = Counter(counts)
 
     accept(
         counter,
@@ -75,7 +95,7 @@ def test_exposures_are_counted_per_layer_policy_and_allocation(counts: Counts) -
 
 
 def test_declared_probabilities_are_summed_with_how_many_declared_one(counts: Counts) -> None:
-    counter = EventCounter(counts)
+    counter = Counter(counts)
 
     accept(
         counter,
@@ -92,7 +112,7 @@ def test_declared_probabilities_are_summed_with_how_many_declared_one(counts: Co
 
 
 def test_a_track_event_is_attributed_to_the_allocation_of_its_decision_id(counts: Counts) -> None:
-    counter = EventCounter(counts)
+    counter = Counter(counts)
     accept(
         counter,
         event("exposure", decisionId="dec_1", layers=[layer("pol_1", "treatment")]),
@@ -118,7 +138,7 @@ def test_a_track_event_is_attributed_to_the_allocation_of_its_decision_id(counts
 
 
 def test_without_a_known_decision_the_sdks_own_attribution_is_used(counts: Counts) -> None:
-    counter = EventCounter(counts)
+    counter = Counter(counts)
 
     accept(
         counter,
@@ -135,7 +155,7 @@ def test_without_a_known_decision_the_sdks_own_attribution_is_used(counts: Count
 
 
 def test_a_duplicate_is_counted_as_deduplicated_never_twice_as_an_exposure(counts: Counts) -> None:
-    counter = EventCounter(counts)
+    counter = Counter(counts)
     exposure = event("exposure", id="x", layers=[layer("pol_1", "control")])
 
     accept(counter, exposure, event(id="t"), skipped=frozenset({0, 1}))
@@ -149,7 +169,7 @@ def test_a_duplicate_is_counted_as_deduplicated_never_twice_as_an_exposure(count
 
 
 def test_past_max_names_new_event_names_are_counted_as_other(counts: Counts) -> None:
-    counter = EventCounter(counts)
+    counter = Counter(counts)
     names = [f"event_{n}" for n in range(MAX_NAMES + 3)]
 
     accept(counter, *(event(event=name) for name in names))
@@ -170,10 +190,10 @@ def test_labels_are_cut_and_never_the_text_of_an_object() -> None:
 
 
 def test_what_is_not_an_event_is_received_as_invalid(counts: Counts) -> None:
-    counter = EventCounter(counts)
+    counter = Counter(counts)
 
     raws = [orjson.dumps(e) for e in (42, {"type": "other"}, {"type": "track"}, event("decision"))]
-    counter.received(decode_all(raws)[0], raws)
+    counter.server.received(decode_all(raws)[0], raws)
 
     assert flushed(counts, Count.EVENTS_RECEIVED) == {
         ("", "", "", "invalid"): 2,
@@ -182,11 +202,13 @@ def test_what_is_not_an_event_is_received_as_invalid(counts: Counts) -> None:
     }
 
 
-def layers_of(*pairs: tuple[str, str]) -> list[LayerAssignment]:
-    return [
+def layers_of(*pairs: tuple[str, str]) -> tuple[tuple[str, str], ...]:
+    """The (policy, allocation) pairs of a decision's layers, as its note holds them."""
+    layers = [
         LayerAssignment(layerId="l", bucket=1, policyId=policy, allocationName=allocation)
         for policy, allocation in pairs
     ]
+    return counting.pairs_of(layers)
 
 
 def test_decisions_are_remembered_for_their_ttl_and_the_oldest_forgotten_first(
@@ -213,7 +235,8 @@ def test_distinct_allocation_sets_are_bounded_and_held_with_their_labels_cut(
     decisions.remember("dec_1", layers_of(("pol_1", "a")), now=0.0)
     decisions.remember("dec_2", layers_of(("pol_2", "a")), now=0.0)  # a third set
     decisions.remember("dec_again", layers_of(("pol_0", long_name)), now=0.0)  # held already
-    decisions.remember("dec_skipped", [LayerAssignment(layerId="l", bucket=-1)], now=0.0)
+    skipped = counting.pairs_of([LayerAssignment(layerId="l", bucket=-1)])
+    decisions.remember("dec_skipped", skipped, now=0.0)
 
     assert decisions.get("dec_0", 0.0) == (("pol_0", long_name[:LABEL_CHARS]),)
     assert decisions.get("dec_again", 0.0) == (("pol_0", long_name[:LABEL_CHARS]),)

@@ -19,6 +19,7 @@ from collector.store.counts import (
     ProxyOutcome,
     ProxyRoute,
     UpstreamOutcome,
+    bucket,
 )
 from collector.store.datadir import DataDir
 
@@ -147,3 +148,13 @@ def test_take_hands_over_what_was_added_so_nothing_is_written_twice(
         assert reader.all_totals() == {"requests": {("200",): 1, ("503",): 1}}
     finally:
         reader.close()
+
+
+def test_a_duration_is_counted_in_the_bucket_of_the_first_bound_at_or_above_it() -> None:
+    bounds = (0.005, 0.01, 1.0)
+
+    assert bucket(bounds, 0.0) == "0.005"
+    assert bucket(bounds, 0.005) == "0.005"  # a bound holds durations equal to it
+    assert bucket(bounds, 0.0051) == "0.01"
+    assert bucket(bounds, 0.5) == "1.0"
+    assert bucket(bounds, 1.5) == "+Inf"

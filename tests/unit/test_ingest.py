@@ -18,8 +18,8 @@ import pytest
 
 from collector.errors import BadRequest, Forbidden, PayloadTooLarge, UnsupportedMediaType
 from collector.server.auth import ApiKey, KeyStore
-from collector.server.commit import Committer, EncodedEvent, GroupWriter, WriterConfig
-from collector.server.counting import EventCounter
+from collector.server.commit import Committer
+from collector.server.counting import EventCounter, Note
 from collector.server.ingest import (
     Envelope,
     Ingest,
@@ -28,6 +28,7 @@ from collector.server.ingest import (
     read_events,
     require_json,
 )
+from collector.server.writer import EncodedEvent, GroupWriter, WriterConfig
 from collector.store.counts import Count, Counts
 from collector.store.datadir import DataDir
 
@@ -41,8 +42,8 @@ class InProcessCommitter:
     def __init__(self, writer: GroupWriter) -> None:
         self.writer = writer
 
-    async def write(self, events: list[EncodedEvent]) -> list[int]:
-        return self.writer.commit([events])[0]
+    async def write(self, events: list[EncodedEvent], notes: list[Note]) -> list[int]:
+        return self.writer.commit([events], [notes])[0]
 
 
 @dataclass

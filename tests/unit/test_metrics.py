@@ -1,17 +1,19 @@
 """collector/ops/metrics.py: `Metrics(settings).render()` of a real data directory parses
-as Prometheus text, with the documented families, and counters from the totals.
+as Prometheus text, with the documented families, and counters and histograms from the
+totals.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from collector.ops.metrics import COUNTERS, Metrics
+from collector.ops.metrics import COUNTERS, LATENCY_BUCKETS, PROXY_BUCKETS, Metrics
 from collector.settings import Settings
-from collector.store.counts import Count, Counts
+from collector.store.counts import Count, Counts, ProxyRoute, bucket
 from collector.store.datadir import DataDir
 
 
@@ -56,7 +58,6 @@ def test_counters_come_from_the_running_totals(tmp_path: Path) -> None:
     counts.flush()
     counts.close()
     metrics = Metrics(Settings(data_dir=tmp_path))
-    metrics.latency.observe(0.003)
 
     found = samples(metrics.render().decode())
 
@@ -64,5 +65,68 @@ def test_counters_come_from_the_running_totals(tmp_path: Path) -> None:
     assert [(s.labels, s.value) for s in rejected] == [({"reason": "invalid layers"}, 3.0)]
     requests = [s for s in found["collector_requests"] if s.name.endswith("_total")]
     assert [(s.labels, s.value) for s in requests] == [({"status": "200"}, 5.0)]
-    count = [s for s in found["collector_request_duration_seconds"] if s.name.endswith("_count")]
-    assert [s.value for s in count] == [1.0]
+
+
+def by_suffix(found: dict[str, list[Sample]], name: str, suffix: str) -> dict[str, float]:
+    """`name`'s samples ending in `suffix`, by their labels (as `k=v,...`)."""
+    return {
+        ",".join(f"{k}={v}" for k, v in sorted(s.labels.items())): s.value
+        for s in found[name]
+        if s.name == name + suffix
+    }
+
+
+def test_histograms_come_from_the_totals_of_every_process_with_cumulative_buckets(
+    tmp_path: Path,
+) -> None:
+    # Two server processes writing to one counts.db, as the writers in app.py and proxy.py do.
+    for durations, proxied in (
+        ((0.003, 0.003, 0.7), ((ProxyRoute.CONFIG, 0.02),)),
+        ((0.001, 9.0), ((ProxyRoute.CONFIG, 0.004), (ProxyRoute.DECIDE, 11.0))),
+    ):
+        counts = Counts.writer(DataDir(tmp_path))
+        for seconds in durations:
+            counts.add(Count.REQUEST_DURATION, (bucket(LATENCY_BUCKETS, seconds),))
+            counts.add(Count.REQUEST_DURATION_SUM, (), seconds)
+        for route, seconds in proxied:
+            counts.add(Count.PROXY_DURATION, (route, bucket(PROXY_BUCKETS, seconds)))
+            counts.add(Count.PROXY_DURATION_SUM, (route,), seconds)
+        counts.flush()
+        counts.close()
+
+    found = samples(Metrics(Settings(data_dir=tmp_path)).render().decode())
+
+    name = "collector_request_duration_seconds"
+    assert by_suffix(found, name, "_bucket") == {
+        "le=0.001": 1,
+        "le=0.0025": 1,
+        "le=0.005": 3,
+        "le=0.01": 3,
+        "le=0.025": 3,
+        "le=0.05": 3,
+        "le=0.1": 3,
+        "le=0.25": 3,
+        "le=0.5": 3,
+        "le=1.0": 4,
+        "le=2.5": 4,
+        "le=5.0": 4,
+        "le=+Inf": 5,
+    }
+    assert by_suffix(found, name, "_count") == {"": 5}
+    assert by_suffix(found, name, "_sum") == {"": pytest.approx(0.003 + 0.003 + 0.7 + 0.001 + 9)}
+    name = "collector_proxy_request_duration_seconds"
+    buckets = by_suffix(found, name, "_bucket")
+    assert len(buckets) == 2 * (len(PROXY_BUCKETS) + 1)  # the routes called, every bound
+    assert [buckets[f"le={le},route=config"] for le in ("0.005", "0.01", "0.025", "+Inf")] == [
+        1,
+        1,
+        2,
+        2,
+    ]
+    assert buckets["le=10.0,route=decide"] == 0
+    assert buckets["le=+Inf,route=decide"] == 1
+    assert by_suffix(found, name, "_count") == {"route=config": 2, "route=decide": 1}
+    assert by_suffix(found, name, "_sum") == {
+        "route=config": pytest.approx(0.024),
+        "route=decide": 11.0,
+    }
