@@ -60,7 +60,7 @@ from collector.ops.metrics import LATENCY_BUCKETS, Metrics
 from collector.server import limits, openapi
 from collector.server.auth import ADMIN_READ, ApiKey, KeyStore
 from collector.server.commit import Committer
-from collector.server.counting import EventCounter
+from collector.server.counting import Conversions, EventCounter
 from collector.server.ingest import Ingest, decode_body, require_json
 from collector.server.proxy import STALE_HEADER, Answer, Proxy, segment
 from collector.server.ratelimit import RateLimiter
@@ -361,7 +361,12 @@ def create_app(
             committer = Committer(link=writer)
         await committer.start()
         app.state.committer = committer
-        app.state.ingest = Ingest(committer, settings.max_events_per_request, EventCounter(counts))
+        app.state.ingest = Ingest(
+            committer,
+            settings.max_events_per_request,
+            EventCounter(counts),
+            Conversions(counts) if writer is None else None,  # workers: in the writer
+        )
         app.state.proxy = Proxy(settings, counts)
         # Before the first request is served, so that a server answering /healthz is
         # up to `collector status` at once (it said "server is down" for a second or two).

@@ -127,26 +127,34 @@ Note = tuple[Any, ...]
 
 
 def notes(events: Sequence[Event]) -> list[Note]:
-    """The notes of a request's decisions and track events, for `Conversions`."""
+    """The notes of a request's decisions and track events, for `Conversions`. Runs for
+    every event of every request: flat, and each decision noted once per request."""
     found: list[Note] = []
-    shared: dict[tuple[Labels, ...], tuple[Labels, ...]] = {}  # pickled once per request
+    noted: set[str] = set()
+    shared: dict[tuple[Labels, ...], tuple[Labels, ...]] = {}  # each pickled once
     for index, event in enumerate(events):
         if isinstance(event, Track):
-            fallback = tuple(
-                (str(item.get("policyId")), str(item.get("allocationName")))
-                for item in attribution(event)
-                if item.get("policyId") and item.get("allocationName")
-            )
+            fallback = () if event.attribution is msgspec.UNSET else _fallback(event)
             found.append(
                 ("t", index, event.projectId, event.env, event.event, event.decisionId, fallback)
             )
             continue
         decision_id = event.decisionId if isinstance(event, Exposure) else event.id
-        if decision_id:
+        if decision_id and decision_id not in noted:
             pairs = pairs_of(event.layers)
             if pairs:
+                noted.add(decision_id)
                 found.append(("d", index, decision_id, shared.setdefault(pairs, pairs)))
     return found
+
+
+def _fallback(track: Track) -> tuple[Labels, ...]:
+    """The (policy, allocation) pairs of the SDK's own `attribution` of `track`."""
+    return tuple(
+        (str(item.get("policyId")), str(item.get("allocationName")))
+        for item in attribution(track)
+        if item.get("policyId") and item.get("allocationName")
+    )
 
 
 def pairs_of(layers: list[LayerAssignment]) -> tuple[Labels, ...]:

@@ -139,8 +139,14 @@ class GroupWriter:
         self.counts.close()
 
     def flush_counts(self) -> None:
-        """Write the counts of the notes counted so far (in the thread that counts them)."""
-        self._after.submit(_logged, self.counts.flush)
+        """Write the counts of the notes counted so far (in the thread that counts them;
+        nothing to write, as for a server alone, which counts its own: no transaction)."""
+        self._after.submit(_logged, self._flush)
+
+    def _flush(self) -> None:
+        pending = self.counts.take()
+        if pending:
+            self.counts.write(pending)
 
     def commit(
         self, requests: list[list[EncodedEvent]], notes: Sequence[Sequence[Note]] = ()
