@@ -2,7 +2,10 @@
 
 `Backoff` gives the delay before the next attempt: a random time between 0 and
 `initial * 2**failures`, capped (full jitter, so many collectors recovering at once do not
-retry in step), and never shorter than what the upstream asked for with `Retry-After`.
+retry in step), and never shorter than what the upstream asked for with `Retry-After`, up
+to `max_s` (`retry_max_seconds`): an upstream asking for years (a `Retry-After` of
+999999999, or a date in 2300) would otherwise stop forwarding for that long; asking again
+at the cap costs one request.
 
 `Outage` keeps the forwarder from hammering a failing upstream: once a send fails, the
 upstream is in outage and only one request (the probe) is sent at a time; the others wait.
@@ -33,7 +36,7 @@ class Backoff:
         self.failures += 1
         delay = self._rng.uniform(0, ceiling)
         if retry_after is not None:
-            delay = max(delay, retry_after)
+            delay = max(delay, min(retry_after, self.max_s))
         return delay
 
     def reset(self) -> None:

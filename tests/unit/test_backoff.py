@@ -47,9 +47,16 @@ def test_the_same_seed_gives_the_same_delays() -> None:
 def test_retry_after_is_a_floor_never_shortened_by_the_jitter() -> None:
     backoff = Backoff(0.5, 4.0, random.Random(1))
 
-    assert backoff.next_delay(retry_after=10.0) == 10.0  # beyond anything the jitter gives
+    assert backoff.next_delay(retry_after=3.5) >= 3.5
     for _ in range(20):
         assert backoff.next_delay(retry_after=0.25) >= 0.25
+
+
+@pytest.mark.parametrize("asked", [10.0, 999_999_999.0, float("inf")])
+def test_retry_after_is_capped_at_the_longest_delay(asked: float) -> None:
+    backoff = Backoff(0.5, 4.0, random.Random(1))
+
+    assert backoff.next_delay(retry_after=asked) == 4.0  # not years: retry_max_seconds
 
 
 def test_reset_starts_again_from_the_initial_delay() -> None:
