@@ -434,7 +434,8 @@ def assert_one_batch_retried(upstream: RecordingUpstream, sent: list[dict[str, A
 def test_retry_after_in_seconds_or_as_a_date_is_honoured_and_the_batch_id_kept(
     server: Server, upstream: RecordingUpstream, start_forwarder: Callable[..., Forwarder]
 ) -> None:
-    forwarder = start_forwarder(server.data_dir, **to(upstream))
+    # Retry-After is honoured up to retry_max_seconds: here above what these cases ask.
+    forwarder = start_forwarder(server.data_dir, COLLECTOR_RETRY_MAX_SECONDS="5", **to(upstream))
     forwarder.wait_for_state("ok")
     for case, (status, retry_after) in enumerate([(503, "1"), (429, "1"), (503, "date")]):
         upstream.clear()
@@ -457,6 +458,24 @@ def test_retry_after_in_seconds_or_as_a_date_is_honoured_and_the_batch_id_kept(
             assert second_at >= not_before - 0.02, (first_at, not_before, second_at)
         else:  # not before a second (the backoff alone would retry within 0.05 s)
             assert second - first >= 0.95, (status, retry_after, second - first)
+
+
+@pytest.mark.parametrize("asked", ["999999999", "Fri, 01 Jan 2300 00:00:00 GMT"])
+def test_a_retry_after_of_years_is_asked_again_at_retry_max_seconds(
+    server: Server,
+    upstream: RecordingUpstream,
+    start_forwarder: Callable[..., Forwarder],
+    asked: str,
+) -> None:
+    forwarder = start_forwarder(server.data_dir, **to(upstream))  # retry_max_seconds 0.5
+    forwarder.wait_for_state("ok")
+    upstream.fail(503, retry_after=asked, times=1)
+    sent = numbered("years", 5)
+
+    post(server, sent)
+
+    upstream.wait_for_events(len(sent))  # within seconds, not years
+    assert_one_batch_retried(upstream, sent)
 
 
 def test_server_errors_and_timeouts_are_retried_with_the_same_batch_id(
