@@ -5,10 +5,12 @@
 batch id that stays the same across its retries, and turns the answer into what the
 forwarder must do next:
 
-    Delivered     2xx: the upstream holds the events; settle them
-    RetryLater    408, 429, 5xx, a redirect, any other unexpected answer, a timeout or a
-                  connection error: nothing is known to be stored; send again after a
-                  delay (honouring `Retry-After`)
+    Delivered     2xx with the events API's answer (a JSON object with `accepted`): the
+                  upstream holds the events; settle them
+    RetryLater    408, 429, 5xx, a redirect, a 2xx with any other body (a proxy's or a
+                  captive portal's HTML page: the API never saw the events), any other
+                  unexpected answer, a timeout or a connection error: nothing is known to
+                  be stored; send again after a delay (honouring `Retry-After`)
     Rejected      400, 413, 422: the upstream refuses something in the batch; split it to
                   find the offending events, which go to the dead-letter store
     KeyRejected   401, 403: the key is wrong for these events; stop and keep everything
@@ -16,6 +18,7 @@ forwarder must do next:
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from collector.errors import UpstreamFailed
@@ -26,6 +29,8 @@ BATCH_ID_HEADER = "X-Batch-Id"
 EVENTS_PATH = "/v1/events"
 # How much of an upstream's error body is kept as the reason of a dead letter.
 REASON_CHARS = 500
+# How much of a 2xx page that is not the API's answer is shown (enough to recognise it).
+PAGE_CHARS = 120
 
 
 @dataclass(frozen=True)
@@ -89,11 +94,27 @@ class EventsSink:
         return result_of(reply.status, reply.text, reply.headers.get("retry-after"))
 
 
+def is_events_answer(body: str) -> bool:
+    """Whether `body` is what the events API answers: a JSON object with a count in
+    `accepted`."""
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        return False
+    accepted = answer.get("accepted") if isinstance(answer, dict) else None
+    return isinstance(accepted, int) and not isinstance(accepted, bool)
+
+
 def result_of(status: int, body: str, retry_after_header: str | None) -> Result:
     """What an upstream answer to an events batch means for its events."""
     verdict = classify(status)
     if verdict is Verdict.ACCEPTED:
-        return Delivered(status)
+        if is_events_answer(body):
+            return Delivered(status)
+        return RetryLater(
+            f"HTTP {status} without the events API's answer (is upstream_url the API, not a "
+            f"proxy's or portal's page?): {body.strip()[:PAGE_CHARS]!r}"
+        )
     reason = f"HTTP {status}: {body.strip()[:REASON_CHARS]}"
     if verdict is Verdict.CONTENT_REFUSED:
         return Rejected(status, reason)

@@ -73,8 +73,15 @@ class RecordingUpstream(Upstream):
             with self._cond:
                 self._handling -= 1
 
-    def _record(self, path: str, headers: dict[str, str], events: list[Any], status: int) -> None:
-        super()._record(path, headers, events, status)
+    def _record(
+        self,
+        path: str,
+        headers: dict[str, str],
+        events: list[Any],
+        status: int,
+        page: bool = False,
+    ) -> None:
+        super()._record(path, headers, events, status, page)
         self.times.append(time.monotonic())
         self.wall_times.append(time.time())
 
@@ -476,6 +483,29 @@ def test_a_retry_after_of_years_is_asked_again_at_retry_max_seconds(
 
     upstream.wait_for_events(len(sent))  # within seconds, not years
     assert_one_batch_retried(upstream, sent)
+
+
+def test_a_2xx_html_page_is_no_delivery_the_batch_is_retried_and_the_state_says_why(
+    server: Server, upstream: RecordingUpstream, start_forwarder: Callable[..., Forwarder]
+) -> None:
+    """A proxy or captive portal answering 200 with its page never passed the events on:
+    they are sent again, and the state (so status) says what answered."""
+    page = b"<html><head><title>Sign in to Hotel Wi-Fi</title></head><body>...</body></html>"
+    upstream.answer_page(page, times=3)
+    forwarder = start_forwarder(server.data_dir, **to(upstream))
+    sent = numbered("portal", 5)
+
+    post(server, sent)
+
+    retrying = forwarder.wait_for_state("retrying")
+    assert "without the events API's answer" in retrying["message"]
+    assert "Sign in to Hotel Wi-Fi" in retrying["message"]
+    upstream.wait_for_events(len(sent))
+    forwarder.wait_for_state("ok", forwarded=len(sent))  # counted once, when truly delivered
+    pages = [r for r in upstream.requests if r.page]
+    assert len(pages) == 3
+    assert ids(upstream.accepted()[-1].events) == ids(sent)
+    assert {r.batch_id for r in upstream.requests} == {upstream.requests[0].batch_id}
 
 
 def test_server_errors_and_timeouts_are_retried_with_the_same_batch_id(

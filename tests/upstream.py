@@ -76,9 +76,11 @@ class Received:
     query: str = ""
     body: bytes = b""
 
+    page: bool = False  # answered with an HTML page: the API never saw the events
+
     @property
     def accepted(self) -> bool:
-        return 200 <= self.status < 300
+        return 200 <= self.status < 300 and not self.page
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,7 @@ class _Answer:
     status: int
     body: Json | None  # None: close the connection without answering
     headers: dict[str, str] = field(default_factory=dict)
+    page: bytes | None = None  # sent as text/html instead of `body` (a proxy's page)
 
 
 _DROP: Final = _Answer(DROPPED, None)
@@ -96,6 +99,7 @@ class _Failure:
     status: int
     retry_after: str | None
     remaining: int | None  # None: until changed
+    page: bytes | None = None
 
 
 @dataclass
@@ -232,6 +236,12 @@ class Upstream:
         header = None if retry_after is None else str(retry_after)
         with self._cond:
             self._settings.failure = _Failure(status, header, times)
+
+    def answer_page(self, page: bytes, status: int = 200, times: int | None = None) -> None:
+        """Answer the next `times` events requests (or all) with an HTML `page`, as a proxy
+        or captive portal would: the API never sees their events."""
+        with self._cond:
+            self._settings.failure = _Failure(status, None, times, page)
 
     def drop(self, times: int | None = None) -> None:
         """Read the next `times` requests (or all) and close the connection unanswered."""
@@ -381,7 +391,7 @@ class Upstream:
             self._in_flight -= 1
             answer = _DROP if interrupted else self._decide(path, headers, parsed)
             self._extra = {"body": parsed.body}
-            self._record(path, headers, parsed.events, answer.status)
+            self._record(path, headers, parsed.events, answer.status, page=answer.page is not None)
             return answer
 
     def _decide(self, path: str, headers: Mapping[str, str], parsed: _Parsed) -> _Answer:
@@ -465,13 +475,29 @@ class Upstream:
                 return None
         if failure.status == DROPPED:
             return _DROP
+        if failure.page is not None:
+            return _Answer(failure.status, {}, page=failure.page)
         extra = {} if failure.retry_after is None else {"Retry-After": failure.retry_after}
         return _error(failure.status, "failure injected by the test upstream", extra)
 
-    def _record(self, path: str, headers: dict[str, str], events: list[Json], status: int) -> None:
+    def _record(
+        self,
+        path: str,
+        headers: dict[str, str],
+        events: list[Json],
+        status: int,
+        page: bool = False,
+    ) -> None:
         extra, self._extra = self._extra, {}
         received = Received(
-            headers.get("x-batch-id"), _bearer(headers), events, status, headers, path, **extra
+            headers.get("x-batch-id"),
+            _bearer(headers),
+            events,
+            status,
+            headers,
+            path,
+            page=page,
+            **extra,
         )
         self._requests.append(received)
         if received.accepted:
@@ -714,6 +740,13 @@ class _Handler(BaseHTTPRequestHandler):
     def _send(self, answer: _Answer) -> None:
         if answer.body is None:
             self.close_connection = True
+            return
+        if answer.page is not None:
+            self.send_response(answer.status)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(answer.page)))
+            self.end_headers()
+            self.wfile.write(answer.page)
             return
         if answer.status in (204, 304):  # no body, by definition
             self.send_response(answer.status)

@@ -25,9 +25,29 @@ from forwarder.sink import (
 )
 
 
-@pytest.mark.parametrize("status", [200, 201, 202, 204])
-def test_a_2xx_means_delivered(status: int) -> None:
-    assert result_of(status, "ignored", "30") == Delivered(status)
+@pytest.mark.parametrize("status", [200, 201, 202])
+def test_a_2xx_with_the_events_apis_answer_means_delivered(status: int) -> None:
+    assert result_of(status, '{"accepted": 3, "written": 3}', "30") == Delivered(status)
+    assert result_of(status, '{"accepted": 0, "validationErrors": []}', None) == Delivered(status)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "<html><body>Please log in to the Wi-Fi</body></html>",
+        "",
+        '{"ok": true}',
+        '{"accepted": "3"}',
+        '{"accepted": true}',
+        "[1, 2]",
+    ],
+)
+def test_a_2xx_without_the_events_apis_answer_is_retried(body: str) -> None:
+    result = result_of(200, body, None)
+
+    assert isinstance(result, RetryLater)
+    assert result.reason.startswith("HTTP 200 without the events API's answer")
+    assert len(result.reason) < 300  # a page is shown in part, never whole
 
 
 @pytest.mark.parametrize("status", [400, 413, 422])
@@ -76,8 +96,9 @@ def test_each_result_is_counted_as_its_own_outcome() -> None:
 # --- send, against a real server -----------------------------------------------------------
 
 
-def sent_to(reply_head: bytes) -> tuple[Result, dict[str, str], bytes]:
-    """(what `send` made of `reply_head` + an empty body, the request's headers, its body)."""
+def sent_to(reply_head: bytes, reply: bytes = b"") -> tuple[Result, dict[str, str], bytes]:
+    """(what `send` made of `reply_head` + `reply` as the body, the request's headers, its
+    body)."""
     seen: dict[str, str] = {}
     bodies: list[bytes] = []
 
@@ -89,7 +110,8 @@ def sent_to(reply_head: bytes) -> tuple[Result, dict[str, str], bytes]:
             name, _, value = field.partition(":")
             seen[name.strip().lower()] = value.strip()
         bodies.append(await reader.readexactly(int(seen["content-length"])))
-        writer.write(reply_head + b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+        length = b"Content-Length: %d\r\n" % len(reply)
+        writer.write(reply_head + length + b"Connection: close\r\n\r\n" + reply)
         await writer.drain()
         writer.close()
 
@@ -109,7 +131,7 @@ def sent_to(reply_head: bytes) -> tuple[Result, dict[str, str], bytes]:
 
 
 def test_send_posts_the_gzipped_batch_with_its_key_and_batch_id() -> None:
-    result, headers, body = sent_to(b"HTTP/1.1 202 Accepted\r\n")
+    result, headers, body = sent_to(b"HTTP/1.1 202 Accepted\r\n", b'{"accepted": 1}')
 
     assert result == Delivered(202)
     assert headers["request-line"] == "POST /v1/events HTTP/1.1"
