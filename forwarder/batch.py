@@ -6,6 +6,7 @@ Its body is the events' stored bytes joined into `{"events":[...]}`, never re-en
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -26,13 +27,16 @@ class Batch:
     rows: list[int] = field(default_factory=list)
     size: int = BODY_OVERHEAD  # the body's length in bytes, once it holds an event
     started: float = field(default_factory=time.monotonic)
+    # When the oldest of its rows was queued (Unix time), for the maximum event age.
+    oldest: float = math.inf
     # The same across the batch's retries, so the upstream can tell a resend.
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
-    def add(self, raw: bytes, row_id: int) -> None:
+    def add(self, raw: bytes, row_id: int, queued_at: float = math.inf) -> None:
         self.events.append(raw)
         self.rows.append(row_id)
         self.size += len(raw) + 1
+        self.oldest = min(self.oldest, queued_at)
 
     def body(self) -> bytes:
         return b'{"events":[' + b",".join(self.events) + b"]}"
@@ -42,7 +46,7 @@ class Batch:
         return self._part(0, middle), self._part(middle, len(self.events))
 
     def _part(self, start: int, end: int) -> Batch:
-        part = Batch(self.target)
+        part = Batch(self.target, oldest=self.oldest)
         for raw, row in zip(self.events[start:end], self.rows[start:end], strict=True):
             part.add(raw, row)
         return part

@@ -22,6 +22,12 @@ forwarder killed mid-send sends the unsettled rows again on restart (persist-que
 On stop: no new rows are taken, in-flight requests get `stop_timeout_seconds` to finish,
 and rows not fully settled are made ready again.
 
+A batch retried until its oldest event is past `max_event_age_seconds` goes to the
+dead-letter store, as a row found that old does. An unexpected exception while sending is
+a retry, logged with its traceback and shown in the state; one anywhere else in a sender
+stops the forwarder with exit status 1 (logged as critical), so that systemd or `collector
+run` start it again and its rows are resent: a sender never dies quietly.
+
 A queue or dead-letter write that fails (the disk full, the file locked) never ends the
 forwarder: it is tried again, at growing intervals, until it succeeds or the forwarder
 stops (`_queue_op`). On a full disk its acks are what free space, so giving up on them
@@ -144,6 +150,11 @@ class Forwarder:
         self._blocked: set[Target] = set()  # targets whose key the upstream refused
         self._sink: EventsSink | None = None
         self.overran = False  # requests were still in flight at stop_timeout_seconds
+        self.failed = False  # a sender failed unexpectedly (`_fail`): exit 1, be restarted
+
+    @property
+    def _too_old(self) -> str:
+        return f"older than the maximum age ({self.settings.max_event_age_seconds:g} s)"
 
     # --- life cycle -----------------------------------------------------------------
 
@@ -252,7 +263,7 @@ class Forwarder:
         if time.time() - row.queued_at > self.settings.max_event_age_seconds:
             await self._dead_letter(
                 [raw for _, events in groups for raw in events],
-                f"older than the maximum age ({self.settings.max_event_age_seconds:g} s)",
+                self._too_old,
                 DeadLetterReason.MAX_AGE,
             )
             await self._queue_op("ack a row", lambda: self.spool.ack([row.id]))
@@ -269,7 +280,7 @@ class Forwarder:
                     batch = None
                 if batch is None:
                     batch = building[target] = Batch(target)
-                batch.add(raw, row.id)
+                batch.add(raw, row.id, row.queued_at)
                 if len(batch.events) >= MAX_BATCH_EVENTS:
                     full.append(building.pop(target))
                     batch = None
@@ -301,6 +312,25 @@ class Forwarder:
                 await self._deliver(getting.result())
             except _Stopping:
                 return
+            except Exception as exc:
+                self._fail(exc)
+                return
+
+    def _fail(self, exc: Exception) -> None:
+        """A sender met what it cannot handle: say so everywhere and stop, so that the
+        process is started again (systemd, `collector run`) and its rows resent, rather
+        than go on with one sender fewer and a state that reads fine."""
+        log.critical(
+            "a sender failed: %s: %s; the forwarder stops, to be started again (its rows stay "
+            "queued)",
+            type(exc).__name__,
+            exc,
+            exc_info=exc,
+        )
+        self.stats.set(UpstreamState.RETRYING, f"internal error: {type(exc).__name__}: {exc}")
+        self._write_state()
+        self.failed = True
+        self.stop()
 
     async def _deliver(self, batch: Batch) -> None:
         """Send `batch` until each of its events is delivered or dead-lettered."""
@@ -316,6 +346,8 @@ class Forwarder:
                 await self._dead_letter(
                     part.events, f"rejected by upstream: {result.reason}", DeadLetterReason.REJECTED
                 )
+            elif isinstance(result, TooOld):
+                await self._dead_letter(part.events, self._too_old, DeadLetterReason.MAX_AGE)
             else:
                 if self.stats.last_success is None:
                     log.info("upstream ok: the first batch was delivered")
@@ -324,8 +356,9 @@ class Forwarder:
                 self.counts.add(Count.FORWARDED, part.target, len(part.events))
             await self._settle(part)
 
-    async def _send(self, batch: Batch) -> Delivered | Rejected:
-        """Post `batch` until the upstream gives an answer about its events."""
+    async def _send(self, batch: Batch) -> Delivered | Rejected | TooOld:
+        """Post `batch` until the upstream gives an answer about its events, or until its
+        oldest event is past the maximum age (it was taken in time, then retried for long)."""
         assert self._sink is not None
         body = await asyncio.to_thread(zlib.compress, batch.body(), GZIP_LEVEL, 31)
         backoff = Backoff(self.settings.retry_initial_seconds, self.settings.retry_max_seconds)
@@ -337,12 +370,19 @@ class Forwarder:
                 holds_probe = await self._outage.acquire()
                 try:
                     result = await self._sink.send(body, key, batch.id)
+                except Exception as exc:
+                    # Ours or a library's bug on some answer: a retry, said loudly, never a
+                    # sender that dies with its batch.
+                    log.exception("sending a batch failed unexpectedly; it is tried again")
+                    result = RetryLater(f"internal error: {type(exc).__name__}: {exc}")
                 finally:
                     self._outage.release(holds_probe)
                 self.counts.add(Count.UPSTREAM_REQUESTS, (OUTCOME[type(result)],))
             if isinstance(result, RetryLater):
                 self._outage.failed()
                 self.stats.retried += 1
+                if time.time() - batch.oldest > self.settings.max_event_age_seconds:
+                    return TooOld()
                 delay = backoff.next_delay(result.retry_after)
                 if not self._blocked:
                     self._say(UpstreamState.RETRYING, f"{result.reason}; next try in {delay:.1f} s")
@@ -455,6 +495,11 @@ class Forwarder:
         stopping = asyncio.ensure_future(self._stopping.wait())
         await asyncio.wait({task, stopping}, timeout=timeout, return_when="FIRST_COMPLETED")
         stopping.cancel()
+
+
+@dataclass(frozen=True)
+class TooOld:
+    """A batch whose oldest event passed `max_event_age_seconds` while it was retried."""
 
 
 def _key_problem(target: Target, result: KeyRejected) -> str:

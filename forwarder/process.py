@@ -75,7 +75,8 @@ async def run(
     settings: Settings, load_settings: Callable[[], Settings], parent_pid: int | None = None
 ) -> bool:
     """Run the forwarder until SIGTERM or SIGINT (or `parent_pid` is gone); SIGHUP reloads
-    the upstream keys. True when it stopped with no upstream request cut short."""
+    the upstream keys. True when it stopped with no upstream request cut short (False too
+    when a sender failed: the exit status 1 has it started again)."""
     with exclusive(DataDir(settings.data_dir)):
         forwarder = Forwarder(settings, key_chooser(load_settings))
         loop = asyncio.get_running_loop()
@@ -89,7 +90,7 @@ async def run(
         await forwarder.run()
         for task in helpers:
             task.cancel()
-        return not forwarder.overran
+        return not (forwarder.overran or forwarder.failed)
 
 
 async def _stop_without(parent_pid: int, forwarder: Forwarder) -> None:

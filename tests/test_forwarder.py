@@ -827,6 +827,28 @@ def test_events_older_than_the_maximum_age_are_dead_lettered_not_sent(
     assert {letter["reason"] for letter in letters} == {"older than the maximum age (1 s)"}
 
 
+def test_events_that_pass_the_maximum_age_while_retried_are_dead_lettered_too(
+    server: Server, upstream: RecordingUpstream, start_forwarder: Callable[..., Forwarder]
+) -> None:
+    """Taken in time, then refused for longer than the maximum age: the batch a sender
+    holds is dead-lettered like a row found too old, not retried for ever."""
+    upstream.fail(503)
+    forwarder = start_forwarder(
+        server.data_dir, **to(upstream), COLLECTOR_MAX_EVENT_AGE_SECONDS="2"
+    )
+    held = numbered("held", 10)
+    post(server, held)
+    upstream.wait_until(lambda up: len(up.requests) >= 1, WAIT_S, "a first attempt")
+
+    wait_until_drained(server, forwarder)  # within seconds of the 2 s, with retries refused
+
+    letters = dead_letters(server.data_dir)
+    assert sorted(letter["event_id"] for letter in letters) == ids(held)
+    assert {letter["reason"] for letter in letters} == {"older than the maximum age (2 s)"}
+    assert upstream.event_ids() == []  # never delivered
+    assert len(upstream.requests) >= 2  # retried while young enough
+
+
 # --- the dead-letter commands -----------------------------------------------------------
 
 
