@@ -135,7 +135,9 @@ class Settings(BaseSettings):
     )
     retry_max_seconds: float = Field(60.0, gt=0, description="Longest delay between retries.")
     max_event_age_seconds: float = Field(
-        7 * 24 * 3600, gt=0, description="Events queued longer than this are dead-lettered."
+        7 * 24 * 3600,
+        gt=0,
+        description="Events queued longer than this whose delivery fails are dead-lettered.",
     )
     stop_timeout_seconds: float = Field(
         10.0,

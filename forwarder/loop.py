@@ -1,8 +1,8 @@
 """The forwarder: take rows from the queue, batch their events, send, then ack or dead-letter.
 
     feed     take rows (non-blocking gets at a short interval: a blocking get does not see
-             another process's put for up to 10 s), drop those past the maximum age into
-             the dead-letter store, and sort events into batches per target (project, env:
+             another process's put for up to 10 s), and sort events into batches per
+             target (project, env:
              `batch.py`), since upstream keys are scoped to one; a row names each event's
              target and length (`collector.store.rows`), so its bytes are sliced out,
              never parsed
@@ -22,11 +22,15 @@ forwarder killed mid-send sends the unsettled rows again on restart (persist-que
 On stop: no new rows are taken, in-flight requests get `stop_timeout_seconds` to finish,
 and rows not fully settled are made ready again.
 
-A batch retried until its oldest event is past `max_event_age_seconds` goes to the
-dead-letter store, as a row found that old does. An unexpected exception while sending is
-a retry, logged with its traceback and shown in the state; one anywhere else in a sender
-stops the forwarder with exit status 1 (logged as critical), so that systemd or `collector
-run` start it again and its rows are resent: a sender never dies quietly.
+An event goes to the dead-letter store for its age only once delivery was tried and
+failed: a batch whose oldest event is past `max_event_age_seconds` when an attempt fails.
+A row found that old is still sent first, so a clock stepped forward (which makes every
+row look old) expires nothing while the upstream takes the events.
+
+An unexpected exception while sending is a retry, logged with its traceback and shown in
+the state; one anywhere else in a sender stops the forwarder with exit status 1 (logged as
+critical), so that systemd or `collector run` start it again and its rows are resent: a
+sender never dies quietly.
 
 A queue or dead-letter write that fails (the disk full, the file locked) never ends the
 forwarder: it is tried again, at growing intervals, until it succeeds or the forwarder
@@ -260,14 +264,6 @@ class Forwarder:
         """Put a row's events into batches; returns the batches it filled."""
         groups = row.groups()
         count = sum(len(events) for _, events in groups)
-        if time.time() - row.queued_at > self.settings.max_event_age_seconds:
-            await self._dead_letter(
-                [raw for _, events in groups for raw in events],
-                self._too_old,
-                DeadLetterReason.MAX_AGE,
-            )
-            await self._queue_op("ack a row", lambda: self.spool.ack([row.id]))
-            return []
         self._pending[row.id] = count
         self._buffered += count
         full = []
