@@ -107,22 +107,24 @@ def test_an_id_repeated_within_one_request_is_stored_once(server: Server) -> Non
     assert sorted(ids(server.stored())) == ["dup", "other"]
 
 
-def test_an_id_is_one_events_only_within_its_project_and_env(server: Server) -> None:
-    """Another project's (or env's) events that reuse ids already stored are stored too:
-    the same id there is another event. Retries in each are still dropped."""
+def test_an_id_is_one_events_only_within_its_org_project_and_env(server: Server) -> None:
+    """Another org's, project's or env's events that reuse ids already stored are stored
+    too: the same id there is another event. Retries in each are still dropped."""
     ids_ = [f"shared_{n}" for n in range(50)]
-    for project, env in (("proj_a", "production"), ("proj_b", "production"), ("proj_a", "dev")):
-        body = {"events": [event(id=i, projectId=project, env=env) for i in ids_]}
+    owners = [
+        ("org_test", "proj_a", "production"),
+        ("org_test", "proj_b", "production"),
+        ("org_test", "proj_a", "dev"),
+        ("org_other", "proj_a", "production"),
+    ]
+    for org, project, env in owners:
+        body = {"events": [event(id=i, orgId=org, projectId=project, env=env) for i in ids_]}
         assert server.post(body).json() == {"accepted": 50, "written": 50, "pipelineWritten": 50}
         assert server.post(body).json() == {"accepted": 50, "written": 0, "pipelineWritten": 0}
 
     stored = server.stored()
-    assert len(stored) == 150
-    assert {(e["projectId"], e["env"]) for e in stored} == {
-        ("proj_a", "production"),
-        ("proj_b", "production"),
-        ("proj_a", "dev"),
-    }
+    assert len(stored) == 200
+    assert {(e["orgId"], e["projectId"], e["env"]) for e in stored} == set(owners)
 
 
 def test_events_without_an_id_are_never_deduplicated(server: Server) -> None:

@@ -274,25 +274,27 @@ class Ingest:
             self._counter.rejected(_reason(error))
         valid: list[Event] = []
         encoded: list[EncodedEvent] = []
-        targets: dict[tuple[str, str], tuple[Target, str]] = {}
+        targets: dict[tuple[str, str], Target] = {}
+        scopes: dict[tuple[str, str, str], str] = {}
         for raw, event in zip(stored, decoded, strict=True):
             if event is None:
                 continue
             where = (event.projectId, event.env)
-            known = targets.get(where)
-            if known is None:
-                known = targets[where] = (Target(*where), id_scope(*where))
-            target, scope = known
+            target = targets.get(where) or targets.setdefault(where, Target(*where))
             valid.append(event)
-            # An empty id is no id; an id is one event's only within its project and env.
-            encoded.append((scope + event.id if event.id else None, target, raw))
+            if not event.id:  # an empty id is no id
+                encoded.append((None, target, raw))
+                continue
+            owner = (event.orgId, *where)
+            scope = scopes.get(owner) or scopes.setdefault(owner, id_scope(*owner))
+            encoded.append((scope + event.id, target, raw))
         if not valid:
             raise BadRequest(
                 "no event in the request is valid", validationErrors=_error_list(errors)
             )
         try:
             if key.restricted:
-                for target, _ in targets.values():
+                for target in targets.values():
                     key.require_target(target)
             found = notes(valid)
             skipped = await self._committer.write(encoded, [] if self._conversions else found)
@@ -305,12 +307,12 @@ class Ingest:
         return Outcome(accepted=len(valid), written=len(valid) - len(skipped), errors=errors)
 
 
-def id_scope(project: str, env: str) -> str:
+def id_scope(org: str, project: str, env: str) -> str:
     """What an event id is prefixed with for de-duplication: ids are the client's, so the
-    same id in another project or env is another event (without the scope, any key could
-    make another project's events "already stored"). \x1f (unit separator) cannot be
-    confused with the text of a project or env that would contain it: JSON escapes it."""
-    return f"{project}\x1f{env}\x1f"
+    same id in another org, project or env is another event (without the scope, any key
+    could make another project's events "already stored"). Each part is prefixed with its
+    length, so no names can pass for others."""
+    return f"{len(org)}:{org}{len(project)}:{project}{len(env)}:{env}:"
 
 
 def _reason(error: str) -> str:
