@@ -245,6 +245,37 @@ def test_a_corrupt_key_store_is_one_line_not_a_traceback(tmp_path: Path) -> None
         assert str(data_dir / "keys.json") in done.stderr
 
 
+@pytest.mark.parametrize("broken", ["{not json", ""])
+def test_a_server_started_on_a_corrupt_key_store_answers_503_until_it_is_fixed(
+    tmp_path: Path, broken: str
+) -> None:
+    """One log line, not a traceback and a server down: events get 503 with Retry-After
+    (the SDKs keep them and retry), and are taken again once the file is fixed, without a
+    restart."""
+    data_dir = tmp_path / "data"
+    key = create_key(data_dir, "--scope", "sdk:write", "--name", "app")
+    keys = data_dir / "keys.json"
+    good = keys.read_bytes()
+    keys.write_text(broken)
+    server = Server(data_dir, free_port(), {})
+    server.key = key
+    server.start()
+    try:
+        refused = server.post({"events": [event(id="kept")]})
+        assert refused.status_code == 503, refused.text
+        assert refused.headers["Retry-After"]
+        assert "key store is corrupt" in refused.json()["message"]
+        assert "Traceback" not in server.log()
+        assert f"{keys}: key store is corrupt" in server.log()
+
+        keys.write_bytes(good)  # restored from a backup
+
+        assert server.post({"events": [event(id="kept")]}).status_code == 200
+        assert [e["id"] for e in server.stored()] == ["kept"]
+    finally:
+        server.stop()
+
+
 def test_a_second_run_or_forward_on_a_data_directory_exits_at_once_naming_the_forwarder(
     tmp_path: Path,
 ) -> None:

@@ -4,7 +4,8 @@ server process or `workers` of them.
 `serve(settings)` is what `collector serve` and `collector run` call. It makes the data
 directory, binds the ports (so that a port in use fails here, at once), makes a first API
 key when there is none (printed once; under systemd, whose journal keeps stdout, written
-to `first-api-key`, mode 0600, instead), then serves: in this process (`serving.py`), or,
+to `first-api-key`, mode 0600, instead; a key store that cannot be read is one log line,
+and 503 for events until it is fixed), then serves: in this process (`serving.py`), or,
 with `workers` above 1, in that many processes under a supervisor (`workers.py`).
 """
 
@@ -15,6 +16,7 @@ import os
 import socket
 from collections.abc import Callable
 
+from collector.errors import KeyStoreUnavailable
 from collector.server import serving, workers
 from collector.server.app import create_app
 from collector.server.auth import KeyStore, ensure_first_key
@@ -36,7 +38,17 @@ def serve(settings: Settings, on_stop: Callable[[], None] = lambda: None) -> boo
     data_dir = DataDir(settings.data_dir)
     data_dir.create()
     sockets = listen(settings)
-    first = ensure_first_key(KeyStore(data_dir))
+    try:
+        first = ensure_first_key(KeyStore(data_dir))
+    except KeyStoreUnavailable as exc:
+        # Serve anyway: events are answered 503 (SDKs keep them and retry), and taken again
+        # as soon as the file is fixed, without a restart.
+        log.error(
+            "%s: %s; events are answered 503 until it is fixed (restore it from a backup)",
+            data_dir.keys,
+            exc.message,
+        )
+        first = None
     if first is not None:
         show_first_key(first, data_dir)
     line = serving_line(settings)
