@@ -184,6 +184,13 @@ class Settings(BaseSettings):
         description="Client connections open at once, per server process (see workers); "
         "more are closed on arrival.",
     )
+    commit_timeout_seconds: float = Field(
+        8.0,
+        gt=0,
+        description="How long an events request waits for its commit (a stalled disk) "
+        "before it is answered 503 with Retry-After; below the SDKs' 10 s timeout, so they "
+        "retry instead of giving up. A commit that finishes later stands.",
+    )
     workers: int = Field(
         1,
         ge=1,

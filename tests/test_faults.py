@@ -46,7 +46,7 @@ from collector.store.datadir import DataDir
 from collector.store.deadletters import DeadLetters
 from collector.store.spool import Spool, free_bytes
 
-from conftest import ROOT, Server, run_cli, stored_events
+from conftest import ROOT, Server, event, run_cli, stored_events
 from test_durability import assert_unavailable, batch, ids, post_until_the_server_dies
 from test_forward_faults import (  # noqa: F401  (the fixtures are used as arguments)
     Forwarder,
@@ -429,6 +429,97 @@ def test_sqlite_running_out_of_disk_mid_commit_is_a_clean_refusal(small_disk: Pa
         assert [e["id"] for e in stored_events(small_disk)] == ["before", "after"]
     finally:
         spool.close()
+
+
+# --- a sick disk: read-only, frozen ---------------------------------------------------------
+
+
+@pytest.fixture
+def ext4_disk(tmp_path: Path) -> Iterator[Path]:
+    """A directory on its own ext4 image, mounted with errors=remount-ro (root, as CI)."""
+    where = tmp_path / "ext4"
+    where.mkdir()
+    image = tmp_path / "ext4.img"
+    with open(image, "wb") as out:
+        out.truncate(SMALL_FS_BYTES * 2)
+    for step in (
+        ["mkfs.ext4", "-q", "-F", "-m", "0", str(image)],
+        ["mount", "-o", "loop,errors=remount-ro", str(image), str(where)],
+    ):
+        try:
+            done = subprocess.run(step, capture_output=True, text=True)
+        except FileNotFoundError as exc:
+            pytest.skip(f"cannot make an ext4 filesystem here: {exc}")
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount an ext4 image here: {done.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["fsfreeze", "-u", str(where)], capture_output=True)
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def wait_for_status(url: str, status: int, within_s: float) -> float:
+    """Seconds until GET `url` answers `status` (each try bounded), or fail."""
+    started = time.monotonic()
+    while time.monotonic() - started < within_s:
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(url, timeout=within_s).status_code == status:
+                return time.monotonic() - started
+        time.sleep(0.1)
+    raise AssertionError(f"{url} did not answer {status} within {within_s} s")
+
+
+def test_a_filesystem_gone_read_only_is_not_ready_and_refuses_with_503(
+    start_server: Callable[..., Server], ext4_disk: Path
+) -> None:
+    server = start_server(data_dir=ext4_disk)  # its log beside the mount, not on it
+    assert server.post({"events": [event(id="before")]}).status_code == 200
+    assert httpx.get(f"{server.url}/readyz", timeout=5).status_code == 200
+    device = subprocess.run(
+        ["findmnt", "-n", "-o", "SOURCE", str(ext4_disk)], capture_output=True, text=True
+    ).stdout.strip()
+    trigger = Path("/sys/fs/ext4") / Path(device).name / "trigger_fs_error"
+    if not trigger.exists():
+        pytest.skip(f"no {trigger} to make ext4 go read-only")
+
+    trigger.write_text("test: the disk went bad")  # errors=remount-ro: read-only from now
+
+    wait_for_status(f"{server.url}/readyz", 503, within_s=10)
+    refused = server.post({"events": [event(id="after")]})
+    assert refused.status_code == 503, refused.text
+    assert refused.headers["Retry-After"]
+    assert httpx.get(f"{server.url}/healthz", timeout=5).status_code == 200  # alive, not ready
+
+
+def test_a_frozen_filesystem_answers_503_before_the_sdks_give_up_and_recovers(
+    start_server: Callable[..., Server], ext4_disk: Path
+) -> None:
+    """fsfreeze: every write waits. Requests get 503 with Retry-After within
+    commit_timeout_seconds, /readyz says not ready within a second, and once the disk
+    thaws the retried event is taken, stored once."""
+    server = start_server(data_dir=ext4_disk, COLLECTOR_COMMIT_TIMEOUT_SECONDS="2")
+    assert server.post({"events": [event(id="before")]}).status_code == 200
+    subprocess.run(["fsfreeze", "-f", str(ext4_disk)], check=True)
+    try:
+        started = time.monotonic()
+        refused = server.post({"events": [event(id="frozen")]})
+        took = time.monotonic() - started
+
+        assert refused.status_code == 503, refused.text
+        assert refused.headers["Retry-After"]
+        assert took < 5, took  # 2 s and the answer: never the SDKs' 10 s
+        ready = httpx.get(f"{server.url}/readyz", timeout=5)
+        assert ready.status_code == 503, ready.text
+    finally:
+        subprocess.run(["fsfreeze", "-u", str(ext4_disk)], check=True)
+
+    deadline = time.monotonic() + 30
+    while server.post({"events": [event(id="frozen")]}).status_code != 200:  # the SDK retries
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.2)
+    wait_for_status(f"{server.url}/readyz", 200, within_s=10)
+    assert sorted(e["id"] for e in stored_events(server.data_dir)) == ["before", "frozen"]
 
 
 # --- corrupt or unreadable files at start -------------------------------------------------

@@ -355,10 +355,11 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        timeout = settings.commit_timeout_seconds
         if writer is None:  # alone: this server runs its own writer
-            committer = Committer(owned=writer_config(settings))
+            committer = Committer(owned=writer_config(settings), commit_timeout_s=timeout)
         else:
-            committer = Committer(link=writer)
+            committer = Committer(link=writer, commit_timeout_s=timeout)
         await committer.start()
         app.state.committer = committer
         app.state.ingest = Ingest(

@@ -35,6 +35,10 @@ from collector.server.writer import (
 log = logging.getLogger("collector.commit")
 
 WRITER_GONE = "queue writer restarted; retry later"
+# How long /readyz waits for the writer to say the queue can take a write: probes time out
+# after a second or more (Kubernetes: 1 s by default), and a stalled disk must read "not
+# ready" rather than hang the probe.
+READY_WAIT_S = 1.0
 
 
 @dataclass
@@ -52,12 +56,19 @@ class Committer:
     `owned`: a writer this server starts and stops itself (it runs alone); else `link`
     names the writer a supervisor runs."""
 
-    def __init__(self, *, owned: WriterConfig | None = None, link: WriterLink | None = None):
+    def __init__(
+        self,
+        *,
+        owned: WriterConfig | None = None,
+        link: WriterLink | None = None,
+        commit_timeout_s: float = 8.0,
+    ):
         self._process = WriterProcess(owned) if owned is not None else None
         found = self._process.link if self._process is not None else link
         if found is None:
             raise ValueError("a Committer needs a writer: its own or a link")
         self._link = found
+        self._commit_timeout_s = commit_timeout_s
         self._conn: Connection | None = None
         # One thread talks to the writer: one message and its answer at a time, in order.
         self._calls = ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit")
@@ -80,7 +91,7 @@ class Committer:
         except (OSError, EOFError, AuthenticationError) as exc:
             raise QueueBusy(f"cannot reach the queue writer: {exc}") from exc
         try:
-            await self.check_writable()
+            await self.check_writable(wait_s=None)  # a writer starting takes its time
         except QueueFull as exc:
             log.warning("starting with the queue full: %s; answering 503 until space returns", exc)
         self._task = asyncio.create_task(self._run(), name="group-commit")
@@ -110,7 +121,15 @@ class Committer:
         done = pending.done
         del pending
         try:
-            return await done
+            # shield: a commit that outlasts the wait still stands (and its answer is then
+            # dropped: the client's retry of those events is de-duplicated).
+            return await asyncio.wait_for(asyncio.shield(done), self._commit_timeout_s)
+        except TimeoutError:
+            done.add_done_callback(_retrieve)  # its outcome comes later, to nobody
+            raise QueueBusy(
+                f"the queue did not commit within {self._commit_timeout_s:g} s (a stalled "
+                "disk?); retry later"
+            ) from None
         finally:
             # A refusal's traceback holds this frame, and the future holds the refusal: with
             # `done` (or `pending`) left here they form a cycle that keeps the request's
@@ -118,10 +137,18 @@ class Committer:
             # rare. Measured without this: 1.2 GB of such garbage after a minute of 503s.
             del done
 
-    async def check_writable(self) -> None:
-        """Raise QueueFull/QueueBusy unless the queue could take a write now."""
+    async def check_writable(self, wait_s: float | None = READY_WAIT_S) -> None:
+        """Raise QueueFull/QueueBusy unless the queue could take a write now; QueueBusy
+        too when the check takes over `wait_s` (a stalled disk: a probe never hangs)."""
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._calls, self._call, ("check",))
+        checking = loop.run_in_executor(self._calls, self._call, ("check",))
+        checking.add_done_callback(_retrieve)  # an answer after the wait is dropped
+        try:
+            await asyncio.wait_for(asyncio.shield(checking), wait_s)
+        except TimeoutError:
+            raise QueueBusy(
+                f"the queue did not answer within {READY_WAIT_S:g} s (a stalled disk?)"
+            ) from None
 
     def _call(self, message: tuple[Any, ...]) -> Any:
         """Send `message` to the writer and return its answer (in the calls thread). A
@@ -183,3 +210,9 @@ class Committer:
             count += 1
         group, self._pending = self._pending[:count], self._pending[count:]
         return group
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Take a late outcome nobody waits for any more, so asyncio does not report it."""
+    if not future.cancelled():
+        future.exception()

@@ -34,6 +34,7 @@ SERVER_STATE = "server.json"
 FORWARDER_STATE = "forwarder.json"
 FORWARDER_LOCK = "forwarder.lock"
 FIRST_KEY = "first-api-key"
+WRITE_PROBE = "write-probe"
 
 # The SQLite databases, in the order a person would look at them.
 DATABASES = (QUEUE, SEEN_IDS, COUNTS, DEAD_LETTERS, CONFIG_CACHE)
@@ -105,6 +106,17 @@ class DataDir:
     @property
     def first_key(self) -> Path:
         return self.path / FIRST_KEY
+
+    def probe_write(self) -> None:
+        """Write and fsync a byte in the directory: raises OSError when the filesystem
+        cannot take a write now (read-only, say), and blocks while it is frozen. SQLite's
+        own checks cannot tell: taking its write lock writes nothing."""
+        fd = os.open(self.path / WRITE_PROBE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, b"1")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def databases(self) -> list[Path]:
         return [self.path / name for name in DATABASES]

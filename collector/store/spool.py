@@ -26,6 +26,7 @@ failed from then on.
 
 from __future__ import annotations
 
+import errno
 import heapq
 import os
 import sqlite3
@@ -37,7 +38,7 @@ from typing import Any, Literal, cast
 
 from persistqueue import SQLiteAckQueue
 
-from collector.errors import QueueFull
+from collector.errors import QueueBusy, QueueFull
 from collector.events import Target
 from collector.store import db, recovery, rows
 from collector.store.datadir import DataDir
@@ -133,6 +134,7 @@ class Spool:
         server's writer, the forwarder and `dlq replay` do, never a reader such as status
         (which uses `summary`)."""
         self.path = data_dir.queue
+        self._data_dir = data_dir
         self.budget_bytes = budget_bytes
         if recover:
             recovery.ensure_usable(self.path)
@@ -201,6 +203,12 @@ class Spool:
             self._refused_free = None
             conn.execute("BEGIN IMMEDIATE")
             conn.rollback()
+        try:
+            self._data_dir.probe_write()
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise QueueFull("disk full; retry later") from exc
+            raise QueueBusy(f"the data directory cannot be written: {exc.strerror}") from exc
 
     def _check_free_space(self, conn: sqlite3.Connection, size: int) -> int:
         """Raise QueueFull unless `size` more bytes leave the reserve free; returns the
