@@ -818,6 +818,11 @@ def test_a_disallowed_origin_gets_no_allow_origin(cors: Server) -> None:
         timeout=5,
     )
     assert "access-control-allow-origin" not in preflight.headers
+    assert_error(preflight, HTTPStatus.BAD_REQUEST)  # our error shape, not text/plain
+    assert (
+        preflight.json()["message"]
+        == "CORS preflight refused: Origin not allowed (see cors_origins)"
+    )
     response = cors.post({"events": [event()]}, headers={"Origin": origin})
     assert "access-control-allow-origin" not in response.headers
 

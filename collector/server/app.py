@@ -438,7 +438,55 @@ def create_app(
     app.asgi_handler = measured(guarded, counts)
     if settings.health_port is not None:
         app.asgi_handler = health_only(app.asgi_handler, settings.health_port)
+    if cors is not None:
+        app.asgi_handler = preflight_errors_as_json(app.asgi_handler)
     return app
+
+
+def preflight_errors_as_json(app: ASGIApp) -> ASGIApp:
+    """Wrap `app`: a CORS preflight Litestar refuses (origin, method or headers not
+    allowed) is answered 400 in our error shape, not its `text/plain` "Disallowed CORS
+    Origin"."""
+
+    async def wrapper(scope: Scope, receive: Receive, send: Send) -> None:
+        preflight = (
+            scope["type"] == ScopeType.HTTP
+            and scope["method"] == "OPTIONS"
+            and any(name == b"access-control-request-method" for name, _ in scope["headers"])
+        )
+        if not preflight:
+            await app(scope, receive, send)
+            return
+        refused: list[HTTPResponseStartEvent] = []
+
+        async def send_json(message: Message) -> None:
+            if message["type"] == "http.response.start" and message["status"] == 400:
+                refused.append(message)  # held: the body says what was refused
+                return
+            if message["type"] == "http.response.body" and refused:
+                text = bytes(message.get("body", b"")).decode("utf-8", "replace")
+                response = error_response(
+                    HTTPStatus.BAD_REQUEST,
+                    f"CORS preflight refused: {text.removeprefix('Disallowed CORS ')} not "
+                    "allowed (see cors_origins)",
+                )
+                body = bytes(response.content)
+                start: HTTPResponseStartEvent = {
+                    "type": "http.response.start",
+                    "status": HTTPStatus.BAD_REQUEST,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode()),
+                    ],
+                }
+                await send(start)
+                await send({"type": "http.response.body", "body": body, "more_body": False})
+                return
+            await send(message)
+
+        await app(scope, receive, send_json)
+
+    return wrapper
 
 
 def health_only(app: ASGIApp, health_port: int) -> ASGIApp:
