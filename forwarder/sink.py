@@ -19,6 +19,7 @@ forwarder must do next:
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 from collector.errors import UpstreamFailed
@@ -27,8 +28,14 @@ from collector.upstream import Upstream, Verdict, classify, retry_after
 
 BATCH_ID_HEADER = "X-Batch-Id"
 EVENTS_PATH = "/v1/events"
-# How much of an upstream's error body is kept as the reason of a dead letter.
+# How much of an upstream's error body is kept in a reason: as a dead letter's (which
+# stays in the data directory), and in the state and the log (which status and journals
+# show: an error body can quote the batch, so they get less).
 REASON_CHARS = 500
+SHOWN_CHARS = 200
+# What looks like a secret in an upstream's answer (it may echo the request's headers):
+# an API key, or a bearer token.
+SECRET = re.compile(r"traffical_(?:sk|pk)_[A-Za-z0-9_-]+|(?i:bearer)\s+[^\s\"',;]+")
 # How much of a 2xx page that is not the API's answer is shown (enough to recognise it).
 PAGE_CHARS = 120
 
@@ -113,11 +120,17 @@ def result_of(status: int, body: str, retry_after_header: str | None) -> Result:
             return Delivered(status)
         return RetryLater(
             f"HTTP {status} without the events API's answer (is upstream_url the API, not a "
-            f"proxy's or portal's page?): {body.strip()[:PAGE_CHARS]!r}"
+            f"proxy's or portal's page?): {redacted(body, PAGE_CHARS)!r}"
         )
-    reason = f"HTTP {status}: {body.strip()[:REASON_CHARS]}"
     if verdict is Verdict.CONTENT_REFUSED:
-        return Rejected(status, reason)
+        return Rejected(status, f"HTTP {status}: {redacted(body, REASON_CHARS)}")
+    shown = f"HTTP {status}: {redacted(body, SHOWN_CHARS)}"
     if verdict is Verdict.KEY_REFUSED:
-        return KeyRejected(status, reason)
-    return RetryLater(reason, retry_after(retry_after_header))
+        return KeyRejected(status, shown)
+    return RetryLater(shown, retry_after(retry_after_header))
+
+
+def redacted(body: str, chars: int) -> str:
+    """The start of an upstream's answer, at most `chars` of it, with anything shaped like
+    a key or a bearer token replaced (an upstream may echo what it was sent)."""
+    return SECRET.sub("(redacted)", body.strip()[: chars * 2])[:chars]

@@ -508,6 +508,29 @@ def test_a_2xx_html_page_is_no_delivery_the_batch_is_retried_and_the_state_says_
     assert {r.batch_id for r in upstream.requests} == {upstream.requests[0].batch_id}
 
 
+def test_an_upstream_error_echoing_the_key_and_the_batch_is_shown_redacted_and_short(
+    server: Server, upstream: RecordingUpstream, start_forwarder: Callable[..., Forwarder]
+) -> None:
+    """An upstream (or a proxy) that quotes what it was sent: the key never reaches the
+    state file, status or the log, and only the start of the body does."""
+    quoted = '{"events": [{"type": "track"}]} ' * 200
+    echo = f"refused Authorization: Bearer {UPSTREAM_KEY} ({UPSTREAM_KEY}) for {quoted}"
+    upstream.fail(503, times=2, message=echo)
+    forwarder = start_forwarder(server.data_dir, **to(upstream))
+    sent = numbered("echo", 3)
+
+    post(server, sent)
+
+    retrying = forwarder.wait_for_state("retrying")
+    upstream.wait_for_events(len(sent))
+    forwarder.wait_for_state("ok")
+    status = run_cli("status", "--json", data_dir=server.data_dir).stdout
+    for shown in (retrying["message"], forwarder.log(), status):
+        assert UPSTREAM_KEY not in shown
+    assert "(redacted)" in retrying["message"]
+    assert len(retrying["message"]) < 400  # the start of the body, not the batch it quotes
+
+
 def test_server_errors_and_timeouts_are_retried_with_the_same_batch_id(
     server: Server, upstream: RecordingUpstream, start_forwarder: Callable[..., Forwarder]
 ) -> None:

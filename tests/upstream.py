@@ -100,6 +100,7 @@ class _Failure:
     retry_after: str | None
     remaining: int | None  # None: until changed
     page: bytes | None = None
+    message: str = "failure injected by the test upstream"
 
 
 @dataclass
@@ -230,12 +231,19 @@ class Upstream:
             self._settings = _Settings()
 
     def fail(
-        self, status: int, retry_after: int | str | None = None, times: int | None = None
+        self,
+        status: int,
+        retry_after: int | str | None = None,
+        times: int | None = None,
+        message: str | None = None,
     ) -> None:
-        """Answer `status` (with `Retry-After` if given) to the next `times` requests, or all."""
+        """Answer `status` (with `Retry-After` if given, and `message` in the error body) to
+        the next `times` requests, or all."""
         header = None if retry_after is None else str(retry_after)
         with self._cond:
             self._settings.failure = _Failure(status, header, times)
+            if message is not None:
+                self._settings.failure.message = message
 
     def answer_page(self, page: bytes, status: int = 200, times: int | None = None) -> None:
         """Answer the next `times` events requests (or all) with an HTML `page`, as a proxy
@@ -478,7 +486,7 @@ class Upstream:
         if failure.page is not None:
             return _Answer(failure.status, {}, page=failure.page)
         extra = {} if failure.retry_after is None else {"Retry-After": failure.retry_after}
-        return _error(failure.status, "failure injected by the test upstream", extra)
+        return _error(failure.status, failure.message, extra)
 
     def _record(
         self,

@@ -15,6 +15,7 @@ from forwarder.sink import (
     BATCH_ID_HEADER,
     OUTCOME,
     REASON_CHARS,
+    SHOWN_CHARS,
     Delivered,
     EventsSink,
     KeyRejected,
@@ -171,3 +172,17 @@ def test_send_to_a_closed_port_is_retry_later() -> None:
     assert isinstance(result, RetryLater)
     assert result.reason.startswith("upstream unreachable")
     assert result.retry_after is None
+
+
+def test_what_is_shown_of_an_error_body_is_short_and_has_no_key_or_token() -> None:
+    body = "echo: traffical_sk_SECRET-123 and Authorization: Bearer tok.en, " + "x" * 1000
+
+    for result in (result_of(503, body, None), result_of(401, body, None)):
+        assert isinstance(result, RetryLater | KeyRejected)
+        assert "SECRET" not in result.reason and "tok.en" not in result.reason
+        assert result.reason.count("(redacted)") == 2
+        assert len(result.reason) <= len("HTTP 503: ") + SHOWN_CHARS
+    kept = result_of(400, body, None)  # a dead letter's reason: longer, still redacted
+    assert isinstance(kept, Rejected)
+    assert "SECRET" not in kept.reason
+    assert len(kept.reason) == len("HTTP 400: ") + REASON_CHARS
