@@ -135,6 +135,10 @@ class UpstreamRedirect(UpstreamFailed):
     pass
 
 
+class UpstreamAnswerTooLarge(UpstreamFailed):
+    pass
+
+
 class ConfigFileError(Exception):
     """The TOML file named by `--config` is missing or is not valid TOML, or a secret file
     it names cannot be read."""

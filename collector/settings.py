@@ -111,6 +111,12 @@ class Settings(BaseSettings):
     config_cache_max_entries: int = Field(
         1000, ge=0, description="Config bundles kept on disk (per project, env and key); 0: none."
     )
+    proxy_max_answer_bytes: int = Field(
+        16 * MIB,
+        ge=1024,
+        description="Largest answer of the upstream to a config, resolve or decide call "
+        "read; a larger one is 502 (the config is then served from the cache, if held).",
+    )
     config_cache_max_bytes: int = Field(
         64 * MIB, ge=0, description="Bytes of config bundles kept on disk."
     )

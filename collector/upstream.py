@@ -9,6 +9,9 @@ server passes SDK calls on (`collector.server.proxy`). Here is, once for both:
 - the timeout policy: `exchange` has one deadline for the whole exchange, connecting,
   sending and reading the whole answer included. httpx's own timeouts apply per phase and
   per read, so an upstream trickling a byte every few seconds would never trip them;
+- the size policy: an answer is read up to a bound the caller gives, never whole (a 1 GiB
+  error body once took the forwarder to 5 GB to keep 500 characters of it); past it, the
+  answer is cut (`truncated`) or refused (`UpstreamAnswerTooLarge`), as the caller asks;
 - what failed: no answer at all is `UpstreamUnreachable` or `UpstreamTimeout`
   (`collector.errors`); an answer is a `Reply`, and `classify` says what its status means;
 - `Retry-After`, as seconds (`retry_after`).
@@ -25,7 +28,7 @@ from enum import Enum
 
 import httpx
 
-from collector.errors import UpstreamTimeout, UpstreamUnreachable
+from collector.errors import UpstreamAnswerTooLarge, UpstreamTimeout, UpstreamUnreachable
 
 USER_AGENT = "traffical-collector"
 
@@ -67,6 +70,7 @@ class Reply:
     status: int
     headers: dict[str, str]
     body: bytes
+    truncated: bool = False  # the answer went on past the bound; `body` is its start
 
     @property
     def verdict(self) -> Verdict:
@@ -104,14 +108,21 @@ class Upstream:
         headers: Mapping[str, str],
         body: bytes | None,
         deadline_s: float,
+        max_body_bytes: int,
+        cut: bool = False,
     ) -> Reply:
-        """Send one request to `base_url + path` and read its whole answer, all within
-        `deadline_s` seconds; raises UpstreamTimeout or UpstreamUnreachable."""
+        """Send one request to `base_url + path` and read its answer, all within
+        `deadline_s` seconds, and at most `max_body_bytes` of its body (decompressed): past
+        that, with `cut` the reply holds the start (`truncated`), else it is refused.
+        Raises UpstreamTimeout, UpstreamUnreachable or UpstreamAnswerTooLarge."""
         try:
-            async with asyncio.timeout(deadline_s):
-                response = await self._client.request(
+            async with (
+                asyncio.timeout(deadline_s),
+                self._client.stream(
                     method, self.url(path), headers=headers, content=body, timeout=deadline_s
-                )
+                ) as response,
+            ):
+                read, truncated = await _read_at_most(response, max_body_bytes)
         except (TimeoutError, httpx.TimeoutException) as exc:
             raise UpstreamTimeout(
                 f"upstream timed out: it did not answer within {deadline_s:g} s"
@@ -120,8 +131,25 @@ class Upstream:
             raise UpstreamUnreachable(
                 f"upstream unreachable: {exc.__class__.__name__}: {exc}"
             ) from exc
+        if truncated and not cut:
+            raise UpstreamAnswerTooLarge(
+                f"the upstream's answer is larger than {max_body_bytes} bytes"
+            )
         headers_read = {name.lower(): value for name, value in response.headers.items()}
-        return Reply(response.status_code, headers_read, response.content)
+        return Reply(response.status_code, headers_read, read, truncated)
+
+
+async def _read_at_most(response: httpx.Response, limit: int) -> tuple[bytes, bool]:
+    """The body of `response` up to `limit` bytes, and whether there was more (left
+    unread: the connection is closed rather than drained)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_bytes():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            return b"".join(chunks)[:limit], True
+    return b"".join(chunks), False
 
 
 def retry_after(value: str | None, now: float | None = None) -> float | None:

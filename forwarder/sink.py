@@ -27,6 +27,10 @@ from collector.store.counts import UpstreamOutcome
 from collector.upstream import Upstream, Verdict, classify, retry_after
 
 BATCH_ID_HEADER = "X-Batch-Id"
+# Bytes of an answer read at most: the events API's is its counts and at most one
+# validation error per event (1000), far below this; an error body is kept in its first
+# REASON_CHARS.
+MAX_ANSWER_BYTES = 1024 * 1024
 EVENTS_PATH = "/v1/events"
 # How much of an upstream's error body is kept in a reason: as a dead letter's (which
 # stays in the data directory), and in the state and the log (which status and journals
@@ -94,7 +98,13 @@ class EventsSink:
         }
         try:
             reply = await self._upstream.exchange(
-                "POST", EVENTS_PATH, headers=headers, body=gzipped_body, deadline_s=self._deadline_s
+                "POST",
+                EVENTS_PATH,
+                headers=headers,
+                body=gzipped_body,
+                deadline_s=self._deadline_s,
+                max_body_bytes=MAX_ANSWER_BYTES,
+                cut=True,  # what it says is in the start; a 2xx cut short is no answer
             )
         except UpstreamFailed as exc:
             return RetryLater(exc.message)

@@ -11,13 +11,17 @@ waits are on conditions, never blind.
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
+import gzip
+import http.server
 import json
 import math
 import os
 import signal
 import sqlite3
 import subprocess
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -529,6 +533,82 @@ def test_an_upstream_error_echoing_the_key_and_the_batch_is_shown_redacted_and_s
         assert UPSTREAM_KEY not in shown
     assert "(redacted)" in retrying["message"]
     assert len(retrying["message"]) < 400  # the start of the body, not the batch it quotes
+
+
+class HugeErrorUpstream(http.server.ThreadingHTTPServer):
+    """Answers the first events POST 503 with a `huge`-byte body (streamed: it costs this
+    test nothing), then 200 with the API's answer."""
+
+    huge = 512 * 1024 * 1024
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _HugeErrorHandler)
+        self.answered = 0
+        self.delivered: list[Any] = []
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _HugeErrorHandler(http.server.BaseHTTPRequestHandler):
+    server: HugeErrorUpstream
+
+    def do_POST(self) -> None:
+        body = gzip.decompress(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.answered += 1
+        if self.server.answered == 1:
+            self.send_response(503)
+            self.send_header("Content-Length", str(self.server.huge))
+            self.end_headers()
+            chunk = b"x" * (1 << 20)
+            with contextlib.suppress(ConnectionError):
+                for _ in range(self.server.huge // len(chunk)):
+                    self.wfile.write(chunk)
+            return
+        events = json.loads(body)["events"]
+        self.server.delivered.extend(events)
+        answer = json.dumps({"accepted": len(events), "written": len(events)}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def peak_rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_a_huge_error_body_is_read_only_in_its_start(
+    server: Server, start_forwarder: Callable[..., Forwarder]
+) -> None:
+    """512 MiB of error body: the forwarder reads its first MiB, keeps 200 characters as
+    the reason, and retries; its memory stays that of a forwarder (it took 5 GB for a
+    1 GiB body when answers were read whole)."""
+    upstream = HugeErrorUpstream()
+    forwarder = start_forwarder(
+        server.data_dir,
+        COLLECTOR_UPSTREAM_URL=upstream.url,
+        COLLECTOR_UPSTREAM_KEY=UPSTREAM_KEY,
+    )
+    sent = numbered("huge", 5)
+    try:
+        post(server, sent)
+        wait_for(lambda: len(upstream.delivered) == len(sent), "the retry delivered")
+
+        assert sorted(e["id"] for e in upstream.delivered) == ids(sent)
+        assert peak_rss_bytes(forwarder.process.pid) < 200 * 1024 * 1024
+        assert "HTTP 503: " + "x" * 190 in forwarder.log()
+    finally:
+        upstream.shutdown()
 
 
 def test_server_errors_and_timeouts_are_retried_with_the_same_batch_id(

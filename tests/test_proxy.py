@@ -11,6 +11,7 @@ is put back up and reset after each test.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -335,6 +336,27 @@ def test_stale_bundles_survive_a_collector_restart(
 
 
 # --- keys the upstream refuses ---------------------------------------------------------------
+
+
+def test_a_config_answer_past_proxy_max_answer_bytes_is_502_or_the_cached_bundle(
+    start_server: Callable[..., Server], upstream: Upstream
+) -> None:
+    """Read up to the bound, never whole: a bundle grown past it is refused (502) to a key
+    with nothing cached, and the last good bundle is served stale to one with it."""
+    bound = max(1024, 4 * len(json.dumps(inline_bundle())))  # 1024: the setting's least
+    server = start_server(**proxy_env(upstream, COLLECTOR_PROXY_MAX_ANSWER_BYTES=str(bound)))
+    cached_key = "traffical_sk_cached_big"
+    assert config(server, cached_key).status_code == 200
+    grown = {**inline_bundle(), "padding": "x" * (2 * bound)}
+    upstream.set_bundle(PROJECT, ENV, grown)
+
+    stale = config(server, cached_key)
+    fresh = config(server, "traffical_sk_never_cached_big")
+
+    assert stale.status_code == 200 and stale.headers[STALE] == "true"
+    assert stale.json() == inline_bundle()
+    assert_error_shape(fresh, 502)
+    assert "larger than" in fresh.json()["message"]
 
 
 def test_refused_keys_get_the_upstreams_answer_and_nothing_from_the_cache(

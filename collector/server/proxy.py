@@ -131,6 +131,7 @@ class Proxy:
         )
         self.config_timeout_s = settings.proxy_config_timeout_seconds
         self.decide_timeout_s = settings.proxy_decide_timeout_seconds
+        self.max_answer_bytes = settings.proxy_max_answer_bytes
         self.cache = ConfigCache(
             DataDir(settings.data_dir),
             settings.config_cache_max_entries,
@@ -176,7 +177,12 @@ class Proxy:
 
         try:
             reply = await upstream.exchange(
-                "GET", path, headers=sent, body=None, deadline_s=self.config_timeout_s
+                "GET",
+                path,
+                headers=sent,
+                body=None,
+                deadline_s=self.config_timeout_s,
+                max_body_bytes=self.max_answer_bytes,
             )
         except UpstreamFailed as failure:
             return self._stale_or_raise(cached, wanted, failure)
@@ -237,6 +243,7 @@ class Proxy:
             headers=forwarded(headers),
             body=body,
             deadline_s=self.decide_timeout_s,
+            max_body_bytes=self.max_answer_bytes,
         )
         verdict = reply.verdict
         if verdict is Verdict.REDIRECT:

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from collector.errors import UpstreamTimeout, UpstreamUnreachable
+from collector.errors import UpstreamAnswerTooLarge, UpstreamTimeout, UpstreamUnreachable
 from collector.upstream import Reply, Upstream, Verdict, classify, retry_after
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -145,6 +145,7 @@ def test_a_whole_answer_is_a_reply_with_lower_case_header_names_and_the_body() -
                 headers={"Authorization": "Bearer k"},
                 body=b'{"events":[]}',
                 deadline_s=5.0,
+                max_body_bytes=1024,
             )
         finally:
             await upstream.aclose()
@@ -196,7 +197,9 @@ def test_a_trickling_upstream_trips_the_whole_exchange_deadline() -> None:
         started = time.monotonic()
         try:
             with pytest.raises(UpstreamTimeout, match=r"0\.3 s"):
-                await upstream.exchange("GET", "/slow", headers={}, body=None, deadline_s=0.3)
+                await upstream.exchange(
+                    "GET", "/slow", headers={}, body=None, deadline_s=0.3, max_body_bytes=1024
+                )
             elapsed = time.monotonic() - started
             # The connection was dropped at the deadline, not left to trickle on.
             await asyncio.wait_for(hung_up.wait(), 1.0)
@@ -220,7 +223,9 @@ def test_a_closed_port_is_unreachable() -> None:
     async def scenario() -> None:
         upstream = Upstream(f"http://127.0.0.1:{port}", max_connections=1)
         try:
-            await upstream.exchange("GET", "/", headers={}, body=None, deadline_s=2.0)
+            await upstream.exchange(
+                "GET", "/", headers={}, body=None, deadline_s=2.0, max_body_bytes=1024
+            )
         finally:
             await upstream.aclose()
 
@@ -243,7 +248,7 @@ def test_a_redirect_comes_back_as_the_reply_and_is_not_followed() -> None:
         upstream = Upstream(url + "/", max_connections=2)  # a trailing slash is dropped
         try:
             return await upstream.exchange(
-                "GET", "/v1/config/p", headers={}, body=None, deadline_s=5.0
+                "GET", "/v1/config/p", headers={}, body=None, deadline_s=5.0, max_body_bytes=1024
             )
         finally:
             await upstream.aclose()
@@ -256,3 +261,46 @@ def test_a_redirect_comes_back_as_the_reply_and_is_not_followed() -> None:
     assert reply.verdict is Verdict.REDIRECT
     assert reply.headers["location"] == "/elsewhere"
     assert paths == ["/v1/config/p"]
+
+
+@pytest.mark.parametrize("cut", [True, False])
+def test_an_answer_past_the_bound_is_cut_or_refused_never_read_whole(cut: bool) -> None:
+    """64 MiB offered, 1000 bytes wanted: the start (`cut`) or UpstreamAnswerTooLarge, and
+    the connection dropped long before the upstream could send it all."""
+    offered = 64 * 1024 * 1024
+    sent: list[int] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: %d\r\n\r\n" % offered)
+        chunk = b"e" * 65536
+        try:
+            for _ in range(offered // len(chunk)):
+                writer.write(chunk)
+                await writer.drain()
+                sent.append(len(chunk))
+        except ConnectionError:
+            pass  # the client hung up, as it should
+        finally:
+            writer.close()
+
+    async def scenario() -> Reply:
+        server, url = await serve(handler)
+        upstream = Upstream(url, max_connections=1)
+        try:
+            return await upstream.exchange(
+                "GET", "/big", headers={}, body=None, deadline_s=10.0, max_body_bytes=1000, cut=cut
+            )
+        finally:
+            await upstream.aclose()
+            server.close()
+            await server.wait_closed()
+
+    if cut:
+        reply = asyncio.run(scenario())
+        assert reply.status == 503
+        assert reply.truncated and reply.body == b"e" * 1000
+    else:
+        with pytest.raises(UpstreamAnswerTooLarge, match="larger than 1000 bytes"):
+            asyncio.run(scenario())
+    assert sum(sent) < offered // 2  # not read to the end
