@@ -100,6 +100,10 @@ class KeyStoreUnavailable(Unavailable):
     pass
 
 
+class Overloaded(Unavailable):
+    """The server holds as many request bytes as it may (max_request_bytes_in_flight)."""
+
+
 # Seconds a client is told to wait after an upstream failure on a proxied call.
 UPSTREAM_RETRY_AFTER_S = 5
 # ... and when no upstream is configured: that needs a person, not a quick retry.

@@ -190,6 +190,13 @@ class Settings(BaseSettings):
         description="Client connections open at once, per server process (see workers); "
         "more are closed on arrival.",
     )
+    max_request_bytes_in_flight: int = Field(
+        16 * MIB,
+        ge=1024,
+        description="Request body bytes the server holds at once across all connections "
+        "(read, parsed, waiting for their commit), per server process; past it a request is "
+        "answered 503 with Retry-After before its body is read. At least max_body_bytes.",
+    )
     commit_timeout_seconds: float = Field(
         8.0,
         gt=0,
@@ -226,6 +233,15 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [origin.strip() for origin in value.split(",") if origin.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _room_for_one_body(self) -> Settings:
+        if self.max_request_bytes_in_flight < self.max_body_bytes:
+            raise ValueError(
+                f"max_request_bytes_in_flight ({self.max_request_bytes_in_flight}) must be "
+                f"at least max_body_bytes ({self.max_body_bytes})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _two_ports(self) -> Settings:

@@ -62,7 +62,7 @@ from collector.store.deadletters import DeadLetters
 from collector.store.heartbeats import UpstreamState
 from collector.store.spool import Row, Spool
 from forwarder.backoff import Backoff, Outage
-from forwarder.batch import MAX_BATCH_EVENTS, Batch
+from forwarder.batch import BODY_OVERHEAD, MAX_BATCH_EVENTS, Batch
 from forwarder.keys import KeyChooser
 from forwarder.sink import (
     OUTCOME,
@@ -87,6 +87,9 @@ GZIP_LEVEL = 1
 # Events that the feeder may hold in partly built batches and the hand-off queue, past
 # which it stops taking rows: memory stays flat however large the backlog.
 MAX_BUFFERED_EVENTS = 20_000
+# And bytes: rows of large events (a commit holds up to 16 MiB) would otherwise take the
+# feeder's memory to 20,000 times their size.
+MAX_BUFFERED_BYTES = 64 * 1024 * 1024
 # How often the forwarder writes its counts to counts.db (and so how fresh status is).
 COUNTS_FLUSH_S = 1.0
 # A queue or dead-letter write that failed (disk full, file locked) is tried again after
@@ -148,6 +151,7 @@ class Forwarder:
         self._pending: dict[int, int] = {}  # row id -> events not yet settled
         self._batches: asyncio.Queue[Batch] = asyncio.Queue(maxsize=settings.forward_in_flight)
         self._buffered = 0
+        self._buffered_bytes = 0  # the events' own bytes of the same
         self._room = asyncio.Event()
         self._stopping = asyncio.Event()
         self._key_fixed = asyncio.Event()
@@ -241,12 +245,12 @@ class Forwarder:
     async def _feed_until_stopped(self) -> None:
         building: dict[Target, Batch] = {}
         while not self._stopping.is_set():
-            if self._buffered >= MAX_BUFFERED_EVENTS:
+            if self._full():
                 # Send what is partly built (it may be all that holds the buffer), then
                 # wait for senders to settle events.
                 await self._hand_off_all(building)
                 self._room.clear()
-                if self._buffered >= MAX_BUFFERED_EVENTS:
+                if self._full():
                     await self._wait(self._room, None)
                 continue
             row = await self._queue_op("take a row", self.spool.take)
@@ -260,12 +264,16 @@ class Forwarder:
                 if time.monotonic() - batch.started > LINGER_S:
                     await self._hand_off(building.pop(target))
 
+    def _full(self) -> bool:
+        return self._buffered >= MAX_BUFFERED_EVENTS or self._buffered_bytes >= MAX_BUFFERED_BYTES
+
     async def _sort(self, row: Row, building: dict[Target, Batch]) -> list[Batch]:
         """Put a row's events into batches; returns the batches it filled."""
         groups = row.groups()
         count = sum(len(events) for _, events in groups)
         self._pending[row.id] = count
         self._buffered += count
+        self._buffered_bytes += sum(len(raw) for _, events in groups for raw in events)
         full = []
         limit = self.settings.forward_batch_bytes
         for target, events in groups:
@@ -413,6 +421,7 @@ class Forwarder:
                 del self._pending[row_id]
                 done.append(row_id)
         self._buffered -= len(batch.events)
+        self._buffered_bytes -= batch.size - BODY_OVERHEAD - len(batch.events)
         self._room.set()
         if done:
             await self._queue_op("ack rows", lambda: self.spool.ack(done))

@@ -369,7 +369,9 @@ class Recorder:
     def __init__(self) -> None:
         self.events: list[EncodedEvent] = []
 
-    async def write(self, events: list[EncodedEvent], notes: list[Note]) -> list[int]:
+    async def write(
+        self, events: list[EncodedEvent], notes: list[Note], size: int = 0
+    ) -> list[int]:
         self.events.extend(events)
         return []
 

@@ -58,6 +58,7 @@ from collector.errors import (
 from collector.ops import status
 from collector.ops.metrics import LATENCY_BUCKETS, Metrics
 from collector.server import limits, openapi
+from collector.server.admission import ByteBudget, reserved_size
 from collector.server.auth import ADMIN_READ, ApiKey, KeyStore
 from collector.server.commit import Committer
 from collector.server.counting import Conversions, EventCounter
@@ -164,10 +165,14 @@ async def post_events(request: Request[Any, Any, Any]) -> Response[bytes]:
     state.rate_limiter.take(key)
     key.require("sdk:write")
     require_json(request.headers.get("content-type"))
-    body = decode_body(
-        await request.body(), request.headers.get("content-encoding"), state.max_body_bytes
-    )
-    outcome = await state.ingest.handle(body, key)
+    encoding = request.headers.get("content-encoding")
+    size = reserved_size(request.headers.get("content-length"), encoding, state.max_body_bytes)
+    state.admission.take(size)  # before the body is read
+    try:
+        body = decode_body(await request.body(), encoding, state.max_body_bytes)
+        outcome = await state.ingest.handle(body, key)
+    finally:
+        state.admission.give(size)
     return json_response(outcome.answer())
 
 
@@ -431,6 +436,7 @@ def create_app(
         settings.rate_limit_per_second, settings.rate_limit_burst
     )
     app.state.max_body_bytes = settings.max_body_bytes
+    app.state.admission = ByteBudget(settings.max_request_bytes_in_flight)
     app.state.settings = settings
     app.state.metrics = app_metrics
     app.state.stopping = False  # set on SIGTERM (bootstrap.NotifyingServer)

@@ -25,6 +25,7 @@ from collector.errors import CollectorError, QueueBusy, QueueFull
 from collector.server.counting import Note
 from collector.server.writer import (
     CONNECT_WAIT_S,
+    MAX_GROUP_BYTES,
     MAX_GROUP_EVENTS,
     EncodedEvent,
     WriterConfig,
@@ -45,6 +46,7 @@ READY_WAIT_S = 1.0
 class _Pending:
     events: list[EncodedEvent]
     notes: list[Note]
+    size: int  # the request's body bytes: what its events cost on the way
     done: asyncio.Future[list[int]] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -109,13 +111,15 @@ class Committer:
         if self._process is not None:
             await asyncio.to_thread(self._process.stop)
 
-    async def write(self, events: list[EncodedEvent], notes: list[Note]) -> list[int]:
+    async def write(
+        self, events: list[EncodedEvent], notes: list[Note], size: int = 0
+    ) -> list[int]:
         """Commit `events` (and have the writer count their `notes`); returns the indexes
         of those not written because their id is already stored. Raises QueueFull or
         QueueBusy."""
         if self._closing:
             raise QueueBusy("collector is shutting down; retry later")
-        pending = _Pending(events, notes)
+        pending = _Pending(events, notes, size)
         self._pending.append(pending)
         self._wake.set()
         done = pending.done
@@ -201,12 +205,17 @@ class Committer:
                 return
 
     def _take_group(self) -> list[_Pending]:
+        events = 0
         size = 0
         count = 0
         for pending in self._pending:
-            if count and size + len(pending.events) > MAX_GROUP_EVENTS:
+            more = len(pending.events)
+            if count and (
+                events + more > MAX_GROUP_EVENTS or size + pending.size > MAX_GROUP_BYTES
+            ):
                 break
-            size += len(pending.events)
+            events += more
+            size += pending.size
             count += 1
         group, self._pending = self._pending[:count], self._pending[count:]
         return group

@@ -297,7 +297,9 @@ class Ingest:
                 for target in targets.values():
                     key.require_target(target)
             found = notes(valid)
-            skipped = await self._committer.write(encoded, [] if self._conversions else found)
+            skipped = await self._committer.write(
+                encoded, [] if self._conversions else found, len(body)
+            )
         except CollectorError as exc:
             self._counter.rejected(type(exc).__name__, len(valid))
             raise

@@ -62,6 +62,9 @@ EncodedEvent = tuple[str | None, Target, bytes]
 # Upper bound on the events of one group, so one commit (and the latency of the requests
 # in it) stays bounded when many large requests arrive at once: 20 requests of 1000.
 MAX_GROUP_EVENTS = 20_000
+# And on its bytes, so a few large requests do not make one commit (and the writer's
+# memory) the sum of them all: 16 MiB, one and a half of the largest body.
+MAX_GROUP_BYTES = 16 * 1024 * 1024
 # How often the writer process checks that the process that started it is still there.
 PARENT_CHECK_S = 0.5
 # How long a process waits for a starting writer to listen (spawning one takes about a

@@ -42,7 +42,9 @@ class InProcessCommitter:
     def __init__(self, writer: GroupWriter) -> None:
         self.writer = writer
 
-    async def write(self, events: list[EncodedEvent], notes: list[Note]) -> list[int]:
+    async def write(
+        self, events: list[EncodedEvent], notes: list[Note], size: int = 0
+    ) -> list[int]:
         return self.writer.commit([events], [notes])[0]
 
 
