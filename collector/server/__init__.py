@@ -7,6 +7,7 @@
     limits.py      what one connection may cost (head size, deadlines, connection cap)
     auth.py        the API keys (keys.json): judging a key, and editing the store
     ratelimit.py   per-key token buckets, shared by the server processes
+    admission.py   request bytes held at once (503 past the budget)
     ingest.py      one events request: decompress, parse, validate, encode
     counting.py    what is counted of each event (on the request path, and in the writer)
     commit.py      group commit, the server's side: requests' events sent in groups
