@@ -84,6 +84,13 @@ class Settings(BaseSettings):
         description="Address the health listener binds (with health_port): all of them by "
         "default, so that a kubelet can probe the pod's IP.",
     )
+    metrics_labels: Literal["full", "fixed"] = Field(
+        "full",
+        description="Labels on /metrics: full (orgs, projects, envs, event names, layers, "
+        "policies and allocations, as sent by clients), or fixed (only labels of fixed "
+        "values, such as status and type; every figure summed over the rest), for a "
+        "/metrics reachable by others (health_port on a pod IP).",
+    )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Browser origins allowed to call the API (comma separated); none by default.",

@@ -96,6 +96,9 @@ COUNTERS: tuple[tuple[Count, str, str, tuple[str, ...]], ...] = (
         ("route", "outcome"),
     ),
 )
+# Labels whose values clients choose (and which name their projects and experiments):
+# left out with metrics_labels = "fixed".
+CLIENT_LABELS = frozenset({"org", "project", "env", "event", "layer", "policy", "allocation"})
 # (buckets name, sum name, metric name, help, label names besides `le`, bounds)
 HISTOGRAMS: tuple[tuple[Count, Count, str, str, tuple[str, ...], tuple[float, ...]], ...] = (
     (
@@ -142,9 +145,25 @@ class _Figures(Collector):
             yield _histogram(
                 metric, text, labels, bounds, totals.get(buckets, {}), totals.get(seconds, {})
             )
+        fixed = self._settings.metrics_labels == "fixed"
         for name, metric, text, labels in COUNTERS:
-            yield _counter(metric, text, labels, totals.get(name, {}))
-        yield from _gauges(status.collect(self._settings))
+            values = totals.get(name, {})
+            if fixed:
+                labels, values = _without_client_labels(labels, values)
+            yield _counter(metric, text, labels, values)
+        yield from _gauges(status.collect(self._settings), fixed)
+
+
+def _without_client_labels(
+    labels: tuple[str, ...], values: dict[Labels, float]
+) -> tuple[tuple[str, ...], dict[Labels, float]]:
+    """`labels` less those whose values clients choose, `values` summed over them."""
+    kept = [i for i, label in enumerate(labels) if label not in CLIENT_LABELS]
+    summed: dict[Labels, float] = {}
+    for key, value in values.items():
+        short = tuple(key[i] for i in kept)
+        summed[short] = summed.get(short, 0.0) + value
+    return tuple(labels[i] for i in kept), summed
 
 
 def _counter(
@@ -180,7 +199,7 @@ def _histogram(
     return family
 
 
-def _gauges(document: dict[str, Any]) -> Iterator[Metric]:
+def _gauges(document: dict[str, Any], fixed: bool = False) -> Iterator[Metric]:
     queue = document["queue"]
     yield _gauge(
         "collector_queue_events", "Events in the queue, not yet forwarded.", queue["events"]
@@ -212,26 +231,36 @@ def _gauges(document: dict[str, Any]) -> Iterator[Metric]:
     for name in UPSTREAM_STATES:
         state.add_metric([name], 1 if document["forwarder"].get("upstream") == name else 0)
     yield state
+    yield from _sample_ratio(document["sample_ratio"], fixed)
+    yield _gauge(
+        "collector_healthy", "1 when `collector status` would exit 0.", int(document["healthy"])
+    )
+
+
+def _sample_ratio(verdicts: list[dict[str, Any]], fixed: bool) -> Iterator[Metric]:
+    """Per policy; with fixed labels, one figure for all: 1 when any policy mismatches,
+    and the least p value."""
+    labels = [] if fixed else ["project", "env", "policy"]
     mismatch = GaugeMetricFamily(
         "collector_sample_ratio_mismatch",
         "1 when a policy's exposures split unlike their declared shares (p < 0.001).",
-        labels=["project", "env", "policy"],
+        labels=labels,
     )
     p_value = GaugeMetricFamily(
         "collector_sample_ratio_p_value",
         "Chi-square p value of a policy's exposures against their declared shares.",
-        labels=["project", "env", "policy"],
+        labels=labels,
     )
-    for verdict in document["sample_ratio"]:
-        if verdict["checked"]:
-            key = [verdict["project"], verdict["env"], verdict["policy"]]
-            mismatch.add_metric(key, 1 if verdict["mismatch"] else 0)
-            p_value.add_metric(key, verdict["p_value"])
+    checked = [verdict for verdict in verdicts if verdict["checked"]]
+    if fixed and checked:
+        mismatch.add_metric([], max(1 if v["mismatch"] else 0 for v in checked))
+        p_value.add_metric([], min(v["p_value"] for v in checked))
+    for verdict in [] if fixed else checked:
+        key = [verdict["project"], verdict["env"], verdict["policy"]]
+        mismatch.add_metric(key, 1 if verdict["mismatch"] else 0)
+        p_value.add_metric(key, verdict["p_value"])
     yield mismatch
     yield p_value
-    yield _gauge(
-        "collector_healthy", "1 when `collector status` would exit 0.", int(document["healthy"])
-    )
 
 
 def _gauge(name: str, text: str, value: float) -> GaugeMetricFamily:

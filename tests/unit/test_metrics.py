@@ -130,3 +130,23 @@ def test_histograms_come_from_the_totals_of_every_process_with_cumulative_bucket
         "route=config": pytest.approx(0.024),
         "route=decide": 11.0,
     }
+
+
+def test_fixed_labels_name_no_project_or_event_and_keep_every_total(tmp_path: Path) -> None:
+    counts = Counts.writer(DataDir(tmp_path))
+    for project, count in (("proj_secret_a", 3), ("proj_secret_b", 4)):
+        counts.add(Count.EVENTS_WRITTEN, ("org_x", project, "production", "track"), count)
+        counts.add(Count.FORWARDED, (project, "production"), count)
+    counts.add(Count.EVENTS_WRITTEN, ("org_x", "proj_secret_a", "production", "exposure"), 2)
+    counts.flush()
+    counts.close()
+
+    full = Metrics(Settings(data_dir=tmp_path)).render().decode()
+    text = Metrics(Settings(data_dir=tmp_path, metrics_labels="fixed")).render().decode()
+
+    assert "proj_secret_a" in full
+    assert "proj_secret" not in text and "org_x" not in text and "production" not in text
+    found = samples(text)
+    written = {s.labels["type"]: s.value for s in found["collector_events_written"]}
+    assert written == {"track": 7.0, "exposure": 2.0}
+    assert [(s.labels, s.value) for s in found["collector_events_forwarded"]] == [({}, 7.0)]
