@@ -36,7 +36,10 @@ or above its duration (`bucket`); `/metrics` adds them up into Prometheus' cumul
 buckets, the last of which ("+Inf") is the count.
 
 Event names and labels are client-controlled; the server cuts and bounds them
-(`collector.server.counting`).
+(`collector.server.counting`), and here every name keeps at most MAX_SERIES distinct label
+sets (`CLIENT_CHOSEN` says which labels clients choose): past it, a new set is counted
+with those labels as `(other)`. So counts.db, /metrics and status stay bounded whatever
+names clients send (200,000 random ones once made counts.db 607 MB and /metrics 51 MB).
 """
 
 from __future__ import annotations
@@ -120,6 +123,31 @@ class ProxyOutcome(StrEnum):
     REJECTED = "rejected"
 
 
+# Distinct label sets kept per count name by each process that writes counts (and found in
+# the file when it starts): enough for a fleet's projects and an experiment programme,
+# small enough that /metrics stays a few MB and status quick.
+MAX_SERIES = 1000
+OTHER = "(other)"
+# For each count whose labels clients choose, the positions of those labels: folded into
+# OTHER past MAX_SERIES. The rest (status, type, outcome, route, bucket) are fixed sets.
+CLIENT_CHOSEN: dict[str, tuple[int, ...]] = {
+    **dict.fromkeys(
+        (
+            "events_received",
+            "events_accepted",
+            "events_written",
+            "events_deduplicated",
+            "track_events",
+        ),
+        (0, 1, 2),
+    ),
+    **dict.fromkeys(
+        ("exposures", "exposure_shares", "exposure_shares_n", "conversions"), (0, 1, 2, 3, 4)
+    ),
+    "forwarded": (0, 1),
+}
+
+
 def minute_of(moment: float) -> int:
     return int(moment // 60)
 
@@ -143,6 +171,7 @@ class Counts:
         self._conn = conn
         self._lock = threading.Lock()
         self._pending: dict[tuple[int, str], Counter[Labels]] = {}
+        self._series: dict[str, set[str]] = {}  # name -> label sets stored (JSON text)
 
     @classmethod
     def writer(
@@ -188,27 +217,54 @@ class Counts:
         return pending
 
     def write(self, pending: dict[tuple[int, str], Counter[Labels]]) -> None:
-        """Add `pending` to the file; forget minutes past the window."""
-        rows = [
-            (minute, str(name), orjson.dumps(tuple(labels)).decode(), value)
-            for (minute, name), counter in pending.items()
-            for labels, value in counter.items()
-            if value
-        ]
-        oldest = minute_of(time.time()) - self.window_minutes
+        """Add `pending` to the file (label sets past MAX_SERIES folded into OTHER);
+        forget minutes past the window."""
         assert self._conn is not None, "a counts reader cannot write"
+        oldest = minute_of(time.time()) - self.window_minutes
         with self._lock, _translated, self._conn:
-            self._conn.executemany(
-                "INSERT INTO minutes (minute, name, labels, value) VALUES (?, ?, ?, ?)"
-                " ON CONFLICT DO UPDATE SET value = value + excluded.value",
-                rows,
-            )
-            self._conn.executemany(
-                "INSERT INTO totals (name, labels, value) VALUES (?, ?, ?)"
-                " ON CONFLICT DO UPDATE SET value = value + excluded.value",
-                [(name, labels, value) for _, name, labels, value in rows],
-            )
-            self._conn.execute("DELETE FROM minutes WHERE minute < ?", (oldest,))
+            rows: dict[tuple[int, str, str], float] = {}
+            for (minute, name), counter in pending.items():
+                for labels, value in counter.items():
+                    if value:
+                        key = (minute, str(name), self._series_of(str(name), labels))
+                        rows[key] = rows.get(key, 0) + value
+            self._insert([(*key, value) for key, value in rows.items()], oldest)
+
+    def _series_of(self, name: str, labels: Labels) -> str:
+        """`labels` as stored: as they are while `name` has room for another series (or
+        has them already), else with the labels clients chose as OTHER."""
+        text = orjson.dumps(tuple(labels)).decode()
+        chosen = CLIENT_CHOSEN.get(name)
+        if chosen is None:
+            return text
+        series = self._series.get(name)
+        if series is None:
+            assert self._conn is not None
+            found = self._conn.execute("SELECT labels FROM totals WHERE name = ?", (name,))
+            series = self._series[name] = {row[0] for row in found}
+        if text in series:
+            return text
+        if len(series) < MAX_SERIES:
+            series.add(text)
+            return text
+        folded = tuple(OTHER if i in chosen else value for i, value in enumerate(labels))
+        text = orjson.dumps(folded).decode()
+        series.add(text)  # the folded set is a series too (one per fixed labels' values)
+        return text
+
+    def _insert(self, rows: list[tuple[int, str, str, float]], oldest: int) -> None:
+        assert self._conn is not None
+        self._conn.executemany(
+            "INSERT INTO minutes (minute, name, labels, value) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT DO UPDATE SET value = value + excluded.value",
+            rows,
+        )
+        self._conn.executemany(
+            "INSERT INTO totals (name, labels, value) VALUES (?, ?, ?)"
+            " ON CONFLICT DO UPDATE SET value = value + excluded.value",
+            [(name, labels, value) for _, name, labels, value in rows],
+        )
+        self._conn.execute("DELETE FROM minutes WHERE minute < ?", (oldest,))
 
     # --- reading -----------------------------------------------------------------------
 

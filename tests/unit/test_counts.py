@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from collector.store import counts as counts_module
 from collector.store.counts import (
+    OTHER,
     Count,
     Counts,
     DeadLetterReason,
@@ -158,3 +160,29 @@ def test_a_duration_is_counted_in_the_bucket_of_the_first_bound_at_or_above_it()
     assert bucket(bounds, 0.0051) == "0.01"
     assert bucket(bounds, 0.5) == "1.0"
     assert bucket(bounds, 1.5) == "+Inf"
+
+
+def test_label_sets_past_max_series_are_folded_into_other_and_the_bound_outlives_a_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(counts_module, "MAX_SERIES", 3)
+    writer = Counts.writer(DataDir(tmp_path))
+    for n in range(5):
+        writer.add(Count.EVENTS_WRITTEN, ("org", f"proj_{n}", "prod", "track"), n + 1)
+        writer.add(Count.REQUESTS, (str(200 + n),))  # fixed labels: never folded
+    writer.flush()
+    writer.close()
+    again = Counts.writer(DataDir(tmp_path))  # a restart: the file's series count
+    again.add(Count.EVENTS_WRITTEN, ("org", "proj_new", "prod", "exposure"), 10)
+    again.flush()
+    totals = again.all_totals()
+    again.close()
+
+    assert totals["events_written"] == {
+        ("org", "proj_0", "prod", "track"): 1,
+        ("org", "proj_1", "prod", "track"): 2,
+        ("org", "proj_2", "prod", "track"): 3,
+        (OTHER, OTHER, OTHER, "track"): 4 + 5,  # the type, a fixed label, is kept
+        (OTHER, OTHER, OTHER, "exposure"): 10,
+    }
+    assert len(totals["requests"]) == 5
