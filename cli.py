@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import getpass
 import json
 import multiprocessing
@@ -595,6 +596,14 @@ def dlq_purge(
         typer.echo(f"Purged {dead.purge()} dead letters.")
 
 
+# Failures of the disk a command cannot go on without, and what to look at.
+DISK_ERRORS = {
+    errno.ENOSPC: "the filesystem is out of space or of inodes (df -h, df -i)",
+    errno.EDQUOT: "a disk quota is reached",
+    errno.EROFS: "the filesystem is read-only (remount it read-write, or check the disk)",
+}
+
+
 def main() -> None:
     # In the one-file build (scripts/build-binary) the executable is also the interpreter of
     # the queue writer child (multiprocessing "spawn") and its resource tracker: this runs
@@ -603,7 +612,16 @@ def main() -> None:
     safe_imports_for_children()
     make_private()
     logs.setup("warning")  # until a command sets its own level: an escaped error is a record
-    app(prog_name="collector")
+    try:
+        app(prog_name="collector")
+    except OSError as exc:
+        why = DISK_ERRORS.get(exc.errno or 0)
+        if why is None:
+            raise
+        # The data directory's disk, not a bug: one line for every command, no traceback.
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror}: {why}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

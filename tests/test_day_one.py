@@ -7,6 +7,7 @@ Each test here was written against a defect found by trying the collector as a n
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -272,6 +273,77 @@ def test_a_server_started_on_a_corrupt_key_store_answers_503_until_it_is_fixed(
 
         assert server.post({"events": [event(id="kept")]}).status_code == 200
         assert [e["id"] for e in server.stored()] == ["kept"]
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def no_inodes(tmp_path: Path) -> Iterator[Path]:
+    """A data directory on an ext4 image whose inodes are all taken (root, as CI; skipped
+    otherwise)."""
+    where = tmp_path / "full"
+    where.mkdir()
+    image = tmp_path / "inodes.img"
+    with open(image, "wb") as out:
+        out.truncate(16 * 1024 * 1024)
+    for step in (
+        ["mkfs.ext4", "-q", "-F", "-N", "64", str(image)],
+        ["mount", "-o", "loop", str(image), str(where)],
+    ):
+        try:
+            done = subprocess.run(step, capture_output=True, text=True)
+        except FileNotFoundError as exc:
+            pytest.skip(f"cannot make an ext4 filesystem here: {exc}")
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount an ext4 image here: {done.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def take_every_inode(where: Path) -> None:
+    n = 0
+    with contextlib.suppress(OSError):
+        while True:
+            (where / f"filler-{n}").touch()
+            n += 1
+
+
+@pytest.mark.parametrize(
+    "command",
+    [("keys", "create", "--scope", "sdk:write"), ("serve", "--port", "0"), ("forward",)],
+)
+def test_a_data_directory_without_inodes_is_one_line_for_every_command(
+    no_inodes: Path, command: tuple[str, ...]
+) -> None:
+    take_every_inode(no_inodes)
+
+    done = subprocess.run(
+        [str(COLLECTOR), *command],
+        env=clean_env(COLLECTOR_DATA_DIR=str(no_inodes)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert done.returncode != 0, done.stderr
+    assert "Traceback" not in done.stderr and "Traceback" not in done.stdout
+    assert "out of space or of inodes (df -h, df -i)" in done.stderr, done.stderr
+
+
+def test_a_server_whose_disk_runs_out_of_inodes_is_still_seen_up(no_inodes: Path) -> None:
+    """Its heartbeat is rewritten in place when no new file can be made."""
+    server = Server(no_inodes, free_port(), {})
+    server.key = create_key(no_inodes, "--scope", "sdk:write", "--name", "app")
+    server.start()
+    try:
+        take_every_inode(no_inodes)
+        time.sleep(2 * heartbeats.BEAT_EVERY_S + 1)
+
+        state = heartbeats.read(DataDir(no_inodes).server_state)
+        assert heartbeats.is_alive(state), state
+        assert "Traceback" not in server.log()
     finally:
         server.stop()
 

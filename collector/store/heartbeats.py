@@ -10,6 +10,7 @@ alive. The forwarder's `upstream` field takes the values of `UpstreamState`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import time
@@ -35,9 +36,22 @@ class UpstreamState(StrEnum):
 
 
 def write(path: Path, state: dict[str, Any]) -> None:
-    """Replace the state file at `path` with `state`, stamped with our pid and the time."""
+    """Replace the state file at `path` with `state`, stamped with our pid and the time.
+
+    Atomically (a new file renamed over it) when a file can be made; on a filesystem out of
+    inodes (or space for one more file) the existing file is rewritten in place instead, so
+    that a running process is not reported down for it (a reader meeting a half-written
+    file sees no state for that moment)."""
     document = {**state, "pid": os.getpid(), "heartbeat": time.time()}
-    atomic_write(path, json.dumps(document, indent=1).encode(), durable=False)
+    data = json.dumps(document, indent=1).encode()
+    try:
+        atomic_write(path, data, durable=False)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC or not path.exists():
+            raise
+        with open(path, "r+b") as out:
+            out.write(data)
+            out.truncate()
 
 
 def read(path: Path) -> dict[str, Any] | None:
