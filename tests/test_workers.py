@@ -14,6 +14,8 @@ import http.client
 import json
 import os
 import signal
+import socket
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,7 +27,7 @@ import pytest
 from collector.store.counts import Count, Counts
 from collector.store.datadir import DataDir
 
-from conftest import Server, create_key, event, free_port, stored_events
+from conftest import COLLECTOR, ROOT, Server, create_key, event, free_port, stored_events
 
 START_S = 60.0
 
@@ -327,3 +329,19 @@ def test_nothing_is_left_running_when_the_supervisor_is_killed(
     server.kill()
 
     gone_or_fail(family)
+
+
+def test_a_port_in_use_fails_the_start_with_one_line_even_with_workers(tmp_path: Path) -> None:
+    """Workers bind with SO_REUSEPORT; the port is first bound alone, so one another
+    process holds (or another collector with workers) is still refused: status 3."""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        env = {**os.environ, "COLLECTOR_DATA_DIR": str(tmp_path / "data")}
+        env.update(COLLECTOR_PORT=str(port), COLLECTOR_WORKERS="2")
+        done = subprocess.run(
+            [*COLLECTOR, "serve"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+        )
+
+    assert done.returncode == 3, done.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
+    assert "Traceback" not in done.stderr

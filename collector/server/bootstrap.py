@@ -37,7 +37,7 @@ def serve(settings: Settings, on_stop: Callable[[], None] = lambda: None) -> boo
     forwarder then, so that both finish their work at the same time)."""
     data_dir = DataDir(settings.data_dir)
     data_dir.create()
-    sockets = listen(settings)
+    sockets = listen(settings, settings.workers)
     try:
         first = ensure_first_key(KeyStore(data_dir))
     except KeyStoreUnavailable as exc:
@@ -55,7 +55,7 @@ def serve(settings: Settings, on_stop: Callable[[], None] = lambda: None) -> boo
     if settings.workers > 1:
         return workers.supervise(settings, sockets, line, on_stop)
     app = create_app(settings)
-    return serving.run(settings, sockets, app, lambda: log.info("%s", line), on_stop)
+    return serving.run(settings, sockets[0], app, lambda: log.info("%s", line), on_stop)
 
 
 def serving_line(settings: Settings) -> str:
@@ -67,22 +67,40 @@ def serving_line(settings: Settings) -> str:
     return line + f", queue in {DataDir(settings.data_dir).path} (sync={settings.sync})"
 
 
-def listen(settings: Settings) -> list[socket.socket]:
-    """The listening sockets: events (and all routes) on host:port, and the health
-    listener's when health_port is set. A port that cannot be bound ends the process here,
-    before anything starts, with one line and uvicorn's own status for it (3)."""
+def listen(settings: Settings, copies: int = 1) -> list[list[socket.socket]]:
+    """The listening sockets, for each of `copies` server processes: events (and all routes)
+    on host:port, and the health listener's when health_port is set. A port that cannot be
+    bound ends the process here, before anything starts, with one line and uvicorn's own
+    status for it (3).
+
+    With more than one copy (`workers`) each gets sockets of its own, bound with
+    SO_REUSEPORT, among which the kernel spreads new connections evenly: on one shared
+    socket, one worker could take every connection of a burst. The port is first bound
+    alone, so that one in use by anything else (another collector included) still fails."""
     addresses = [(settings.host, settings.port)]
     if settings.health_port is not None:
         addresses.append((settings.health_host, settings.health_port))
-    sockets = []
+    per_copy: list[list[socket.socket]] = [[] for _ in range(copies)]
     for host, port in addresses:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         try:
-            sockets.append(socket.create_server((host, port), family=family, backlog=BACKLOG))
+            if copies == 1:
+                per_copy[0].append(
+                    socket.create_server((host, port), family=family, backlog=BACKLOG)
+                )
+                continue
+            with socket.create_server((host, port), family=family) as alone:
+                port = alone.getsockname()[1]  # port 0: every copy takes the one chosen
+            for sockets in per_copy:
+                sockets.append(
+                    socket.create_server(
+                        (host, port), family=family, backlog=BACKLOG, reuse_port=True
+                    )
+                )
         except OSError as exc:
             log.error("cannot listen on %s:%d: %s", host, port, exc.strerror or exc)
             raise SystemExit(STARTUP_FAILURE) from exc
-    return sockets
+    return per_copy
 
 
 def show_first_key(secret: str, data_dir: DataDir) -> None:

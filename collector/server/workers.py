@@ -2,8 +2,10 @@
 
 One server process parses and validates on one core. On a host that aggregates many app
 servers, `workers = N` runs N of them: this process (the supervisor) binds the ports,
-starts the queue writer (`writer.py`), then spawns the workers, each serving the same
-listening sockets (the kernel hands each new connection to one of them). They share:
+starts the queue writer (`writer.py`), then spawns the workers, each serving listening
+sockets of its own on the same ports (SO_REUSEPORT: the kernel spreads new connections
+evenly among them; the supervisor keeps them open, so a restarted worker takes over the
+connections waiting on its dead predecessor's). They share:
 
 - the writer, over its local socket: one de-duplication and one queue for all;
 - the rate limiter's buckets, in shared memory (`ratelimit.py`), so a key's limit holds
@@ -57,7 +59,10 @@ SYSTEMD_ONLY = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 
 
 def supervise(
-    settings: Settings, sockets: list[socket.socket], line: str, on_stop: Callable[[], None]
+    settings: Settings,
+    sockets: list[list[socket.socket]],
+    line: str,
+    on_stop: Callable[[], None],
 ) -> bool:
     """Serve with `settings.workers` processes until SIGTERM or Ctrl-C; True when every
     worker stopped within `stop_timeout_seconds`."""
@@ -69,7 +74,10 @@ def supervise(
 
 class Supervisor:
     def __init__(
-        self, settings: Settings, sockets: list[socket.socket], on_stop: Callable[[], None]
+        self,
+        settings: Settings,
+        sockets: list[list[socket.socket]],
+        on_stop: Callable[[], None],
     ) -> None:
         self.settings = settings
         self.sockets = sockets
@@ -113,7 +121,7 @@ class Supervisor:
             # The settings as values: their class may be one made for a config file.
             args=(
                 self.settings.model_dump(),
-                self.sockets,
+                self.sockets[index],
                 self._writer.link,
                 self._limiter,
                 self._served,
@@ -194,7 +202,7 @@ def _worker(
     *,
     supervisor_pid: int,
 ) -> None:
-    """One worker: the app on the shared sockets, with the shared writer and limiter."""
+    """One worker: the app on its sockets, with the shared writer and limiter."""
     settings = Settings.model_construct(**values)  # validated, and read, by the supervisor
     for name in SYSTEMD_ONLY:
         os.environ.pop(name, None)
