@@ -22,6 +22,8 @@ levels), a body's size by `max_body_bytes`.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import re
 import time
@@ -312,9 +314,15 @@ class Ingest:
 def id_scope(org: str, project: str, env: str) -> str:
     """What an event id is prefixed with for de-duplication: ids are the client's, so the
     same id in another org, project or env is another event (without the scope, any key
-    could make another project's events "already stored"). Each part is prefixed with its
-    length, so no names can pass for others."""
-    return f"{len(org)}:{org}{len(project)}:{project}{len(env)}:{env}:"
+    could make another project's events "already stored").
+
+    A 64-bit hash of the three (each prefixed with its length, so no names can pass for
+    others), 12 characters: every id is stored and looked up with it, and the names in
+    full (38 characters for short ones) made the seen-ids statements 25-30% slower. Two
+    scopes sharing a hash (about 1 in 10^19 for a pair) would share ids, no more."""
+    names = f"{len(org)}:{org}{len(project)}:{project}{len(env)}:{env}".encode()
+    digest = hashlib.blake2b(names, digest_size=8).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode() + ":"
 
 
 def _reason(error: str) -> str:
