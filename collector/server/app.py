@@ -471,22 +471,9 @@ def preflight_errors_as_json(app: ASGIApp) -> ASGIApp:
                 return
             if message["type"] == "http.response.body" and refused:
                 text = bytes(message.get("body", b"")).decode("utf-8", "replace")
-                response = error_response(
-                    HTTPStatus.BAD_REQUEST,
-                    f"CORS preflight refused: {text.removeprefix('Disallowed CORS ')} not "
-                    "allowed (see cors_origins)",
-                )
-                body = bytes(response.content)
-                start: HTTPResponseStartEvent = {
-                    "type": "http.response.start",
-                    "status": HTTPStatus.BAD_REQUEST,
-                    "headers": [
-                        (b"content-type", b"application/json"),
-                        (b"content-length", str(len(body)).encode()),
-                    ],
-                }
-                await send(start)
-                await send({"type": "http.response.body", "body": body, "more_body": False})
+                refusal = text.removeprefix("Disallowed CORS ")
+                why = f"CORS preflight refused: {refusal} not allowed (see cors_origins)"
+                await send_error(send, HTTPStatus.BAD_REQUEST, why)
                 return
             await send(message)
 
@@ -505,23 +492,25 @@ def health_only(app: ASGIApp, health_port: int) -> ASGIApp:
             and (scope.get("server") or ("", None))[1] == health_port
             and scope["path"] not in HEALTH_PATHS
         ):
-            body = orjson.dumps({"error": HTTPStatus.NOT_FOUND.phrase, "message": HEALTH_ONLY})
-            start: HTTPResponseStartEvent = {
-                "type": "http.response.start",
-                "status": HTTPStatus.NOT_FOUND,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-            end: HTTPResponseBodyEvent = {
-                "type": "http.response.body",
-                "body": body,
-                "more_body": False,
-            }
-            await send(start)
-            await send(end)
+            await send_error(send, HTTPStatus.NOT_FOUND, HEALTH_ONLY)
             return
         await app(scope, receive, send)
 
     return wrapper
+
+
+async def send_error(send: Send, status: HTTPStatus, message: str) -> None:
+    """Answer `status` in the error shape straight to ASGI `send`, for the wrappers that
+    answer before (or instead of) the app's handlers."""
+    body = orjson.dumps({"error": status.phrase, "message": message})
+    start: HTTPResponseStartEvent = {
+        "type": "http.response.start",
+        "status": status,
+        "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ],
+    }
+    end: HTTPResponseBodyEvent = {"type": "http.response.body", "body": body, "more_body": False}
+    await send(start)
+    await send(end)
