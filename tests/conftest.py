@@ -7,6 +7,7 @@ mocked.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -237,3 +238,31 @@ def event(kind: str = "track", **fields: Any) -> dict[str, Any]:
         ]
     base.update(fields)
     return base
+
+
+@contextlib.contextmanager
+def ext4_image(
+    tmp_path: Path, name: str, size: int, mkfs: tuple[str, ...] = (), options: str = "loop"
+) -> Iterator[Path]:
+    """A directory on its own ext4 image of `size` bytes (`mkfs`: mkfs.ext4's options,
+    `options`: mount's), unmounted after. Needs root, as CI has; elsewhere the test is
+    skipped, saying why."""
+    where = tmp_path / name
+    where.mkdir()
+    image = tmp_path / f"{name}.img"
+    with open(image, "wb") as out:
+        out.truncate(size)
+    for step in (
+        ["mkfs.ext4", "-q", "-F", *mkfs, str(image)],
+        ["mount", "-o", options, str(image), str(where)],
+    ):
+        try:
+            done = subprocess.run(step, capture_output=True, text=True)
+        except FileNotFoundError as exc:
+            pytest.skip(f"cannot make an ext4 filesystem here: {exc}")
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount an ext4 image here: {done.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)

@@ -41,6 +41,7 @@ from conftest import (
     Server,
     create_key,
     event,
+    ext4_image,
     free_port,
     stored_events,
     terminate,
@@ -279,27 +280,10 @@ def test_a_server_started_on_a_corrupt_key_store_answers_503_until_it_is_fixed(
 
 @pytest.fixture
 def no_inodes(tmp_path: Path) -> Iterator[Path]:
-    """A data directory on an ext4 image whose inodes are all taken (root, as CI; skipped
-    otherwise)."""
-    where = tmp_path / "full"
-    where.mkdir()
-    image = tmp_path / "inodes.img"
-    with open(image, "wb") as out:
-        out.truncate(16 * 1024 * 1024)
-    for step in (
-        ["mkfs.ext4", "-q", "-F", "-N", "64", str(image)],
-        ["mount", "-o", "loop", str(image), str(where)],
-    ):
-        try:
-            done = subprocess.run(step, capture_output=True, text=True)
-        except FileNotFoundError as exc:
-            pytest.skip(f"cannot make an ext4 filesystem here: {exc}")
-        if done.returncode != 0:
-            pytest.skip(f"cannot mount an ext4 image here: {done.stderr.strip()}")
-    try:
+    """A data directory on an ext4 image of 64 inodes, for a test to take them all (root,
+    as CI; skipped otherwise)."""
+    with ext4_image(tmp_path, "full", 16 * 1024 * 1024, ("-N", "64")) as where:
         yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], capture_output=True)
 
 
 def take_every_inode(where: Path) -> None:

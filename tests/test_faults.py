@@ -46,7 +46,7 @@ from collector.store.datadir import DataDir
 from collector.store.deadletters import DeadLetters
 from collector.store.spool import Spool, free_bytes
 
-from conftest import ROOT, Server, event, run_cli, stored_events
+from conftest import ROOT, Server, event, ext4_image, run_cli, stored_events
 from test_durability import assert_unavailable, batch, ids, post_until_the_server_dies
 from test_forward_faults import (  # noqa: F401  (the fixtures are used as arguments)
     Forwarder,
@@ -437,26 +437,12 @@ def test_sqlite_running_out_of_disk_mid_commit_is_a_clean_refusal(small_disk: Pa
 @pytest.fixture
 def ext4_disk(tmp_path: Path) -> Iterator[Path]:
     """A directory on its own ext4 image, mounted with errors=remount-ro (root, as CI)."""
-    where = tmp_path / "ext4"
-    where.mkdir()
-    image = tmp_path / "ext4.img"
-    with open(image, "wb") as out:
-        out.truncate(SMALL_FS_BYTES * 2)
-    for step in (
-        ["mkfs.ext4", "-q", "-F", "-m", "0", str(image)],
-        ["mount", "-o", "loop,errors=remount-ro", str(image), str(where)],
-    ):
+    options = "loop,errors=remount-ro"
+    with ext4_image(tmp_path, "ext4", SMALL_FS_BYTES * 2, ("-m", "0"), options) as where:
         try:
-            done = subprocess.run(step, capture_output=True, text=True)
-        except FileNotFoundError as exc:
-            pytest.skip(f"cannot make an ext4 filesystem here: {exc}")
-        if done.returncode != 0:
-            pytest.skip(f"cannot mount an ext4 image here: {done.stderr.strip()}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["fsfreeze", "-u", str(where)], capture_output=True)
-        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+            yield where
+        finally:
+            subprocess.run(["fsfreeze", "-u", str(where)], capture_output=True)
 
 
 def wait_for_status(url: str, status: int, within_s: float) -> float:
