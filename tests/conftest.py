@@ -98,6 +98,17 @@ def stored_bytes(data_dir: Path) -> list[bytes]:
     return [raw for (data,) in found for _, events in rows.split(data) for raw in events]
 
 
+def wait_for(condition: Callable[[], Any], what: str, timeout: float = 20.0) -> Any:
+    """The first true value of `condition()`, polled; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)  # a file or a process another process changes: poll it
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
 def wait_until_serving(
     url: str, process: subprocess.Popen[Any], log: Callable[[], str] = lambda: ""
 ) -> None:

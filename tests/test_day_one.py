@@ -45,6 +45,7 @@ from conftest import (
     free_port,
     stored_events,
     terminate,
+    wait_for,
     wait_until_serving,
 )
 from upstream import Upstream
@@ -60,16 +61,6 @@ def clean_env(**settings: str) -> dict[str, str]:
     for name in ("STATE_DIRECTORY", "INVOCATION_ID", "NOTIFY_SOCKET"):
         env.pop(name, None)
     return {**env, **settings}
-
-
-def wait_for(condition: Any, what: str, timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)  # a file another process writes: poll it
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 @pytest.fixture
@@ -323,9 +314,13 @@ def test_a_server_whose_disk_runs_out_of_inodes_is_still_seen_up(no_inodes: Path
     server.start()
     try:
         take_every_inode(no_inodes)
-        time.sleep(2 * heartbeats.BEAT_EVERY_S + 1)
+        taken_at = time.time()
 
-        state = heartbeats.read(DataDir(no_inodes).server_state)
+        def beat_since() -> dict[str, Any] | None:
+            state = heartbeats.read(DataDir(no_inodes).server_state)
+            return state if state and state["heartbeat"] > taken_at else None
+
+        state = wait_for(beat_since, "a heartbeat with no inode left", 3 * heartbeats.BEAT_EVERY_S)
         assert heartbeats.is_alive(state), state
         assert "Traceback" not in server.log()
     finally:

@@ -33,7 +33,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import Server, admin_key, event, serve_for_module, stored_bytes
+from conftest import Server, admin_key, event, serve_for_module, stored_bytes, wait_for
 
 TIMEOUT_S = 2
 JSON = {"Content-Type": "application/json"}
@@ -704,7 +704,11 @@ def test_200000_events_with_random_names_leave_counts_metrics_and_status_bounded
             events.append(event("exposure", projectId=project, layers=[layer]))
             events.append(event(projectId=project, event=f"name_{rng(6)}"))
         assert crowded.post({"events": events}).status_code == 200
-    time.sleep(2.5)  # the counts are flushed every second
+    wait_for(  # the counts are flushed every second
+        lambda: "(other)" in httpx.get(f"{crowded.url}/metrics", timeout=60).text,
+        "the folded counts",
+        10,
+    )
 
     files = crowded.data_dir.glob("counts.db*")
     size = sum(path.stat().st_size for path in files)

@@ -16,8 +16,17 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import COLLECTOR, ROOT, create_key, event, free_port, stored_events, terminate
-from test_day_one import clean_env, wait_for
+from conftest import (
+    COLLECTOR,
+    ROOT,
+    create_key,
+    event,
+    free_port,
+    stored_events,
+    terminate,
+    wait_for,
+)
+from test_day_one import clean_env
 
 
 def start(data_dir: Path, command: str, log: Path, **settings: str) -> subprocess.Popen[bytes]:

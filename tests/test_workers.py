@@ -27,7 +27,16 @@ import pytest
 from collector.store.counts import Count, Counts
 from collector.store.datadir import DataDir
 
-from conftest import COLLECTOR, ROOT, Server, create_key, event, free_port, stored_events
+from conftest import (
+    COLLECTOR,
+    ROOT,
+    Server,
+    create_key,
+    event,
+    free_port,
+    stored_events,
+    wait_for,
+)
 
 START_S = 60.0
 
@@ -53,9 +62,13 @@ def command_of(pid: int) -> str:
 
 
 def socket_inodes(pid: int) -> set[str]:
+    """The inodes of `pid`'s sockets; none once it has exited (a worker just killed)."""
     inodes = set()
-    fds = Path("/proc") / str(pid) / "fd"
-    for fd in fds.iterdir():
+    try:
+        fds = list((Path("/proc") / str(pid) / "fd").iterdir())
+    except OSError:
+        return inodes
+    for fd in fds:
         try:
             target = os.readlink(fd)
         except OSError:
@@ -100,11 +113,14 @@ class Workers(Server):
             conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
             conn.connect()
             opened.append(conn)
-        time.sleep(0.3)  # let the workers accept them
         pids = self.server_pids()
         for conn in opened:
-            pid = accepted_by(pids, self.port, conn.sock.getsockname()[1])
-            assert pid is not None, "a connection not accepted by a worker"
+            client_port = conn.sock.getsockname()[1]
+            pid = wait_for(
+                lambda port=client_port: accepted_by(pids, self.port, port),
+                "a worker to accept",
+                10,
+            )
             by_worker.setdefault(pid, []).append(conn)
         assert len(by_worker) == 2, f"connections all went to one worker: {by_worker.keys()}"
         return by_worker
@@ -220,9 +236,13 @@ def test_counts_and_metrics_are_the_sum_of_both_workers(
         for conn in conns:
             assert post(conn, server.key, [event(), event()]) == 200
             requests += 1
-    time.sleep(2.5)  # both workers flush their counts every second
 
-    metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+    def flushed() -> str | None:  # both workers flush their counts every second
+        text = httpx.get(f"{server.url}/metrics", timeout=10).text
+        done = metric(text, "collector_request_duration_seconds_count") == requests
+        return text if done and metric(text, "collector_requests_total") == requests else None
+
+    metrics = wait_for(flushed, "every worker's counts", 10)
 
     assert metric(metrics, "collector_events_written_total") == 2 * requests
     assert metric(metrics, "collector_requests_total") == requests
