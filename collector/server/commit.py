@@ -126,8 +126,10 @@ class Committer:
         del pending
         try:
             # shield: a commit that outlasts the wait still stands (and its answer is then
-            # dropped: the client's retry of those events is de-duplicated).
-            return await asyncio.wait_for(asyncio.shield(done), self._commit_timeout_s)
+            # dropped: the client's retry of those events is de-duplicated). A timeout of
+            # the task, not wait_for: no task more per request.
+            async with asyncio.timeout(self._commit_timeout_s):
+                return await asyncio.shield(done)
         except TimeoutError:
             done.add_done_callback(_retrieve)  # its outcome comes later, to nobody
             raise QueueBusy(
@@ -148,10 +150,11 @@ class Committer:
         checking = loop.run_in_executor(self._calls, self._call, ("check",))
         checking.add_done_callback(_retrieve)  # an answer after the wait is dropped
         try:
-            await asyncio.wait_for(asyncio.shield(checking), wait_s)
+            async with asyncio.timeout(wait_s):
+                await asyncio.shield(checking)
         except TimeoutError:
             raise QueueBusy(
-                f"the queue did not answer within {READY_WAIT_S:g} s (a stalled disk?)"
+                f"the queue did not answer within {wait_s:g} s (a stalled disk?)"
             ) from None
 
     def _call(self, message: tuple[Any, ...]) -> Any:
