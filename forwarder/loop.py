@@ -160,10 +160,6 @@ class Forwarder:
         self.overran = False  # requests were still in flight at stop_timeout_seconds
         self.failed = False  # a sender failed unexpectedly (`_fail`): exit 1, be restarted
 
-    @property
-    def _too_old(self) -> str:
-        return f"older than the maximum age ({self.settings.max_event_age_seconds:g} s)"
-
     # --- life cycle -----------------------------------------------------------------
 
     async def run(self) -> None:
@@ -351,7 +347,8 @@ class Forwarder:
                     part.events, f"rejected by upstream: {result.reason}", DeadLetterReason.REJECTED
                 )
             elif isinstance(result, TooOld):
-                await self._dead_letter(part.events, self._too_old, DeadLetterReason.MAX_AGE)
+                reason = f"older than the maximum age ({self.settings.max_event_age_seconds:g} s)"
+                await self._dead_letter(part.events, reason, DeadLetterReason.MAX_AGE)
             else:
                 if self.stats.last_success is None:
                     log.info("upstream ok: the first batch was delivered")

@@ -36,6 +36,7 @@ from types import FrameType
 from typing import Any
 
 from collector.ops import logs, notify
+from collector.ops.supervisor import SYSTEMD_ONLY
 from collector.server import serving
 from collector.server.app import create_app, writer_config
 from collector.server.ratelimit import RateLimiter
@@ -54,8 +55,6 @@ LOOK_EVERY_S = 1.0
 RESTART_EVERY_S = 1.0
 # Beyond stop_timeout_seconds, what a stopping worker gets to close before it is killed.
 STOP_GRACE_S = 10.0
-# What a worker must not inherit: only the supervisor speaks to systemd.
-SYSTEMD_ONLY = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 
 
 def supervise(
@@ -204,7 +203,7 @@ def _worker(
 ) -> None:
     """One worker: the app on its sockets, with the shared writer and limiter."""
     settings = Settings.model_construct(**values)  # validated, and read, by the supervisor
-    for name in SYSTEMD_ONLY:
+    for name in SYSTEMD_ONLY:  # only the supervisor speaks to systemd
         os.environ.pop(name, None)
     logs.setup(settings.log_level)  # a spawned process starts with no logging configured
     threading.Thread(target=exit_with, args=(supervisor_pid,), daemon=True).start()

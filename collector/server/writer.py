@@ -272,15 +272,6 @@ class WriterProcess:
             )
             self._process.start()
 
-    @property
-    def sentinel(self) -> int:
-        assert self._process is not None
-        return self._process.sentinel
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
-
     def restart_if_dead(self) -> bool:
         """Start a new writer if this one died (at most every RESTART_EVERY_S); True when
         one was started."""
