@@ -33,8 +33,8 @@ EVENT_TYPES = ("exposure", "decision", "track")
 
 
 class Target(NamedTuple):
-    """Where an event goes: its project and environment. Upstream keys are scoped to one,
-    so the forwarder batches by it, and a key may be restricted to one."""
+    """Where an event goes: its project and environment. The upstream key an event is sent
+    with is chosen by it (`forwarder.keys`), and a key may be restricted to one."""
 
     project: str
     env: str

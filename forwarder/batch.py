@@ -1,7 +1,10 @@
-"""A batch: events for one target (project, env), each with the queue row it came from.
+"""A batch: events that can go upstream in one request, each with its target (project, env)
+and the queue row it came from.
 
-Upstream keys are scoped to one project and environment, so a batch never mixes targets.
-Its body is the events' stored bytes joined into `{"events":[...]}`, never re-encoded.
+A request carries one upstream key, so a batch holds the events of the targets that share
+one (`forwarder.keys`): with one org-wide key, events of 20,000 projects fill 20 requests,
+not 20,000. Its body is the events' stored bytes joined into `{"events":[...]}`, never
+re-encoded.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 from collector.events import Target
@@ -22,18 +26,22 @@ BODY_OVERHEAD = len(b'{"events":[]}') - 1
 
 @dataclass
 class Batch:
-    target: Target
     events: list[bytes] = field(default_factory=list)
-    rows: list[int] = field(default_factory=list)
+    targets: list[Target] = field(default_factory=list)  # each event's
+    rows: list[int] = field(default_factory=list)  # each event's
     size: int = BODY_OVERHEAD  # the body's length in bytes, once it holds an event
     started: float = field(default_factory=time.monotonic)
     # When the oldest of its rows was queued (Unix time), for the maximum event age.
     oldest: float = math.inf
     # The same across the batch's retries, so the upstream can tell a resend.
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # Which load of the upstream keys it was sorted by: after a reload its targets may no
+    # longer share one (the forwarder splits it then).
+    keys_loaded: int = 0
 
-    def add(self, raw: bytes, row_id: int, queued_at: float = math.inf) -> None:
+    def add(self, raw: bytes, target: Target, row_id: int, queued_at: float = math.inf) -> None:
         self.events.append(raw)
+        self.targets.append(target)
         self.rows.append(row_id)
         self.size += len(raw) + 1
         self.oldest = min(self.oldest, queued_at)
@@ -43,10 +51,23 @@ class Batch:
 
     def halves(self) -> tuple[Batch, Batch]:
         middle = len(self.events) // 2
-        return self._part(0, middle), self._part(middle, len(self.events))
+        return self._part(range(middle)), self._part(range(middle, len(self.events)))
 
-    def _part(self, start: int, end: int) -> Batch:
-        part = Batch(self.target, oldest=self.oldest)
-        for raw, row in zip(self.events[start:end], self.rows[start:end], strict=True):
-            part.add(raw, row)
+    def split(self, by: Callable[[Target], Hashable]) -> list[Batch]:
+        """The batch in parts whose events' targets give one value of `by`, in order of
+        first appearance; the batch itself (same id) when they all give the same."""
+        places: dict[Hashable, list[int]] = {}
+        last, value = None, None
+        for place, target in enumerate(self.targets):
+            if target is not last:  # a row's events of one target come in a run
+                last, value = target, by(target)
+            places.setdefault(value, []).append(place)
+        if len(places) == 1:
+            return [self]
+        return [self._part(part) for part in places.values()]
+
+    def _part(self, places: range | list[int]) -> Batch:
+        part = Batch(oldest=self.oldest, keys_loaded=self.keys_loaded)
+        for place in places:
+            part.add(self.events[place], self.targets[place], self.rows[place])
         return part

@@ -2,17 +2,20 @@
 
     feed     take rows (non-blocking gets at a short interval: a blocking get does not see
              another process's put for up to 10 s), and sort events into batches per
-             target (project, env:
-             `batch.py`), since upstream keys are scoped to one; a row names each event's
-             target and length (`collector.store.rows`), so its bytes are sliced out,
-             never parsed
+             upstream key (`batch.py`): the targets (project, env) that share a key share
+             requests, so many small projects cost no more requests than one large one; a
+             row names each event's target and length (`collector.store.rows`), so its
+             bytes are sliced out, never parsed
     send     `forward_in_flight` senders post batches (gzip, a batch id that stays the same
              across retries) to the sink (`sink.py`), which says what the answer means:
                Delivered    settle the batch's events
                RetryLater   back off (full jitter, Retry-After); in an outage, one probe
                Rejected     split the batch in halves until the offending events are
                             alone; those go to the dead-letter store with the answer
-               KeyRejected  stop sending, keep everything, say so; resume on reload (SIGHUP)
+               KeyRejected  split a batch of several targets by target (a key may be refused
+                            for some of them only); a target's own refused batch waits,
+                            kept, until a reload (SIGHUP) while the sender goes on with
+                            the rest of its batch; say so
     settle   a row is acknowledged (deleted from the queue) once every one of its events
              is delivered or dead-lettered
 
@@ -100,6 +103,9 @@ QUEUE_RETRY_MAX_S = 5.0
 
 # The status of a KeyRejected that no upstream answered: there was no key to send.
 NO_KEY = 0
+# A refused key's status when the key is valid but not for all the batch's targets (it may
+# be restricted to one project): the batch is split by target, to send what it may.
+FORBIDDEN = 403
 
 T = TypeVar("T")
 
@@ -134,6 +140,7 @@ class Forwarder:
         self.settings = settings
         self._load_keys = load_keys
         self._keys = load_keys()
+        self._keys_loaded = 0  # how many times they were reloaded (SIGHUP)
         self.data_dir = DataDir(settings.data_dir)
         # Acks need no fsync of their own: if a power cut loses one, the row is sent again
         # (a duplicate), never lost. The server's commits keep their own `sync` setting.
@@ -197,6 +204,7 @@ class Forwarder:
         """Re-read the upstream keys (SIGHUP) and resume if a key was rejected."""
         try:
             self._keys = self._load_keys()
+            self._keys_loaded += 1
         except Exception as exc:
             log.error("reload failed, keeping the old keys: %s", exc)
             return
@@ -239,7 +247,7 @@ class Forwarder:
             await self._feed_until_stopped()
 
     async def _feed_until_stopped(self) -> None:
-        building: dict[Target, Batch] = {}
+        building: dict[str | None, Batch] = {}  # by upstream key
         while not self._stopping.is_set():
             if self._full():
                 # Send what is partly built (it may be all that holds the buffer), then
@@ -256,14 +264,14 @@ class Forwarder:
                 continue
             for batch in await self._sort(row, building):
                 await self._hand_off(batch)
-            for target, batch in list(building.items()):
+            for key, batch in list(building.items()):
                 if time.monotonic() - batch.started > LINGER_S:
-                    await self._hand_off(building.pop(target))
+                    await self._hand_off(building.pop(key))
 
     def _full(self) -> bool:
         return self._buffered >= MAX_BUFFERED_EVENTS or self._buffered_bytes >= MAX_BUFFERED_BYTES
 
-    async def _sort(self, row: Row, building: dict[Target, Batch]) -> list[Batch]:
+    async def _sort(self, row: Row, building: dict[str | None, Batch]) -> list[Batch]:
         """Put a row's events into batches; returns the batches it filled."""
         groups = row.groups()
         count = sum(len(events) for _, events in groups)
@@ -273,16 +281,17 @@ class Forwarder:
         full = []
         limit = self.settings.forward_batch_bytes
         for target, events in groups:
-            batch = building.get(target)
+            key = self._keys.key_for(target)
+            batch = building.get(key)
             for raw in events:
                 if batch is not None and batch.size + len(raw) > limit:
-                    full.append(building.pop(target))
+                    full.append(building.pop(key))
                     batch = None
                 if batch is None:
-                    batch = building[target] = Batch(target)
-                batch.add(raw, row.id, row.queued_at)
+                    batch = building[key] = Batch(keys_loaded=self._keys_loaded)
+                batch.add(raw, target, row.id, row.queued_at)
                 if len(batch.events) >= MAX_BATCH_EVENTS:
-                    full.append(building.pop(target))
+                    full.append(building.pop(key))
                     batch = None
         return full
 
@@ -294,9 +303,9 @@ class Forwarder:
             if not putting.done():
                 putting.cancel()
 
-    async def _hand_off_all(self, building: dict[Target, Batch]) -> None:
-        for target in list(building):
-            await self._hand_off(building.pop(target))
+    async def _hand_off_all(self, building: dict[str | None, Batch]) -> None:
+        for key in list(building):
+            await self._hand_off(building.pop(key))
 
     # --- send ------------------------------------------------------------------------
 
@@ -335,9 +344,34 @@ class Forwarder:
     async def _deliver(self, batch: Batch) -> None:
         """Send `batch` until each of its events is delivered or dead-lettered."""
         todo = [batch]
-        while todo:
+        refused: list[Batch] = []  # parts whose key was refused, to send once it is fixed
+        while todo or refused:
+            if not todo:  # all that is left waits for a fixed key
+                await self._wait(self._key_fixed, None)
+                if self._stopping.is_set():
+                    raise _Stopping
+                todo, refused = refused, []
             part = todo.pop()
+            if part.keys_loaded != self._keys_loaded:  # reloaded since it was built
+                by_key = part.split(self._keys.key_for)
+                for piece in by_key:
+                    piece.keys_loaded = self._keys_loaded
+                if len(by_key) > 1:
+                    todo += reversed(by_key)
+                    continue
             result = await self._send(part)
+            if isinstance(result, KeyRejected):
+                by_target = part.split(lambda target: target)
+                if result.status == FORBIDDEN and len(by_target) > 1:
+                    todo += reversed(by_target)  # the key may be restricted to some of them
+                else:
+                    self._refuse(part, result)
+                    refused.append(part)
+                continue
+            if self._blocked:
+                self._blocked.difference_update(part.targets)
+            if not self._blocked:
+                self._say(UpstreamState.OK, "")
             if isinstance(result, Rejected) and len(part.events) > 1:
                 first, second = part.halves()
                 todo += [second, first]
@@ -354,19 +388,21 @@ class Forwarder:
                     log.info("upstream ok: the first batch was delivered")
                 self.stats.forwarded += len(part.events)
                 self.stats.last_success = time.time()
-                self.counts.add(Count.FORWARDED, part.target, len(part.events))
+                for target, count in Counter(part.targets).items():
+                    self.counts.add(Count.FORWARDED, target, count)
             await self._settle(part)
 
-    async def _send(self, batch: Batch) -> Delivered | Rejected | TooOld:
-        """Post `batch` until the upstream gives an answer about its events, or until its
-        oldest event is past the maximum age (it was taken in time, then retried for long)."""
+    async def _send(self, batch: Batch) -> Delivered | Rejected | KeyRejected | TooOld:
+        """Post `batch` until the upstream gives an answer about its events or its key, or
+        until its oldest event is past the maximum age (it was taken in time, then retried
+        for long)."""
         assert self._sink is not None
         body = await asyncio.to_thread(zlib.compress, batch.body(), GZIP_LEVEL, 31)
         backoff = Backoff(self.settings.retry_initial_seconds, self.settings.retry_max_seconds)
         while True:
-            key = self._keys.key_for(batch.target)
+            key = self._keys.key_for(batch.targets[0])  # the batch's targets share it
             if key is None:
-                result: Result = KeyRejected(NO_KEY, f"no upstream key for {batch.target}")
+                result: Result = KeyRejected(NO_KEY, "no upstream key")
             else:
                 holds_probe = await self._outage.acquire()
                 try:
@@ -391,21 +427,17 @@ class Forwarder:
                 if self._stopping.is_set():
                     raise _Stopping
                 continue
-            if isinstance(result, KeyRejected):
-                self._blocked.add(batch.target)
-                self._say(
-                    UpstreamState.KEY_REJECTED, _key_problem(batch.target, result), logging.ERROR
-                )
-                self._key_fixed.clear()
-                await self._wait(self._key_fixed, None)
-                if self._stopping.is_set():
-                    raise _Stopping
-                continue
-            self._blocked.discard(batch.target)
-            self._outage.succeeded()
-            if not self._blocked:
-                self._say(UpstreamState.OK, "")
+            if not isinstance(result, KeyRejected):
+                self._outage.succeeded()
             return result
+
+    def _refuse(self, part: Batch, result: KeyRejected) -> None:
+        """Stop sending the events of `part`'s targets until the keys are reloaded; say so."""
+        targets = set(part.targets)
+        self._blocked |= targets
+        problem = _key_problem(part.targets[0], len(targets), result)
+        self._say(UpstreamState.KEY_REJECTED, problem, logging.ERROR)
+        self._key_fixed.clear()
 
     # --- settle ----------------------------------------------------------------------
 
@@ -504,10 +536,12 @@ class TooOld:
     """A batch whose oldest event passed `max_event_age_seconds` while it was retried."""
 
 
-def _key_problem(target: Target, result: KeyRejected) -> str:
+def _key_problem(target: Target, targets: int, result: KeyRejected) -> str:
+    """What to say of a key refused for `target` and `targets - 1` others."""
+    named = f"{target}" + (f" and {targets - 1} more" if targets > 1 else "")
     then = "sending stopped, events kept; {fix}, then reload (SIGHUP) or restart"
     if result.status == NO_KEY:
         fix = "set upstream_key, upstream_key_file or upstream_keys"
-        return f"no upstream key is configured for {target}; " + then.format(fix=fix)
+        return f"no upstream key is configured for {named}; " + then.format(fix=fix)
     fix = "fix the key"
-    return f"upstream refused the key for {target} ({result.reason}); " + then.format(fix=fix)
+    return f"upstream refused the key for {named} ({result.reason}); " + then.format(fix=fix)
