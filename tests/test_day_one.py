@@ -307,6 +307,47 @@ def test_a_data_directory_without_inodes_is_one_line_for_every_command(
     assert "out of space or of inodes (df -h, df -i)" in done.stderr, done.stderr
 
 
+@pytest.fixture
+def read_only_at_restart(tmp_path: Path) -> Iterator[Path]:
+    """A data directory a server has used, on an ext4 image then remounted read-only (as
+    after a disk error at boot); root, as CI; skipped otherwise."""
+    with ext4_image(tmp_path, "ro", 16 * 1024 * 1024) as where:
+        server = Server(where, free_port(), {})
+        server.key = create_key(where, "--scope", "sdk:write", "--name", "app")
+        server.start()
+        try:
+            assert server.post({"events": [event(id="before")]}).status_code == 200
+        finally:
+            server.stop()
+        done = subprocess.run(["mount", "-o", "remount,ro", str(where)], capture_output=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot remount read-only: {done.stderr.decode().strip()}")
+        yield where
+
+
+@pytest.mark.parametrize(
+    "command",
+    [("keys", "create", "--scope", "sdk:write"), ("serve", "--port", "0"), ("forward",)],
+)
+def test_a_read_only_data_directory_at_restart_is_one_line_for_every_command(
+    read_only_at_restart: Path, command: tuple[str, ...]
+) -> None:
+    done = subprocess.run(
+        [str(COLLECTOR), *command],
+        env=clean_env(COLLECTOR_DATA_DIR=str(read_only_at_restart)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert done.returncode != 0, done.stderr
+    assert "Traceback" not in done.stderr and "Traceback" not in done.stdout
+    assert "read-only filesystem" in done.stderr or "filesystem is read-only" in done.stderr, (
+        done.stderr
+    )
+    assert "not writable by this user" not in done.stderr  # the user is not the cause
+
+
 def test_a_server_whose_disk_runs_out_of_inodes_is_still_seen_up(no_inodes: Path) -> None:
     """Its heartbeat is rewritten in place when no new file can be made."""
     server = Server(no_inodes, free_port(), {})

@@ -132,6 +132,11 @@ class DataDir:
         if self.path.exists():
             if not self.path.is_dir():
                 return f"{self.path} is not a directory"
+            if os.statvfs(self.path).f_flag & os.ST_RDONLY:
+                return (
+                    f"{self.path} is on a read-only filesystem (remount it read-write, or check "
+                    "the disk)"
+                )
             if not os.access(self.path, os.W_OK | os.X_OK):
                 return f"{self.path} is not writable by this user"
             return None
