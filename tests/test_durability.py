@@ -7,10 +7,12 @@ forwarder's side of the queue is played by `collector.store.spool.Spool` in the 
 
 from __future__ import annotations
 
+import json
 import random
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,6 +29,7 @@ from collector.store import rows
 from collector.store.datadir import QUEUE as QUEUE_FILE
 from collector.store.datadir import SEEN_IDS as SEEN_IDS_FILE
 from collector.store.datadir import DataDir
+from collector.store.deadletters import DeadLetters
 from collector.store.spool import Spool, summary
 
 from conftest import Server, event, free_port, run_cli, stored_events
@@ -188,7 +191,7 @@ def test_a_repeat_of_a_refused_request_in_the_same_group_is_refused_too(tmp_path
     big = event(id="trk_shared", properties={"padding": "x" * 4000})
     small = event(id="trk_shared")
 
-    writer = GroupWriter(WriterConfig(tmp_path, "full", 1 << 30, 3600))
+    writer = GroupWriter(WriterConfig(tmp_path, "full", 1 << 30, 3600, 1 << 27))
     writer.spool.budget_bytes = summary(DataDir(tmp_path)).used_bytes + 1000  # small, not big
     try:
         writer.commit(
@@ -304,6 +307,64 @@ def test_a_full_disk_budget_answers_503_drops_nothing_and_recovers_when_space_is
     assert retried.status_code == 200, retried.text
     assert retried.json() == {"accepted": BATCH, "written": BATCH, "pipelineWritten": BATCH}
     assert sorted(ids(server.stored())) == sorted(refused)
+
+
+def test_the_other_databases_count_against_the_disk_budget(
+    start_server: Callable[..., Server],
+) -> None:
+    # Side files once grew outside the budget until the disk was full with an empty queue.
+    budget = 1_000_000
+    server = start_server(COLLECTOR_DISK_BUDGET_BYTES=str(budget))
+    letters = DeadLetters.writer(DataDir(server.data_dir))
+    try:
+        letters.add([orjson.dumps(event(id=f"dead-{n}", note="x" * 1000)) for n in range(500)], "t")
+    finally:
+        letters.close()
+    side = DataDir(server.data_dir).side_bytes()
+    assert side > budget // 2
+
+    for n in range(1000):  # the bound only stops a broken test
+        answer = server.post(batch(f"b{n}"))
+        if answer.status_code != 200:
+            break
+    else:
+        pytest.fail("the disk budget was never reached")
+
+    assert_unavailable(answer)
+    assert "disk budget" in answer.json()["message"]
+    queue_used = query(
+        server.data_dir / QUEUE_FILE,
+        "SELECT (p.page_count - f.freelist_count) * s.page_size"
+        " FROM pragma_page_count() p, pragma_freelist_count() f, pragma_page_size() s",
+    )[0][0]
+    assert queue_used + DataDir(server.data_dir).side_bytes() <= budget
+    status = json.loads(
+        run_cli("status", "--json", data_dir=server.data_dir, env=server.env).stdout
+    )
+    assert status["queue"]["disk_budget_used"] > 0.9
+
+
+def test_seen_ids_stay_within_dedup_max_bytes_and_the_newest_are_kept(
+    start_server: Callable[..., Server],
+) -> None:
+    # 40,000 ids of 36 characters took 3.2 MB of seen-ids.db unbounded.
+    bound = 1024 * 1024
+    server = start_server(COLLECTOR_DEDUP_MAX_BYTES=str(bound))
+    bodies = [
+        {"events": [event(id=str(uuid.UUID(int=n * 1000 + i))) for i in range(1000)]}
+        for n in range(40)
+    ]
+    for body in bodies:
+        answer = server.post(body)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["written"] == 1000
+
+    size = (server.data_dir / SEEN_IDS_FILE).stat().st_size
+    assert size <= bound + 300_000, size  # the bound, and one commit's ids past it
+    again = server.post(bodies[-1])  # an SDK's retry of the last request
+    assert again.json()["written"] == 0, again.text
+    assert "seen-ids.db reached its bound" in server.log()
+    assert len(server.stored()) == 40_000
 
 
 # --- crashes ------------------------------------------------------------------------------
@@ -432,7 +493,7 @@ def test_server_restart_does_not_resume_in_flight_rows(server: Server) -> None:
 
 def test_taking_and_acking_rows_keeps_nothing_in_memory(tmp_path: Path) -> None:
     """persist-queue caches every row `get` returns; the forwarder must not keep them all."""
-    writer = GroupWriter(WriterConfig(tmp_path, "full", 1 << 30, 3600))
+    writer = GroupWriter(WriterConfig(tmp_path, "full", 1 << 30, 3600, 1 << 27))
     try:
         for n in range(5):
             writer.commit([[(f"trk_{n}", TARGET, orjson.dumps(event(id=f"trk_{n}")))]])

@@ -344,6 +344,8 @@ def writer_config(settings: Settings) -> WriterConfig:
         sync=settings.sync,
         budget_bytes=settings.disk_budget_bytes,
         dedup_window_s=settings.dedup_window_seconds,
+        # A quarter of the budget at most: the queue keeps the rest.
+        dedup_max_bytes=min(settings.dedup_max_bytes, settings.disk_budget_bytes // 4),
         counts_window_minutes=settings.counts_window_minutes,
         log_level=settings.log_level,
     )

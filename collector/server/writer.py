@@ -86,6 +86,7 @@ class WriterConfig:
     sync: Sync
     budget_bytes: int
     dedup_window_s: float
+    dedup_max_bytes: int
     counts_window_minutes: int = 60
     log_level: str = "info"  # the writer process configures its own logging (spawned)
 
@@ -122,7 +123,7 @@ class GroupWriter:
             resume_in_flight=False,  # only the forwarder may resume its in-flight rows
             recover=True,
         )
-        self.seen = SeenIds(data_dir, config.dedup_window_s, recover=True)
+        self.seen = SeenIds(data_dir, config.dedup_window_s, config.dedup_max_bytes, recover=True)
         # The server (or the supervisor of workers) moved a corrupt counts file aside.
         self.counts = Counts.writer(data_dir, config.counts_window_minutes)
         self.conversions = Conversions(self.counts)

@@ -19,6 +19,7 @@ list is the whole truth: `collector status`, `recovery` and the docs read it fro
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,6 +121,18 @@ class DataDir:
 
     def databases(self) -> list[Path]:
         return [self.path / name for name in DATABASES]
+
+    def side_bytes(self) -> int:
+        """Bytes on disk of the databases besides the queue: they count against the disk
+        budget with the queue's, so that no side file can fill the disk while the queue is
+        empty. Not their write-ahead logs, which SQLite keeps to about 4 MiB each (it
+        checkpoints them at 1000 pages)."""
+        total = 0
+        for name in DATABASES:
+            if name != QUEUE:
+                with contextlib.suppress(FileNotFoundError):
+                    total += (self.path / name).stat().st_size
+        return total
 
     def holds_data(self) -> bool:
         """True when any file of the collector's is here (`keys create` makes the first)."""

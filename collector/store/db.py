@@ -61,6 +61,15 @@ def open_writer(
     return conn
 
 
+def used_bytes(conn: sqlite3.Connection) -> int:
+    """Bytes of the file in use: SQLite reuses freed pages, so free ones do not count."""
+    (used,) = conn.execute(
+        "SELECT (p.page_count - f.freelist_count) * s.page_size"
+        " FROM pragma_page_count() p, pragma_freelist_count() f, pragma_page_size() s"
+    ).fetchone()
+    return int(used)
+
+
 def open_reader(path: Path) -> sqlite3.Connection | None:
     """A read-only connection to `path`, or None when there is no such file.
 

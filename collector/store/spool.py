@@ -88,7 +88,7 @@ class Summary:
     rows: int
     bytes: int
     oldest: float | None  # when the oldest row was queued (Unix time)
-    used_bytes: int  # of the file, counted against the disk budget
+    used_bytes: int  # counted against the disk budget (the queue's, and the side files)
 
 
 class _RawBytes:
@@ -178,7 +178,7 @@ class Spool:
         row = rows.join(groups)
         size = len(row)
         with self._lock, _translated:
-            used = _used_bytes(self._conn)
+            used = self._budget_used()
             if used + size > self.budget_bytes:
                 self._refused_at = used
                 raise QueueFull("disk budget reached; retry later")
@@ -192,7 +192,7 @@ class Spool:
         """Raise QueueFull or QueueBusy unless a write could be committed now."""
         with self._lock, _translated:
             conn = self._conn
-            used = _used_bytes(conn)
+            used = self._budget_used()
             if self._refused_at is not None and used < self._refused_at:
                 self._refused_at = None  # space was freed since the last refusal
             if used >= self.budget_bytes or self._refused_at is not None:
@@ -209,6 +209,11 @@ class Spool:
             if exc.errno == errno.ENOSPC:
                 raise QueueFull("disk full; retry later") from exc
             raise QueueBusy(f"the data directory cannot be written: {exc.strerror}") from exc
+
+    def _budget_used(self) -> int:
+        """Bytes counted against the disk budget: the queue's pages in use (freed ones are
+        reused, so they do not count) and the other databases' files whole."""
+        return db.used_bytes(self._conn) + self._data_dir.side_bytes()
 
     def _check_free_space(self, conn: sqlite3.Connection, size: int) -> int:
         """Raise QueueFull unless `size` more bytes leave the reserve free; returns the
@@ -291,10 +296,10 @@ def summary(data_dir: DataDir) -> Summary:
     reader (about a second per gigabyte).
     """
     with _translated:
-        return _summary(db.open_reader(data_dir.queue))
+        return _summary(db.open_reader(data_dir.queue), data_dir)
 
 
-def _summary(conn: sqlite3.Connection | None) -> Summary:
+def _summary(conn: sqlite3.Connection | None, data_dir: DataDir) -> Summary:
     try:
         found = db.read(
             conn,
@@ -302,20 +307,11 @@ def _summary(conn: sqlite3.Connection | None) -> Summary:
             f" COALESCE(SUM(LENGTH(data)), 0), MIN(timestamp) FROM {TABLE} WHERE status < {DONE}",
         )
         events, count, size, oldest = found[0] if found else (0, 0, 0, None)
-        used = _used_bytes(conn) if conn is not None else 0
+        used = (db.used_bytes(conn) if conn is not None else 0) + data_dir.side_bytes()
     finally:
         if conn is not None:
             conn.close()
     return Summary(int(events), int(count), int(size), oldest, used)
-
-
-def _used_bytes(conn: sqlite3.Connection) -> int:
-    """Bytes of the file in use: SQLite reuses freed pages, so free ones do not count."""
-    (used,) = conn.execute(
-        "SELECT (p.page_count - f.freelist_count) * s.page_size"
-        " FROM pragma_page_count() p, pragma_freelist_count() f, pragma_page_size() s"
-    ).fetchone()
-    return int(used)
 
 
 def free_bytes(directory: Path) -> int:

@@ -67,7 +67,13 @@ class Pipeline:
 def pipeline(tmp_path: Path) -> Iterator[Pipeline]:
     data_dir = tmp_path / "data"
     writer = GroupWriter(
-        WriterConfig(data_dir, sync="normal", budget_bytes=1 << 30, dedup_window_s=3600)
+        WriterConfig(
+            data_dir,
+            sync="normal",
+            budget_bytes=1 << 30,
+            dedup_window_s=3600,
+            dedup_max_bytes=1 << 27,
+        )
     )
     counts = Counts.writer(DataDir(data_dir))
     committer = cast(Committer, InProcessCommitter(writer))
