@@ -169,8 +169,9 @@ class DataDir:
 
 def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
     """Replace `path` with `data` (mode 0600) so that a reader or a crash sees the old
-    file or the new one, never a part. `durable`: fsync before the rename, for files whose
-    loss would matter (keys); a heartbeat rewritten every two seconds needs none."""
+    file or the new one, never a part. `durable`: fsync the file before the rename and the
+    directory after it (else a power cut can keep the old name's entry), for files whose
+    loss would matter (keys); a heartbeat rewritten every two seconds needs neither."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
@@ -183,3 +184,9 @@ def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    if durable:
+        directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
