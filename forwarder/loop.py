@@ -27,8 +27,9 @@ and rows not fully settled are made ready again.
 
 An event goes to the dead-letter store for its age only once delivery was tried and
 failed: a batch whose oldest event is past `max_event_age_seconds` when an attempt fails.
-A row found that old is still sent first, so a clock stepped forward (which makes every
-row look old) expires nothing while the upstream takes the events.
+A row found that old is still sent first. Ages are measured on `collector.store.clock`,
+which a step of the wall clock does not move: a step forward expires no fresh event, a
+step back keeps no old one longer.
 
 An unexpected exception while sending is a retry, logged with its traceback and shown in
 the state; one anywhere else in a sender stops the forwarder with exit status 1 (logged as
@@ -59,6 +60,7 @@ from collector.events import Target
 from collector.ops import notify
 from collector.settings import Settings
 from collector.store import heartbeats
+from collector.store.clock import Clock
 from collector.store.counts import Count, Counts, DeadLetterReason
 from collector.store.datadir import DataDir
 from collector.store.deadletters import DeadLetters
@@ -152,6 +154,7 @@ class Forwarder:
             recover=True,  # a corrupt file is moved aside (collector.store.recovery)
         )
         self.dead = DeadLetters.writer(self.data_dir, recover=True)
+        self._clock = Clock(self.data_dir)  # ages, as the server stamps rows: steps ignored
         self.counts = Counts.writer(self.data_dir, settings.counts_window_minutes, recover=True)
         self.stats = Stats()
         self._outage = Outage()
@@ -418,7 +421,7 @@ class Forwarder:
             if isinstance(result, RetryLater):
                 self._outage.failed()
                 self.stats.retried += 1
-                if time.time() - batch.oldest > self.settings.max_event_age_seconds:
+                if self._clock.now() - batch.oldest > self.settings.max_event_age_seconds:
                     return TooOld()
                 delay = backoff.next_delay(result.retry_after)
                 if not self._blocked:

@@ -989,6 +989,67 @@ def test_events_that_pass_the_maximum_age_while_retried_are_dead_lettered_too(
     assert len(upstream.requests) >= 2  # retried while young enough
 
 
+def stepped_clock(offset: str) -> dict[str, str]:
+    """Env vars that run a process with its wall clock stepped by `offset` (libfaketime's
+    syntax: "+8d", "-365d"), its monotonic and boot clocks left alone, as a real step of
+    the system clock leaves them. Debian's faketime (.ci/run installs it); skipped without
+    it unless TEST_PACKAGES=required (CI)."""
+    found = sorted(Path("/usr/lib").glob("*/faketime/libfaketimeMT.so.1"))
+    if not found:
+        missing = "no libfaketime (Debian's faketime) to step a process's wall clock"
+        if os.environ.get("TEST_PACKAGES") == "required":
+            pytest.fail(f"TEST_PACKAGES=required but {missing}")
+        pytest.skip(missing)
+    return {"LD_PRELOAD": str(found[0]), "FAKETIME": offset, "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+
+
+def test_a_wall_clock_stepped_forward_expires_no_fresh_event_while_the_upstream_fails(
+    server: Server, upstream: RecordingUpstream, start_forwarder: Callable[..., Forwarder]
+) -> None:
+    # Queued now, then aged by a forwarder whose wall clock reads 8 days later: measured on
+    # the wall clock they were all dead-lettered at the first failed attempt.
+    upstream.fail(503)
+    fresh = numbered("fresh", 50)
+    post(server, fresh)
+    forwarder = start_forwarder(
+        server.data_dir,
+        **to(upstream),
+        **stepped_clock("+8d"),
+        COLLECTOR_MAX_EVENT_AGE_SECONDS=str(24 * 3600),
+    )
+    upstream.wait_until(lambda up: len(up._requests) >= 5, WAIT_S, "five failed attempts")
+
+    assert dead_letters(server.data_dir) == []
+    upstream.ok()
+    upstream.wait_for_events(len(fresh))
+    wait_until_drained(server, forwarder)
+    assert sorted(upstream.event_ids()) == ids(fresh)
+    assert dead_letters(server.data_dir) == []
+
+
+def test_a_wall_clock_stepped_back_keeps_no_old_event_past_the_maximum_age(
+    server: Server, upstream: RecordingUpstream, start_forwarder: Callable[..., Forwarder]
+) -> None:
+    # A forwarder whose wall clock reads a year earlier: on the wall clock the events were
+    # queued in its future, aged less than nothing, and would be retried for a year.
+    upstream.fail(503)
+    held = numbered("held", 10)
+    post(server, held)
+    forwarder = start_forwarder(
+        server.data_dir,
+        **to(upstream),
+        **stepped_clock("-365d"),
+        COLLECTOR_MAX_EVENT_AGE_SECONDS="2",
+    )
+
+    wait_until_drained(server, forwarder)  # within seconds of the 2 s, with retries refused
+
+    letters = dead_letters(server.data_dir)
+    assert sorted(letter["event_id"] for letter in letters) == ids(held)
+    assert {letter["reason"] for letter in letters} == {"older than the maximum age (2 s)"}
+    assert upstream.event_ids() == []
+
+
 # --- the dead-letter commands -----------------------------------------------------------
 
 

@@ -13,7 +13,7 @@ Two more tests make sure that this one could fail: the filesystem drops a file's
 writes and keeps its synced ones, and with `sync = "normal"` (documented to lose recent
 commits to a power cut) answered events are lost on it. They need root and /dev/fuse, as
 CI has, and libfuse (.ci/run installs Debian's fuse3) with mfusepy (the dev extra);
-elsewhere they are skipped, saying which is missing (`POWERCUT_TESTS=required`, as CI
+elsewhere they are skipped, saying which is missing (`TEST_PACKAGES=required`, as CI
 sets, makes that a failure). All are in the slow group
 (`pytest -m slow`). Figures (events answered per cut) are printed: see them with `-s`.
 """
@@ -126,8 +126,8 @@ def powercut_fs(tmp_path: Path) -> Iterator[Callable[[], PowercutFs]]:
     """Factory: a PowercutFs over a fresh backing directory of `tmp_path`, mounted; every
     one is cut and unmounted after the test."""
     missing = fuse_missing()
-    if missing and os.environ.get("POWERCUT_TESTS") == "required":
-        pytest.fail(f"POWERCUT_TESTS=required but {missing}")
+    if missing and os.environ.get("TEST_PACKAGES") == "required":
+        pytest.fail(f"TEST_PACKAGES=required but {missing}")
     if missing:
         pytest.skip(missing)
     made: list[PowercutFs] = []

@@ -22,6 +22,7 @@ from typing import Any
 from collector.ops import srm
 from collector.settings import Settings
 from collector.store import configcache, heartbeats, recovery, spool
+from collector.store.clock import Clock
 from collector.store.counts import Count, Counts, ProxyRoute
 from collector.store.datadir import QUEUE, DataDir
 from collector.store.deadletters import DeadLetters
@@ -44,7 +45,7 @@ def collect(settings: Settings) -> dict[str, Any]:
             "data_dir": str(data_dir.path),
             "server": _process(data_dir.server_state, now),
             "forwarder": _forwarder(data_dir.forwarder_state, now),
-            "queue": _queue(data_dir, settings.disk_budget_bytes, now),
+            "queue": _queue(data_dir, settings.disk_budget_bytes),
             "rates": _rates(counts, now),
             "top_events": _top_events(counts, settings.counts_window_minutes),
             "allocations": _allocations(counts, settings.counts_window_minutes),
@@ -108,8 +109,9 @@ def _forwarder(path: Path, now: float) -> dict[str, Any]:
     return process
 
 
-def _queue(data_dir: DataDir, budget_bytes: int, now: float) -> dict[str, Any]:
+def _queue(data_dir: DataDir, budget_bytes: int) -> dict[str, Any]:
     held = spool.summary(data_dir)
+    now = Clock(data_dir, write=False).now()  # the clock rows are stamped by
     return {
         "events": held.events,
         "rows": held.rows,

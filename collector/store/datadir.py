@@ -11,6 +11,7 @@
     forwarder.json    the forwarder's state and heartbeat (`heartbeats.py`)
     forwarder.lock    held by the one forwarder allowed per data directory
     first-api-key     under systemd, the key made on a first start (mode 0600)
+    clock.json        this boot's anchor of the clock ages are measured on (`clock.py`)
     *.corrupt-<time>  a database found corrupt at start, moved aside (`recovery.py`)
 
 Every other module asks `DataDir` for a path instead of spelling a file name, so this
@@ -35,6 +36,7 @@ SERVER_STATE = "server.json"
 FORWARDER_STATE = "forwarder.json"
 FORWARDER_LOCK = "forwarder.lock"
 FIRST_KEY = "first-api-key"
+CLOCK = "clock.json"
 WRITE_PROBE = "write-probe"
 
 # The SQLite databases, in the order a person would look at them.
@@ -107,6 +109,10 @@ class DataDir:
     @property
     def first_key(self) -> Path:
         return self.path / FIRST_KEY
+
+    @property
+    def clock(self) -> Path:
+        return self.path / CLOCK
 
     def probe_write(self) -> None:
         """Write and fsync a byte in the directory: raises OSError when the filesystem

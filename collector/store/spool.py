@@ -41,6 +41,7 @@ from persistqueue import SQLiteAckQueue
 from collector.errors import QueueBusy, QueueFull
 from collector.events import Target
 from collector.store import db, recovery, rows
+from collector.store.clock import Clock
 from collector.store.datadir import DataDir
 
 QUEUE_NAME = "events"
@@ -73,7 +74,7 @@ class Row:
 
     id: int
     data: bytes
-    queued_at: float  # when the server committed it (Unix time)
+    queued_at: float  # when the server committed it (`clock.py`: near Unix time)
 
     def groups(self) -> list[tuple[Target, list[bytes]]]:
         """Each target's events, their JSON exactly as stored."""
@@ -87,7 +88,7 @@ class Summary:
     events: int
     rows: int
     bytes: int
-    oldest: float | None  # when the oldest row was queued (Unix time)
+    oldest: float | None  # when the oldest row was queued (`clock.py`)
     used_bytes: int  # counted against the disk budget (the queue's, and the side files)
 
 
@@ -104,11 +105,20 @@ class _RawBytes:
 
 
 class _Queue(SQLiteAckQueue):
-    """SQLiteAckQueue with the sync level of our choice."""
+    """SQLiteAckQueue with the sync level of our choice, its rows stamped by our clock."""
 
-    def __init__(self, path: str, sync: Sync, **kwargs: Any) -> None:
+    def __init__(self, path: str, sync: Sync, clock: Clock, **kwargs: Any) -> None:
         self._sync = sync
+        self._clock = clock
         super().__init__(path, **kwargs)
+
+    def put(self, item: Any) -> Any:
+        """persist-queue's own put, with the time from `clock.py` (which a step of the wall
+        clock does not move) instead of time.time(): the row's age is the event's."""
+        row_id = self._insert_into(self._serializer.dumps(item), self._clock.now())
+        self.total += 1
+        self.put_event.set()
+        return row_id
 
     def _new_db_connection(self, path: str, multithreading: bool, timeout: float) -> Any:
         conn = super()._new_db_connection(path, multithreading, timeout)
@@ -142,6 +152,7 @@ class Spool:
             self._queue = _Queue(
                 str(self.path.parent),
                 sync,
+                Clock(data_dir),
                 name=QUEUE_NAME,
                 db_file_name=self.path.name,
                 multithreading=True,
