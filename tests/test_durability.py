@@ -360,6 +360,7 @@ def test_seen_ids_stay_within_dedup_max_bytes_and_the_newest_are_kept(
         assert answer.json()["written"] == 1000
 
     size = (server.data_dir / SEEN_IDS_FILE).stat().st_size
+    print(f"\nseen-ids.db: {size:,} bytes for 40,000 ids with dedup_max_bytes {bound:,}")
     assert size <= bound + 300_000, size  # the bound, and one commit's ids past it
     again = server.post(bodies[-1])  # an SDK's retry of the last request
     assert again.json()["written"] == 0, again.text

@@ -118,7 +118,7 @@ def _queue(data_dir: DataDir, budget_bytes: int) -> dict[str, Any]:
         "bytes": held.bytes,
         "oldest_event_age_seconds": round(now - held.oldest, 3) if held.oldest else None,
         "disk_budget_bytes": budget_bytes,
-        "disk_budget_used": round(held.used_bytes / budget_bytes, 4),
+        "disk_budget_used": round(held.budget_used_bytes / budget_bytes, 4),
     }
 
 

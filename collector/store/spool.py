@@ -89,7 +89,13 @@ class Summary:
     rows: int
     bytes: int
     oldest: float | None  # when the oldest row was queued (`clock.py`)
-    used_bytes: int  # counted against the disk budget (the queue's, and the side files)
+    used_bytes: int  # the queue file's pages in use
+    side_bytes: int  # the other databases' files (`DataDir.side_bytes`)
+
+    @property
+    def budget_used_bytes(self) -> int:
+        """What counts against the disk budget: both."""
+        return self.used_bytes + self.side_bytes
 
 
 class _RawBytes:
@@ -318,11 +324,11 @@ def _summary(conn: sqlite3.Connection | None, data_dir: DataDir) -> Summary:
             f" COALESCE(SUM(LENGTH(data)), 0), MIN(timestamp) FROM {TABLE} WHERE status < {DONE}",
         )
         events, count, size, oldest = found[0] if found else (0, 0, 0, None)
-        used = (db.used_bytes(conn) if conn is not None else 0) + data_dir.side_bytes()
+        used = db.used_bytes(conn) if conn is not None else 0
     finally:
         if conn is not None:
             conn.close()
-    return Summary(int(events), int(count), int(size), oldest, used)
+    return Summary(int(events), int(count), int(size), oldest, used, data_dir.side_bytes())
 
 
 def free_bytes(directory: Path) -> int:
