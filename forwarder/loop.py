@@ -32,9 +32,9 @@ which a step of the wall clock does not move: a step forward expires no fresh ev
 step back keeps no old one longer.
 
 An unexpected exception while sending is a retry, logged with its traceback and shown in
-the state; one anywhere else in a sender stops the forwarder with exit status 1 (logged as
-critical), so that systemd or `collector run` start it again and its rows are resent: a
-sender never dies quietly.
+the state; one anywhere else in a sender or in the feeder stops the forwarder with exit
+status 1 (logged as critical, and the state says so), so that systemd or `collector run`
+start it again and its rows are resent: no task dies quietly.
 
 A queue or dead-letter write that fails (the disk full, the file locked) never ends the
 forwarder: it is tried again, at growing intervals, until it succeeds or the forwarder
@@ -246,8 +246,12 @@ class Forwarder:
     # --- feed: rows into batches ----------------------------------------------------
 
     async def _feed(self) -> None:
-        with contextlib.suppress(_Stopping):
+        try:
             await self._feed_until_stopped()
+        except _Stopping:
+            pass
+        except Exception as exc:  # as for a sender: said everywhere, then exit 1
+            self._fail(exc, "the feeder")
 
     async def _feed_until_stopped(self) -> None:
         building: dict[str | None, Batch] = {}  # by upstream key
@@ -325,16 +329,17 @@ class Forwarder:
             except _Stopping:
                 return
             except Exception as exc:
-                self._fail(exc)
+                self._fail(exc, "a sender")
                 return
 
-    def _fail(self, exc: Exception) -> None:
-        """A sender met what it cannot handle: say so everywhere and stop, so that the
-        process is started again (systemd, `collector run`) and its rows resent, rather
-        than go on with one sender fewer and a state that reads fine."""
+    def _fail(self, exc: Exception, who: str) -> None:
+        """A sender or the feeder met what it cannot handle: say so everywhere and stop, so
+        that the process is started again (systemd, `collector run`) and its rows resent,
+        rather than go on with a task fewer and a state that reads fine."""
         log.critical(
-            "a sender failed: %s: %s; the forwarder stops, to be started again (its rows stay "
+            "%s failed: %s: %s; the forwarder stops, to be started again (its rows stay "
             "queued)",
+            who,
             type(exc).__name__,
             exc,
             exc_info=exc,

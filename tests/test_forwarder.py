@@ -1045,6 +1045,37 @@ def test_events_that_pass_the_maximum_age_while_retried_are_dead_lettered_too(
     assert len(upstream.requests) >= 2  # retried while young enough
 
 
+def test_a_feeder_that_fails_says_so_and_exits_1_to_be_started_again(
+    server: Server, upstream: RecordingUpstream, start_forwarder: Callable[..., Forwarder]
+) -> None:
+    """A row the feeder cannot read (here one written past the server, in no format of
+    ours) must not leave a forwarder that takes nothing and reads `ok`."""
+    post(server, numbered("before", 5))
+    conn = sqlite3.connect(server.data_dir / QUEUE_FILE)
+    try:
+        with conn:
+            conn.execute(
+                f"INSERT INTO {QUEUE_TABLE} (data, timestamp, status) VALUES (?, ?, 1)",
+                (b"[12,x", time.time()),
+            )
+    finally:
+        conn.close()
+
+    forwarder = start_forwarder(server.data_dir, **to(upstream))
+
+    assert forwarder.process.wait(timeout=WAIT_S) == 1, forwarder.log()
+    assert "the feeder failed" in forwarder.log()
+    assert forwarder.levels_of("the feeder failed") == {"critical"}
+    assert forwarder.state()["message"].startswith("internal error: ValueError")
+    conn = sqlite3.connect(f"file:{server.data_dir / QUEUE_FILE}?mode=ro", uri=True)
+    try:  # kept, for the next start to try again (and an operator to see)
+        assert conn.execute(
+            f"SELECT COUNT(*) FROM {QUEUE_TABLE} WHERE data = ?", (b"[12,x",)
+        ).fetchone() == (1,)
+    finally:
+        conn.close()
+
+
 def stepped_clock(offset: str) -> dict[str, str]:
     """Env vars that run a process with its wall clock stepped by `offset` (libfaketime's
     syntax: "+8d", "-365d"), its monotonic and boot clocks left alone, as a real step of
