@@ -564,7 +564,7 @@ def report(results: list[Result], args: argparse.Namespace, trees: list[Tree]) -
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
     in_flight = args.in_flight or "default (2)"
     print(
-        f"forwarder: collector forward, default settings (in flight {in_flight}, gzip level 1), "
+        f"forwarder: collector forward, default settings (in flight {in_flight}, its own gzip), "
         f"rows of {ROW_EVENTS} events"
         + (f" mixing {args.projects} projects" if args.projects > 1 else " of one project")
     )

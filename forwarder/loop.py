@@ -49,11 +49,12 @@ import asyncio
 import contextlib
 import logging
 import time
-import zlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+
+from zlib_ng import zlib_ng
 
 from collector.errors import Unavailable
 from collector.events import Target
@@ -86,9 +87,11 @@ POLL_INTERVAL_S = 0.05
 # A batch that has not filled up is sent after this long, so a trickle of events for one
 # project is not held back by a flood for another.
 LINGER_S = 0.5
-# gzip level 1: ~5x smaller on event JSON at a fraction of the default level's CPU, which
-# matters more here (one core drains the queue) than the last few percent of bytes.
-GZIP_LEVEL = 1
+# zlib-ng's level 2: on a batch of SDK events, 17x smaller in 0.48 us an event, where zlib's
+# level 1 (the fastest it has) took 1.08 us for 16.6x (measured on one 1000-event batch),
+# which matters here: gzip was a fifth of the forwarder's CPU. The stream is plain gzip.
+GZIP_LEVEL = 2
+GZIP_WBITS = 31  # a gzip header and trailer, as Content-Encoding: gzip asks
 # Events that the feeder may hold in partly built batches and the hand-off queue, past
 # which it stops taking rows: memory stays flat however large the backlog.
 MAX_BUFFERED_EVENTS = 20_000
@@ -337,8 +340,7 @@ class Forwarder:
         that the process is started again (systemd, `collector run`) and its rows resent,
         rather than go on with a task fewer and a state that reads fine."""
         log.critical(
-            "%s failed: %s: %s; the forwarder stops, to be started again (its rows stay "
-            "queued)",
+            "%s failed: %s: %s; the forwarder stops, to be started again (its rows stay queued)",
             who,
             type(exc).__name__,
             exc,
@@ -405,7 +407,7 @@ class Forwarder:
         until its oldest event is past the maximum age (it was taken in time, then retried
         for long)."""
         assert self._sink is not None
-        body = await asyncio.to_thread(zlib.compress, batch.body(), GZIP_LEVEL, 31)
+        body = await asyncio.to_thread(zlib_ng.compress, batch.body(), GZIP_LEVEL, GZIP_WBITS)
         backoff = Backoff(self.settings.retry_initial_seconds, self.settings.retry_max_seconds)
         while True:
             key = self._keys.key_for(batch.targets[0])  # the batch's targets share it
