@@ -46,6 +46,16 @@ class Batch:
         self.size += len(raw) + 1
         self.oldest = min(self.oldest, queued_at)
 
+    def extend(
+        self, raws: list[bytes], size: int, target: Target, row_id: int, queued_at: float
+    ) -> None:
+        """`add` each of `raws` (all of one target and row), whose lengths sum to `size`."""
+        self.events += raws
+        self.targets += [target] * len(raws)
+        self.rows += [row_id] * len(raws)
+        self.size += size + len(raws)
+        self.oldest = min(self.oldest, queued_at)
+
     def body(self) -> bytes:
         return b'{"events":[' + b",".join(self.events) + b"]}"
 

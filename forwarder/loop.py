@@ -287,22 +287,31 @@ class Forwarder:
         count = sum(len(events) for _, events in groups)
         self._pending[row.id] = count
         self._buffered += count
-        self._buffered_bytes += sum(len(raw) for _, events in groups for raw in events)
+        self._buffered_bytes += sum(sum(map(len, events)) for _, events in groups)
         full = []
         limit = self.settings.forward_batch_bytes
         for target, events in groups:
             key = self._keys.key_for(target)
             batch = building.get(key)
-            for raw in events:
-                if batch is not None and batch.size + len(raw) > limit:
-                    full.append(building.pop(key))
-                    batch = None
-                if batch is None:
-                    batch = building[key] = Batch(keys_loaded=self._keys_loaded)
-                batch.add(raw, target, row.id, row.queued_at)
-                if len(batch.events) >= MAX_BATCH_EVENTS:
-                    full.append(building.pop(key))
-                    batch = None
+            if batch is None:
+                batch = building[key] = Batch(keys_loaded=self._keys_loaded)
+            size = sum(map(len, events))
+            if (
+                batch.size + size + len(events) <= limit
+                and len(batch.events) + len(events) <= MAX_BATCH_EVENTS
+            ):  # the common case, in one step: they all fit
+                batch.extend(events, size, target, row.id, row.queued_at)
+            else:
+                for raw in events:
+                    if batch.events and batch.size + len(raw) > limit:
+                        full.append(building.pop(key))
+                        batch = building[key] = Batch(keys_loaded=self._keys_loaded)
+                    batch.add(raw, target, row.id, row.queued_at)
+                    if len(batch.events) >= MAX_BATCH_EVENTS:
+                        full.append(building.pop(key))
+                        batch = building[key] = Batch(keys_loaded=self._keys_loaded)
+            if len(batch.events) >= MAX_BATCH_EVENTS:
+                full.append(building.pop(key))
         return full
 
     async def _hand_off(self, batch: Batch) -> None:

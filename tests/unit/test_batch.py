@@ -93,3 +93,16 @@ def test_each_batch_has_its_own_id_and_a_part_gets_a_new_one() -> None:
     parts = batch.split(lambda target: target)
 
     assert len({batch.id, Batch().id, first.id, second.id, *(p.id for p in parts)}) == 6
+
+
+def test_extend_is_add_of_each() -> None:
+    raws = [orjson.dumps(event(id=f"x{n}", properties={"n": n})) for n in range(5)]
+    added, extended = filled(3), filled(3)
+    for raw in raws:
+        added.add(raw, TARGET, row_id=7, queued_at=5.0)
+
+    extended.extend(raws, sum(map(len, raws)), TARGET, 7, 5.0)
+
+    assert triples(extended) == triples(added)
+    assert extended.size == added.size == len(extended.body())
+    assert extended.oldest == added.oldest == 5.0
