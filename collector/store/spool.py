@@ -131,6 +131,12 @@ class _Queue(SQLiteAckQueue):
         # WAL is persist-queue's own choice. FULL fsyncs the WAL on every commit (survives
         # power loss); NORMAL syncs only at checkpoints (survives a process crash).
         conn.execute(f"PRAGMA synchronous={self._sync.upper()}")
+        # Debian's SQLite zeroes every deleted page (secure_delete on by default): each ack
+        # of a 500 kB row wrote its 500 kB again, to the log and then the file, a sixth of
+        # the forwarder's time (py-spy). FAST zeroes what it can without writing more pages;
+        # a delivered event's bytes may stay in a free page of this 0600 file until the
+        # page is reused, which a queue that flows does within seconds.
+        conn.execute("PRAGMA secure_delete=FAST")
         return conn
 
 
