@@ -98,11 +98,14 @@ class SeenIds:
         forgotten = 0
         while forgotten < forget:
             with self._lock, _translated, self._conn:
-                forgotten += self._conn.execute(
+                deleted = self._conn.execute(
                     "DELETE FROM seen_ids WHERE id IN"
                     " (SELECT id FROM seen_ids ORDER BY seen LIMIT ?)",
                     (min(PRUNE_BATCH, forget - forgotten),),
                 ).rowcount
+            if deleted <= 0:  # nothing left to forget (the file's own pages are the rest)
+                break
+            forgotten += deleted
         with self._lock, _translated:
             (oldest,) = self._conn.execute("SELECT MIN(seen) FROM seen_ids").fetchone()
         kept_s = now - oldest if oldest is not None else 0.0
