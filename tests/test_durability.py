@@ -43,6 +43,7 @@ TARGET = Target("proj_test", "production")
 QUEUE_TABLE = "ack_queue_events"  # persist-queue's table for the queue named "events"
 IN_FLIGHT = 2  # persist-queue's status of a row taken but not yet acked
 CRASH_ROUNDS = 3
+CLIENTS = 4  # several requests in flight, so a kill can land inside a group commit
 BATCH = 50
 
 
@@ -426,27 +427,38 @@ def post_until_the_server_dies(
                 unexpected.append(f"{answer.status_code} {answer.text}")
 
 
+def posting_clients(server: Server, prefix: str, answered: list[str]) -> Callable[[], list[str]]:
+    """Start CLIENTS clients posting unique batches until the server dies (ids answered 200
+    go to `answered`), and return once one batch was answered. The function returned waits
+    for the clients (call it after the kill) and returns the answers that were not 200."""
+    unexpected: list[str] = []
+    first = threading.Event()
+    clients = [
+        threading.Thread(
+            target=post_until_the_server_dies,
+            args=(server, f"{prefix}c{c}", answered, unexpected, first),
+        )
+        for c in range(CLIENTS)
+    ]
+    for client in clients:
+        client.start()
+    assert first.wait(timeout=20), f"{prefix}: no batch was answered\n{server.log()}"
+
+    def join() -> list[str]:
+        for client in clients:
+            client.join(timeout=30)
+        return unexpected
+
+    return join
+
+
 def test_every_answered_event_survives_sigkill(server: Server) -> None:
-    clients = 4  # several requests in flight, so the kill can land inside a group commit
     answered: list[str] = []
     for round_ in range(CRASH_ROUNDS):
-        unexpected: list[str] = []
-        first = threading.Event()
-        threads = [
-            threading.Thread(
-                target=post_until_the_server_dies,
-                args=(server, f"r{round_}c{c}", answered, unexpected, first),
-            )
-            for c in range(clients)
-        ]
-        for thread in threads:
-            thread.start()
-        assert first.wait(timeout=20), "no batch was answered"
+        join = posting_clients(server, f"r{round_}", answered)
         time.sleep(random.uniform(0.0, 0.3))  # the kill lands at a random point of the stream
         server.kill()
-        for thread in threads:
-            thread.join(timeout=20)
-        assert not unexpected
+        assert not join()
 
         queue = sqlite3.connect(server.data_dir / QUEUE_FILE)
         try:

@@ -47,7 +47,7 @@ from collector.store.deadletters import DeadLetters
 from collector.store.spool import Spool, free_bytes
 
 from conftest import ROOT, Server, event, ext4_image, run_cli, stored_events
-from test_durability import assert_unavailable, batch, ids, post_until_the_server_dies
+from test_durability import assert_unavailable, batch, ids, posting_clients
 from test_forward_faults import (  # noqa: F401  (the fixtures are used as arguments)
     Forwarder,
     descendants,
@@ -63,7 +63,6 @@ from upstream import Upstream
 
 TARGET = Target("proj_test", "production")
 
-CLIENTS = 4  # concurrent posting clients: a kill can land inside a group commit
 DRAIN_WAIT_S = 120.0  # longest wait for everything answered to reach the upstream
 
 
@@ -144,22 +143,10 @@ def test_sigkill_of_the_server_under_load_loses_nothing_answered(
     answered: list[str] = []
     started = time.monotonic()
     for round_ in range(rounds):
-        unexpected: list[str] = []
-        first = threading.Event()
-        clients = [
-            threading.Thread(
-                target=post_until_the_server_dies,
-                args=(server, f"r{round_}c{c}", answered, unexpected, first),
-            )
-            for c in range(CLIENTS)
-        ]
-        for client in clients:
-            client.start()
-        assert first.wait(timeout=20), f"round {round_}: no batch was answered"
+        join = posting_clients(server, f"r{round_}", answered)
         time.sleep(rng.uniform(0.0, 0.6))  # the kill lands at a random point of the stream
         kill_server(server, with_writer=round_ % 2 == 1)
-        for client in clients:
-            client.join(timeout=30)
+        unexpected = join()
         assert not unexpected, f"round {round_}: {unexpected[:3]}"
         server.start()  # same data directory and port
     elapsed = time.monotonic() - started

@@ -28,7 +28,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -39,7 +38,7 @@ import pytest
 from collector.store.datadir import QUEUE as QUEUE_FILE
 
 from conftest import Server, create_key, event, free_port, wait_for
-from test_durability import ids, post_until_the_server_dies
+from test_durability import ids, posting_clients
 from test_forward_faults import descendants
 
 pytestmark = pytest.mark.slow
@@ -48,7 +47,6 @@ FS_SCRIPT = Path(__file__).with_name("powercut_fs.py")
 # The external measurement this reproduces (the issue): 0 of 63,980 answered events lost
 # over 3 cuts.
 CUTS = 3
-CLIENTS = 4  # as test_durability: several requests in flight, so a cut lands inside a commit
 # How long the clients post before the power goes, drawn per cut: 35,000 to 80,000 events
 # a cut on the reference machine, so the queue's write-ahead log passes SQLite's automatic
 # checkpoint (1000 pages, 4 MiB) several times and a cut can land in one.
@@ -196,22 +194,10 @@ def load_then_cut(
     """Clients post unique batches back to back; `seconds` after the first 200 the power
     goes. The ids of every batch answered 200 are added to `answered`; returns how many."""
     before = len(answered)
-    unexpected: list[str] = []
-    first = threading.Event()
-    clients = [
-        threading.Thread(
-            target=post_until_the_server_dies,
-            args=(server, f"{prefix}c{c}", answered, unexpected, first),
-        )
-        for c in range(CLIENTS)
-    ]
-    for client in clients:
-        client.start()
-    assert first.wait(timeout=20), f"{prefix}: no batch was answered\n{server.log()}"
+    join = posting_clients(server, prefix, answered)
     time.sleep(seconds)  # the cut lands at a random point of the stream
     cut_power(server, fs)
-    for client in clients:
-        client.join(timeout=30)
+    unexpected = join()
     assert not unexpected, f"{prefix}: {unexpected[:3]}"
     return len(answered) - before
 
