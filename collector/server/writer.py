@@ -60,7 +60,8 @@ log = logging.getLogger("collector.commit")
 EncodedEvent = tuple[str | None, Target, bytes]
 
 # Upper bound on the events of one group, so one commit (and the latency of the requests
-# in it) stays bounded when many large requests arrive at once: 20 requests of 1000.
+# in it) stays bounded when many large requests arrive at once: 20 requests of 1000 (a
+# group is never less than one request).
 MAX_GROUP_EVENTS = 20_000
 # And on its bytes, so a few large requests do not make one commit (and the writer's
 # memory) the sum of them all: 16 MiB, one and a half of the largest body.
@@ -243,7 +244,7 @@ def _drop_known(
 
 # --- the protocol: each message gets one answer, in order -------------------------------
 #
-#   ("commit", requests)  ->  ("ok", skipped per request) | ("error", CollectorError)
+#   ("commit", requests, body bytes)  ->  ("ok", skipped per request) | ("error", CollectorError)
 #   ("check",)            ->  ("ok", None)                | ("error", CollectorError)
 #   ("stop",)             ->  ("ok", None), once everything before it is committed
 
@@ -367,14 +368,16 @@ def _serve(writer: GroupWriter, inbox: Inbox) -> None:
     commits among it are committed as one group."""
     while True:
         taken = [inbox.get()]
-        events = _events_in(taken[0][1])
-        while events < MAX_GROUP_EVENTS:
+        events, size = _weight(taken[0][1])
+        while events < MAX_GROUP_EVENTS and size < MAX_GROUP_BYTES:
             try:
                 item = inbox.get_nowait()
             except queue.Empty:
                 break
             taken.append(item)
-            events += _events_in(item[1])
+            more_events, more_size = _weight(item[1])
+            events += more_events
+            size += more_size
         commits: list[Commit] = [(c, m[1]) for c, m in taken if m[0] == "commit"]
         if commits:
             _commit(writer, commits)
@@ -390,8 +393,11 @@ def _serve(writer: GroupWriter, inbox: Inbox) -> None:
             return
 
 
-def _events_in(message: Message) -> int:
-    return sum(len(events) for events, _ in message[1]) if message[0] == "commit" else 0
+def _weight(message: Message) -> tuple[int, int]:
+    """A message's events and body bytes, which bound a group."""
+    if message[0] != "commit":
+        return 0, 0
+    return sum(len(events) for events, _ in message[1]), message[2]
 
 
 # A server's group: per request, its events and notes.
