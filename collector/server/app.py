@@ -61,7 +61,7 @@ from collector.server import limits, openapi
 from collector.server.admission import ByteBudget, reserved_size
 from collector.server.auth import ADMIN_READ, ApiKey, KeyStore
 from collector.server.commit import Committer
-from collector.server.counting import Conversions, EventCounter
+from collector.server.counting import EventCounter
 from collector.server.ingest import Ingest, decode_body, require_json
 from collector.server.proxy import STALE_HEADER, Answer, Proxy, segment
 from collector.server.ratelimit import RateLimiter
@@ -373,7 +373,6 @@ def create_app(
             committer,
             settings.max_events_per_request,
             EventCounter(counts),
-            Conversions(counts) if writer is None else None,  # workers: in the writer
         )
         app.state.proxy = Proxy(settings, counts)
         # Before the first request is served, so that a server answering /healthz is

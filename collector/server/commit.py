@@ -22,19 +22,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import os
 import pickle
 import socket
 import struct
 from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
 from multiprocessing.context import AuthenticationError
 from typing import Any
 
-from collector.errors import QueueBusy, QueueFull
+from collector.errors import CollectorError, QueueBusy, QueueFull
 from collector.server.counting import Note
 from collector.server.writer import (
     CONNECT_WAIT_S,
+    MAX_GROUP_BYTES,
+    MAX_GROUP_EVENTS,
     EncodedEvent,
     WriterConfig,
     WriterLink,
@@ -79,7 +84,10 @@ class Committer:
         self._link = found
         self._commit_timeout_s = commit_timeout_s
         self._stream: asyncio.StreamWriter | None = None
-        self._answers: deque[asyncio.Future[Any]] = deque()  # due from the writer, in order
+        self._outbox: list[_Request] = []  # requests of this turn of the loop, to send
+        self._sending = False  # a call of _send_outbox is due
+        self._answers: deque[list[asyncio.Future[Any]]] = deque()  # per message sent, in order
+        self._tasks: set[asyncio.Task[None]] = set()
         self._reading: asyncio.Task[None] | None = None
         self._connecting = asyncio.Lock()
         self._closing = False
@@ -106,8 +114,12 @@ class Committer:
         """Wait for the answers due (every commit sent), then stop (and stop the writer, if
         owned); later writes are refused with 503."""
         self._closing = True
-        if self._answers:
-            await asyncio.wait(list(self._answers))
+        await asyncio.sleep(0)  # the requests of this turn are sent
+        if self._tasks:
+            await asyncio.wait(list(self._tasks))
+        due = [answer for answers in self._answers for answer in answers]
+        if due:
+            await asyncio.wait(due)
         self._disconnect()
         if self._reading is not None:
             self._reading.cancel()
@@ -124,12 +136,16 @@ class Committer:
         QueueBusy."""
         if self._closing:
             raise QueueBusy("collector is shutting down; retry later")
-        answer = await self._send(("commit", [(events, notes)], size))
+        answer: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+        self._outbox.append(_Request(events, notes, size, answer))
+        if not self._sending:
+            self._sending = True
+            asyncio.get_running_loop().call_soon(self._send_outbox)
         try:
             # shield: a commit that outlasts the wait still stands (and its answer is then
             # dropped: the client's retry of those events is de-duplicated).
             async with asyncio.timeout(self._commit_timeout_s):
-                skipped: list[list[int]] = await asyncio.shield(answer)
+                return await asyncio.shield(answer)
         except TimeoutError:
             answer.add_done_callback(_retrieve)  # its outcome comes later, to nobody
             raise QueueBusy(
@@ -142,13 +158,16 @@ class Committer:
             # until the cyclic collector runs, which app.py makes rare. Measured without
             # such care: 1.2 GB of garbage after a minute of 503s.
             del answer
-        return skipped[0]
 
     async def check_writable(self, wait_s: float | None = READY_WAIT_S) -> None:
         """Raise QueueFull/QueueBusy unless the queue could take a write now; QueueBusy
         too when the check takes over `wait_s` (a stalled disk: a probe never hangs)."""
-        checking = await self._send(("check",))
+        checking: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         checking.add_done_callback(_retrieve)  # an answer after the wait is dropped
+        if self._stream is None:
+            await self._reconnect([checking])
+        if self._stream is not None:
+            self._send(("check",), [checking])
         try:
             async with asyncio.timeout(wait_s):
                 await asyncio.shield(checking)
@@ -159,25 +178,47 @@ class Committer:
         finally:
             del checking
 
-    async def _send(self, message: tuple[Any, ...]) -> asyncio.Future[Any]:
-        """Send `message` to the writer; returns the future of its answer. A writer that
-        is gone is QueueBusy (503): its owner starts another, and a later call connects
-        to that."""
-        data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
+    def _send_outbox(self) -> None:
+        """Send the requests that came in this turn of the loop, as few messages as the
+        group bounds allow (one for 64 single-event requests: the writer's cost is per
+        message)."""
+        self._sending = False
+        requests, self._outbox = self._outbox, []
+        if not requests:
+            return
         if self._stream is None:
-            try:
-                await self._connect(0.0)
-            except (OSError, EOFError, AuthenticationError) as exc:
-                await self._restart_if_dead()
-                raise QueueBusy(WRITER_GONE) from exc
+            task = asyncio.create_task(self._send_after_reconnecting(requests))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
+        for part in _bounded(requests):
+            message = ("commit", [(r.events, r.notes) for r in part], sum(r.size for r in part))
+            self._send(message, [r.answer for r in part])
+
+    async def _send_after_reconnecting(self, requests: list[_Request]) -> None:
+        await self._reconnect([r.answer for r in requests])
+        if self._stream is not None:
+            self._outbox[:0] = requests
+            self._send_outbox()
+
+    async def _reconnect(self, answers: list[asyncio.Future[Any]]) -> None:
+        """Connect again; a writer that is gone fails `answers` with QueueBusy (503): its
+        owner starts another, and a later request connects to that."""
+        try:
+            await self._connect(0.0)
+        except (OSError, EOFError, AuthenticationError):
+            _fail(answers)
+            await self._restart_if_dead()
+
+    def _send(self, message: tuple[Any, ...], answers: list[asyncio.Future[Any]]) -> None:
+        """Write `message`; `answers` are settled by its answer, in order of messages."""
         assert self._stream is not None
-        answer = asyncio.get_running_loop().create_future()
-        self._answers.append(answer)
+        data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
+        self._answers.append(answers)
         if len(data) < 0x7FFFFFFF:
             self._stream.writelines((_LENGTH.pack(len(data)), data))
         else:
             self._stream.writelines((_LENGTH.pack(-1), _LONG_LENGTH.pack(len(data)), data))
-        return answer
 
     async def _connect(self, wait_s: float) -> None:
         """Connect (the handshake that proves this process was started by the writer's
@@ -195,28 +236,26 @@ class Committer:
             self._reading = asyncio.create_task(self._read_answers(reader), name="writer-answers")
 
     async def _read_answers(self, reader: asyncio.StreamReader) -> None:
-        """Settle each answer's future, in order, until the connection ends; a writer that
-        is gone fails every answer due with QueueBusy."""
+        """Settle each message's answers, in order, until the connection ends; a writer
+        that is gone fails every answer due with QueueBusy."""
         try:
             while True:
                 (length,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
                 if length == -1:
                     (length,) = _LONG_LENGTH.unpack(await reader.readexactly(_LONG_LENGTH.size))
                 kind, value = pickle.loads(await reader.readexactly(length))
-                answer = self._answers.popleft()
-                if answer.done():  # its request went away (a timeout): the commit stands
-                    continue
+                answers = self._answers.popleft()
                 if kind == "error":
-                    answer.set_exception(value)
+                    _fail(answers, value)
                 else:
-                    answer.set_result(value)
-                del answer, value  # a refusal's traceback would hold them (see `write`)
+                    for answer, result in zip(answers, value or [None], strict=True):
+                        if not answer.done():  # gone: a timeout (the commit stands)
+                            answer.set_result(result)
+                del answers, value  # a refusal's traceback would hold them (see `write`)
         except Exception as exc:  # the connection ended (or its bytes are not an answer)
             self._disconnect()
             while self._answers:
-                answer = self._answers.popleft()
-                if not answer.done():
-                    answer.set_exception(QueueBusy(WRITER_GONE))
+                _fail(self._answers.popleft())
             if not self._closing:
                 log.warning("lost the connection to the queue writer: %r", exc)
                 await self._restart_if_dead()
@@ -229,6 +268,40 @@ class Committer:
     async def _restart_if_dead(self) -> None:
         if self._process is not None:
             await asyncio.to_thread(self._process.restart_if_dead)
+
+
+@dataclass
+class _Request:
+    events: list[EncodedEvent]
+    notes: list[Note]
+    size: int  # the request's body bytes: what its events cost on the way
+    answer: asyncio.Future[list[int]]
+
+
+def _bounded(requests: list[_Request]) -> Iterator[list[_Request]]:
+    """`requests` in parts of at most MAX_GROUP_EVENTS events and MAX_GROUP_BYTES (a
+    request larger than that is a part of its own)."""
+    part: list[_Request] = []
+    events = size = 0
+    for request in requests:
+        if part and (
+            events + len(request.events) > MAX_GROUP_EVENTS or size + request.size > MAX_GROUP_BYTES
+        ):
+            yield part
+            part, events, size = [], 0, 0
+        part.append(request)
+        events += len(request.events)
+        size += request.size
+    if part:
+        yield part
+
+
+def _fail(answers: list[asyncio.Future[Any]], error: CollectorError | None = None) -> None:
+    """Fail each of `answers` still awaited, each with its own copy of `error` (one shared
+    instance would collect every request's frames in its traceback as each re-raises it)."""
+    for answer in answers:
+        if not answer.done():
+            answer.set_exception(copy.copy(error) if error else QueueBusy(WRITER_GONE))
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

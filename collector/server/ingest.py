@@ -26,7 +26,6 @@ import base64
 import hashlib
 import json
 import re
-import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ from collector.errors import BadRequest, CollectorError, PayloadTooLarge, Unsupp
 from collector.events import Event, Target, decode_all
 from collector.server.auth import ApiKey
 from collector.server.commit import Committer
-from collector.server.counting import Conversions, EventCounter, notes
+from collector.server.counting import EventCounter, notes
 from collector.server.writer import EncodedEvent
 
 # zlib's window bits for "gzip header and trailer".
@@ -253,20 +252,10 @@ def _private_use(found: re.Match[bytes]) -> bytes:
 class Ingest:
     """Handles the body of one events request for an authenticated key."""
 
-    def __init__(
-        self,
-        committer: Committer,
-        max_events: int,
-        counter: EventCounter,
-        conversions: Conversions | None = None,
-    ) -> None:
-        """`conversions`: count track events and conversions here (a server alone), not
-        in the writer (which `workers` need, since only it sees every worker's requests;
-        here it would cost the writer's commits the time, measured: 8% of throughput)."""
+    def __init__(self, committer: Committer, max_events: int, counter: EventCounter) -> None:
         self._committer = committer
         self._envelope = Envelope(max_events)
         self._counter = counter
-        self._conversions = conversions
 
     async def handle(self, body: bytes, key: ApiKey) -> Outcome:
         stored, readable = read_events(body, self._envelope)
@@ -298,16 +287,11 @@ class Ingest:
             if key.restricted:
                 for target in targets.values():
                     key.require_target(target)
-            found = notes(valid)
-            skipped = await self._committer.write(
-                encoded, [] if self._conversions else found, len(body)
-            )
+            skipped = await self._committer.write(encoded, notes(valid), len(body))
         except CollectorError as exc:
             self._counter.rejected(type(exc).__name__, len(valid))
             raise
         self._counter.accepted(valid, labels, set(skipped))
-        if self._conversions is not None:
-            self._conversions.count(found, skipped, time.monotonic())
         return Outcome(accepted=len(valid), written=len(valid) - len(skipped), errors=errors)
 
 

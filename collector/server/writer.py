@@ -145,7 +145,7 @@ class GroupWriter:
 
     def flush_counts(self) -> None:
         """Write the counts of the notes counted so far (in the thread that counts them;
-        nothing to write, as for a server alone, which counts its own: no transaction)."""
+        nothing counted since the last time: no transaction)."""
         self._after.submit(_logged, self._flush)
 
     def _flush(self) -> None:
