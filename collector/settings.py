@@ -152,6 +152,14 @@ class Settings(BaseSettings):
         gt=0,
         description="Events queued longer than this whose delivery fails are dead-lettered.",
     )
+    unconfirmed_events: Literal["count", "dead_letter"] = Field(
+        "count",
+        description="A 2xx from the upstream that accepts fewer events than sent without "
+        "naming the rest in validationErrors: count: they are counted as unconfirmed (status "
+        "warns, collector_events_unconfirmed counts them) and settled; dead_letter: the "
+        "batch's events are kept in the dead-letter store too, for `collector dlq replay` "
+        "(the upstream then gets its accepted events again, de-duplicated by id).",
+    )
     stop_timeout_seconds: float = Field(
         10.0,
         ge=0,

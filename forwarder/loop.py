@@ -112,6 +112,10 @@ NO_KEY = 0
 # be restricted to one project): the batch is split by target, to send what it may.
 FORBIDDEN = 403
 
+# An upstream's schema warning names its event; cut as the server cuts the event names it
+# counts (`collector.server.counting.LABEL_CHARS`).
+NAME_CHARS = 100
+
 T = TypeVar("T")
 
 
@@ -124,6 +128,7 @@ class Stats:
     """What the forwarder did since it started (for its state file and the log)."""
 
     forwarded: int = 0
+    unconfirmed: int = 0  # in 2xx answers that accepted fewer than sent, naming none
     retried: int = 0
     dead_lettered: int = 0
     last_success: float | None = None
@@ -403,13 +408,50 @@ class Forwarder:
                 reason = f"older than the maximum age ({self.settings.max_event_age_seconds:g} s)"
                 await self._dead_letter(part.events, reason, DeadLetterReason.MAX_AGE)
             else:
-                if self.stats.last_success is None:
-                    log.info("upstream ok: the first batch was delivered")
-                self.stats.forwarded += len(part.events)
-                self.stats.last_success = time.time()
-                for target, count in Counter(part.targets).items():
-                    self.counts.add(Count.FORWARDED, target, count)
+                await self._delivered(part, result)
             await self._settle(part)
+
+    async def _delivered(self, part: Batch, result: Delivered) -> None:
+        """Count what a 2xx says of `part`: delivered, rejected (dead-lettered with the
+        upstream's reason), unconfirmed (counted, loudly; or dead-lettered too, with
+        `unconfirmed_events = "dead_letter"`), taken with a schema warning."""
+        if self.stats.last_success is None:
+            log.info("upstream ok: the first batch was delivered")
+        self.stats.last_success = time.time()
+        by_reason: dict[str, list[bytes]] = {}
+        for index, reason in sorted(result.rejected.items()):
+            by_reason.setdefault(reason, []).append(part.events[index])
+        for reason, events in by_reason.items():
+            why = f"rejected by upstream (HTTP {result.status}): {reason}"
+            await self._dead_letter(events, why, DeadLetterReason.REJECTED)
+        kept = [i for i in range(len(part.events)) if i not in result.rejected]
+        # Which events the unconfirmed are is not known: they are counted as the batch's
+        # last ones (exact whenever the batch holds one project and env, as most do).
+        confirmed = len(kept) - result.unconfirmed
+        self.stats.forwarded += confirmed
+        for target, count in Counter(part.targets[i] for i in kept[:confirmed]).items():
+            self.counts.add(Count.FORWARDED, target, count)
+        for index, name in result.warned.items():
+            self.counts.add(Count.SCHEMA_WARNINGS, (*part.targets[index], name[:NAME_CHARS]))
+        if result.unconfirmed:
+            await self._unconfirmed(part, kept, result)
+
+    async def _unconfirmed(self, part: Batch, kept: list[int], result: Delivered) -> None:
+        unsure = kept[len(kept) - result.unconfirmed :]
+        self.stats.unconfirmed += result.unconfirmed
+        for target, count in Counter(part.targets[i] for i in unsure).items():
+            self.counts.add(Count.UNCONFIRMED, target, count)
+        said = (
+            f"the upstream answered HTTP {result.status} accepting {len(kept) - len(unsure)} "
+            f"of {len(kept)} events without naming the other {len(unsure)}"
+        )
+        if self.settings.unconfirmed_events == "dead_letter":
+            await self._dead_letter(
+                [part.events[i] for i in kept], f"unconfirmed: {said}", DeadLetterReason.UNCONFIRMED
+            )
+            log.warning("%s; the batch's events are kept as dead letters too", said)
+        else:
+            log.warning("%s; they are counted as unconfirmed (unconfirmed_events)", said)
 
     async def _send(self, batch: Batch) -> Delivered | Rejected | KeyRejected | TooOld:
         """Post `batch` until the upstream gives an answer about its events or its key, or
@@ -425,7 +467,7 @@ class Forwarder:
             else:
                 holds_probe = await self._outage.acquire()
                 try:
-                    result = await self._sink.send(body, key, batch.id)
+                    result = await self._sink.send(body, len(batch.events), key, batch.id)
                 except Exception as exc:
                     # Ours or a library's bug on some answer: a retry, said loudly, never a
                     # sender that dies with its batch.
@@ -515,6 +557,7 @@ class Forwarder:
                     "outage_since": self._outage.since,
                     "last_success": stats.last_success,
                     "forwarded": stats.forwarded,
+                    "unconfirmed": stats.unconfirmed,
                     "retried": stats.retried,
                     "dead_lettered": stats.dead_lettered,
                     "upstream_url": self.settings.upstream_url,

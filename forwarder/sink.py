@@ -6,7 +6,11 @@ batch id that stays the same across its retries, and turns the answer into what 
 forwarder must do next:
 
     Delivered     2xx with the events API's answer (a JSON object with `accepted`): the
-                  upstream holds the events; settle them
+                  upstream holds the events, except those its answer names in
+                  `validationErrors` (`rejected`: they go to the dead-letter store with the
+                  upstream's reason) and those it did not accept without saying which
+                  (`unconfirmed`: `accepted` short of the rest); `schemaWarnings` name the
+                  events the upstream took with a warning
     RetryLater    408, 429, 5xx, a redirect, a 2xx with any other body (a proxy's or a
                   captive portal's HTML page: the API never saw the events), any other
                   unexpected answer, a timeout or a connection error: nothing is known to
@@ -20,7 +24,8 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from collector.errors import UpstreamFailed
 from collector.store.counts import UpstreamOutcome
@@ -47,6 +52,9 @@ PAGE_CHARS = 120
 @dataclass(frozen=True)
 class Delivered:
     status: int
+    rejected: dict[int, str] = field(default_factory=dict)  # index -> the upstream's reason
+    unconfirmed: int = 0  # events not accepted, and not named as rejected either
+    warned: dict[int, str] = field(default_factory=dict)  # index -> event name, with a warning
 
 
 @dataclass(frozen=True)
@@ -89,7 +97,8 @@ class EventsSink:
     async def aclose(self) -> None:
         await self._upstream.aclose()
 
-    async def send(self, gzipped_body: bytes, key: str, batch_id: str) -> Result:
+    async def send(self, gzipped_body: bytes, events: int, key: str, batch_id: str) -> Result:
+        """Post a batch of `events` events; what the answer means for them."""
         headers = {
             "Authorization": f"Bearer {key}",
             "Content-Type": "application/json",
@@ -108,26 +117,31 @@ class EventsSink:
             )
         except UpstreamFailed as exc:
             return RetryLater(exc.message)
-        return result_of(reply.status, reply.text, reply.headers.get("retry-after"))
+        return result_of(reply.status, reply.text, reply.headers.get("retry-after"), events)
 
 
-def is_events_answer(body: str) -> bool:
-    """Whether `body` is what the events API answers: a JSON object with a count in
-    `accepted`."""
+def events_answer(body: str) -> dict[str, Any] | None:
+    """`body` read as the events API's answer: a JSON object with a count in `accepted`;
+    None when it is not one."""
     try:
         answer = json.loads(body)
     except ValueError:
-        return False
-    accepted = answer.get("accepted") if isinstance(answer, dict) else None
-    return isinstance(accepted, int) and not isinstance(accepted, bool)
+        return None
+    if not isinstance(answer, dict):
+        return None
+    accepted = answer.get("accepted")
+    if not isinstance(accepted, int) or isinstance(accepted, bool):
+        return None
+    return answer
 
 
-def result_of(status: int, body: str, retry_after_header: str | None) -> Result:
-    """What an upstream answer to an events batch means for its events."""
+def result_of(status: int, body: str, retry_after_header: str | None, sent: int) -> Result:
+    """What an upstream answer to an events batch of `sent` events means for its events."""
     verdict = classify(status)
     if verdict is Verdict.ACCEPTED:
-        if is_events_answer(body):
-            return Delivered(status)
+        answer = events_answer(body)
+        if answer is not None:
+            return delivered(status, answer, sent)
         return RetryLater(
             f"HTTP {status} without the events API's answer (is upstream_url the API, not a "
             f"proxy's or portal's page?): {redacted(body, PAGE_CHARS)!r}"
@@ -138,6 +152,37 @@ def result_of(status: int, body: str, retry_after_header: str | None) -> Result:
     if verdict is Verdict.KEY_REFUSED:
         return KeyRejected(status, shown)
     return RetryLater(shown, retry_after(retry_after_header))
+
+
+def delivered(status: int, answer: dict[str, Any], sent: int) -> Delivered:
+    """What a 2xx events answer says of each of the `sent` events: the ones it names in
+    `validationErrors` are rejected (each index once, in range; entries of another shape are
+    ignored), those `accepted` leaves unexplained are unconfirmed, and `schemaWarnings`
+    name the event of each warned index (the JavaScript SDK's `EventSchemaWarning`)."""
+    rejected: dict[int, str] = {}
+    for item in _items(answer.get("validationErrors")):
+        index = _index(item, sent)
+        if index is not None and index not in rejected:
+            rejected[index] = redacted(str(item.get("error") or "no reason given"), REASON_CHARS)
+    warned: dict[int, str] = {}
+    for item in _items(answer.get("schemaWarnings")):
+        index = _index(item, sent)
+        if index is not None and index not in rejected:
+            warned.setdefault(index, str(item.get("event") or ""))
+    accepted = min(max(answer["accepted"], 0), sent)
+    unconfirmed = max(0, sent - len(rejected) - accepted)
+    return Delivered(status, rejected, unconfirmed, warned)
+
+
+def _items(value: object) -> list[dict[str, Any]]:
+    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
+
+
+def _index(item: dict[str, Any], sent: int) -> int | None:
+    index = item.get("index")
+    if isinstance(index, int) and not isinstance(index, bool) and 0 <= index < sent:
+        return index
+    return None
 
 
 def redacted(body: str, chars: int) -> str:

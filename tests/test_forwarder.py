@@ -835,6 +835,87 @@ def test_rejected_batches_are_split_until_only_the_bad_events_are_dead_lettered(
     forwarder.wait_for_state("ok", forwarded=196, dead_lettered=4)
 
 
+def status_of(data_dir: Path) -> tuple[int, dict[str, Any]]:
+    """`collector status --json`: its exit code and document."""
+    done = run_cli("status", "--json", data_dir=data_dir)
+    assert done.returncode in (0, 1), done.stderr
+    document: dict[str, Any] = json.loads(done.stdout)
+    return done.returncode, document
+
+
+def test_events_a_2xx_names_as_rejected_are_dead_lettered_and_schema_warnings_counted(
+    server: Server, upstream: RecordingUpstream, start_forwarder: Callable[..., Forwarder]
+) -> None:
+    """The Traffical API's schema enforcement in `reject` mode drops events and answers
+    200 naming them by index; they were counted as forwarded, and lost."""
+    sent = numbered("schema", 50) + numbered("warned", 3, event="signup_v2")
+    dropped = {"schema-0007", "schema-0031"}
+    upstream.drop_in_200(dropped)
+    upstream.warn_schema({"signup_v2"})
+    post(server, sent)
+    forwarder = start_forwarder(server.data_dir, **to(upstream))
+    wait_until_drained(server, forwarder)
+
+    assert Counter(upstream.event_ids()) == Counter(i for i in ids(sent) if i not in dropped)
+    letters = dlq_list_json(server.data_dir)
+    assert sorted(letter["event_id"] for letter in letters) == sorted(dropped)
+    for letter in letters:
+        assert letter["reason"] == (
+            f"rejected by upstream (HTTP 200): properties: event {letter['event_id']} breaks "
+            "its schema"
+        )
+    forwarder.wait_for_state("ok", forwarded=51, dead_lettered=2, unconfirmed=0)
+
+    def warned() -> bool:
+        return bool(status_of(server.data_dir)[1]["upstream_answers"]["schema_warnings"])
+
+    wait_for(warned, "schema warnings counted")
+    code, document = status_of(server.data_dir)
+    assert document["upstream_answers"] == {
+        "unconfirmed": [],
+        "schema_warnings": [
+            {"project": "proj_test", "env": "production", "event": "signup_v2", "count": 3}
+        ],
+    }
+    assert any("schema warnings" in w and "signup_v2" in w for w in document["warnings"])
+    assert code == 0, document["problems"]  # named rejections are dead letters, not problems
+
+
+@pytest.mark.parametrize("mode", ["count", "dead_letter"])
+def test_a_2xx_accepting_fewer_than_sent_without_naming_them_is_never_silent(
+    server: Server,
+    upstream: RecordingUpstream,
+    start_forwarder: Callable[..., Forwarder],
+    mode: str,
+) -> None:
+    sent = numbered("quiet", 20)
+    upstream.drop_in_200({"quiet-0003", "quiet-0011"}, named=False)
+    post(server, sent)
+    forwarder = start_forwarder(server.data_dir, **to(upstream), COLLECTOR_UNCONFIRMED_EVENTS=mode)
+    wait_until_drained(server, forwarder)
+
+    forwarder.wait_for_state("ok", forwarded=18, unconfirmed=2)
+    said = "accepting 18 of 20 events without naming the other 2"
+    assert forwarder.levels_of(said) == {"warning"}, forwarder.log()
+
+    def counted() -> bool:
+        return bool(status_of(server.data_dir)[1]["upstream_answers"]["unconfirmed"])
+
+    wait_for(counted, "unconfirmed events counted")
+    code, document = status_of(server.data_dir)
+    assert document["upstream_answers"]["unconfirmed"] == [
+        {"project": "proj_test", "env": "production", "events": 2}
+    ]
+    assert code == 1
+    assert any("2 events unconfirmed by the upstream" in p for p in document["problems"])
+    letters = dlq_list_json(server.data_dir)
+    if mode == "count":
+        assert letters == []
+    else:  # the whole batch is kept, to replay: nobody knows which 2 were dropped
+        assert sorted(letter["event_id"] for letter in letters) == ids(sent)
+        assert all(letter["reason"].startswith("unconfirmed: the upstream") for letter in letters)
+
+
 def test_an_event_too_large_for_the_upstream_alone_is_dead_lettered(
     server: Server, upstream: RecordingUpstream, start_forwarder: Callable[..., Forwarder]
 ) -> None:

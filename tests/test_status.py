@@ -74,6 +74,7 @@ STATUS_KEYS = {
     "allocations",
     "sample_ratio",
     "rejected",
+    "upstream_answers",
     "dead_letters",
     "proxy",
     "recovered",

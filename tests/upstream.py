@@ -108,6 +108,9 @@ class _Settings:
     failure: _Failure | None = None
     reject: frozenset[str] = frozenset()
     reject_status: int = 400
+    drop_ids: frozenset[str] = frozenset()  # dropped inside a 200 (schema `reject` mode)
+    name_dropped: bool = True  # ... naming them in validationErrors, or only counting
+    warn_names: frozenset[str] = frozenset()  # event names answered with a schema warning
     keys: dict[str, frozenset[Scope] | None] | None = None  # None: any key; scope None: any
     delay_s: float = 0.0
     max_body: int | None = None
@@ -261,6 +264,20 @@ class Upstream:
             self._settings.reject = frozenset(ids)
             self._settings.reject_status = status
 
+    def drop_in_200(self, ids: Iterable[str], *, named: bool = True) -> None:
+        """Answer 200 to batches holding any of `ids` but keep only the other events, as
+        the Traffical API's schema enforcement in `reject` mode does: with `named`, each
+        dropped one is listed in `validationErrors` by index; else `accepted` is merely
+        lower than the batch (an upstream that does not say which)."""
+        with self._cond:
+            self._settings.drop_ids = frozenset(ids)
+            self._settings.name_dropped = named
+
+    def warn_schema(self, names: Iterable[str]) -> None:
+        """Accept track events named one of `names`, with a `schemaWarnings` entry each."""
+        with self._cond:
+            self._settings.warn_names = frozenset(names)
+
     def accept_keys(self, keys: Iterable[str] | None) -> None:
         """Answer 401 unless the Bearer key is one of `keys` (None: any key, the default)."""
         with self._cond:
@@ -412,7 +429,7 @@ class Upstream:
             or parsed.error
             or _scope_check(settings.keys, key, parsed.events)
             or _reject_check(settings.reject, settings.reject_status, parsed.events)
-            or _Answer(200, {"accepted": len(parsed.events), "written": len(parsed.events)})
+            or _accepted(settings, parsed)
         )
 
     def _handle_sdk(
@@ -581,6 +598,29 @@ def _scope_check(
         if (event.get("projectId"), event.get("env")) not in scope:
             return _error(403, "key is restricted to another project or environment")
     return None
+
+
+def _accepted(settings: _Settings, parsed: _Parsed) -> _Answer:
+    """200, with what the settings drop or warn about said as the Traffical API says it;
+    `parsed.events` keeps only the events stored."""
+    events = parsed.events
+    dropped = [i for i, e in enumerate(events) if e.get("id") in settings.drop_ids]
+    warned = [
+        {"index": i, "event": e.get("event"), "violations": [{"path": "properties",
+         "message": "not in the tracking plan", "rule": "additionalProperties"}]}
+        for i, e in enumerate(events) if e.get("event") in settings.warn_names
+    ]  # fmt: skip
+    kept = len(events) - len(dropped)
+    answer: Json = {"accepted": kept, "written": kept}
+    if dropped and settings.name_dropped:
+        answer["validationErrors"] = [
+            {"index": i, "error": f"properties: event {events[i]['id']} breaks its schema"}
+            for i in dropped
+        ]
+    if warned:
+        answer["schemaWarnings"] = warned
+    events[:] = [e for i, e in enumerate(events) if i not in set(dropped)]
+    return _Answer(200, answer)
 
 
 def _reject_check(reject: frozenset[str], status: int, events: list[Json]) -> _Answer | None:

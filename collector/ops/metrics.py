@@ -77,6 +77,18 @@ COUNTERS: tuple[tuple[Count, str, str, tuple[str, ...]], ...] = (
         ("project", "env"),
     ),
     (
+        Count.UNCONFIRMED,
+        "collector_events_unconfirmed",
+        "Events of 2xx answers that accepted fewer than sent without naming the rest.",
+        ("project", "env"),
+    ),
+    (
+        Count.SCHEMA_WARNINGS,
+        "collector_events_schema_warnings",
+        "Events the upstream took with a schema warning, by event name.",
+        ("project", "env", "event"),
+    ),
+    (
         Count.UPSTREAM_REQUESTS,
         "collector_upstream_requests",
         f"Upstream requests by outcome ({', '.join(UpstreamOutcome)}).",

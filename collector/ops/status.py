@@ -51,6 +51,7 @@ def collect(settings: Settings) -> dict[str, Any]:
             "allocations": _allocations(counts, settings.counts_window_minutes),
             "sample_ratio": _sample_ratio(counts, settings.counts_window_minutes),
             "rejected": _rejected(counts, settings.counts_window_minutes),
+            "upstream_answers": _upstream_answers(counts, settings.counts_window_minutes),
             "dead_letters": _dead_letters(data_dir),
             "recovered": recovery.moved_aside(data_dir.path),
             "proxy": _proxy(counts, settings),
@@ -67,6 +68,8 @@ def collect(settings: Settings) -> dict[str, Any]:
 ADMIN_ONLY = {"server": ("pid", "url"), "forwarder": ("pid", "upstream_url", "message")}
 # The sections listed per project: a key restricted to one sees only that project's rows.
 PER_PROJECT = ("top_events", "allocations", "sample_ratio")
+# The same, one level down: sections of `upstream_answers`.
+PER_PROJECT_ANSWERS = ("unconfirmed", "schema_warnings")
 
 
 def shown_to(document: dict[str, Any], *, admin: bool, project: str | None) -> dict[str, Any]:
@@ -82,6 +85,10 @@ def shown_to(document: dict[str, Any], *, admin: bool, project: str | None) -> d
     if project is not None:
         for section in PER_PROJECT:
             shown[section] = [row for row in shown[section] if row["project"] == project]
+        shown["upstream_answers"] = {
+            section: [row for row in rows if row["project"] == project]
+            for section, rows in shown["upstream_answers"].items()
+        }
     problems, warnings = _judge(shown)
     shown.update(healthy=not problems, problems=problems, warnings=warnings)
     return shown
@@ -202,6 +209,24 @@ def _rejected(counts: Counts, window: int) -> dict[str, int]:
     return {reason: int(n) for (reason,), n in counts.recent(Count.EVENTS_REJECTED, window).items()}
 
 
+def _upstream_answers(counts: Counts, window: int) -> dict[str, list[dict[str, Any]]]:
+    """What the upstream's 2xx answers said in the window beyond "delivered": events it
+    accepted fewer of than sent without naming them (unconfirmed), and events it took with
+    a schema warning, by event name (the most warned first)."""
+    unconfirmed = counts.recent(Count.UNCONFIRMED, window)
+    warned = counts.recent(Count.SCHEMA_WARNINGS, window)
+    return {
+        "unconfirmed": [
+            {"project": project, "env": env, "events": int(n)}
+            for (project, env), n in sorted(unconfirmed.items())
+        ],
+        "schema_warnings": [
+            {"project": project, "env": env, "event": event, "count": int(n)}
+            for (project, env, event), n in sorted(warned.items(), key=lambda item: -item[1])
+        ][:TOP_EVENTS],
+    }
+
+
 def _proxy(counts: Counts, settings: Settings) -> dict[str, Any]:
     """Config, resolve and decide calls passed upstream in the window, and the cache's size."""
     requests: dict[str, dict[str, int]] = {route.value: {} for route in ProxyRoute}
@@ -242,6 +267,19 @@ def _judge(document: dict[str, Any]) -> tuple[list[str], list[str]]:
         (problems if seconds > OUTAGE_UNHEALTHY_S else warnings).append(note)
     if document["queue"]["disk_budget_used"] >= BUDGET_UNHEALTHY:
         problems.append(f"disk budget {document['queue']['disk_budget_used']:.0%} used")
+    unconfirmed = sum(row["events"] for row in document["upstream_answers"]["unconfirmed"])
+    if unconfirmed:
+        problems.append(
+            f"{unconfirmed} events unconfirmed by the upstream in the counts window: it "
+            "answered 2xx accepting fewer than sent without naming them (unconfirmed_events)"
+        )
+    warned = document["upstream_answers"]["schema_warnings"]
+    if warned:
+        top = warned[0]
+        warnings.append(
+            f"the upstream took events with schema warnings in the counts window (most: "
+            f"{top['count']} {top['event']!r} of {top['project']}/{top['env']})"
+        )
     if document["dead_letters"]:
         warnings.append(f"{document['dead_letters']} dead-lettered events (collector dlq list)")
     for moved in document["recovered"]:

@@ -23,6 +23,8 @@ count cannot silently read 0. Names and their labels:
     exposure_shares_n     project, env, layer, policy, allocation  (exposures declaring one)
     conversions           project, env, policy, allocation, event  (tracks attributed)
     forwarded             project, env                           (forwarder)
+    unconfirmed           project, env       (in a 2xx accepting fewer, none named)
+    schema_warnings       project, env, event    (taken by the upstream with a warning)
     upstream_requests     outcome (UpstreamOutcome)
     dead_lettered         reason (DeadLetterReason)
     proxy_requests        route (ProxyRoute), outcome (ProxyOutcome)   (server)
@@ -83,6 +85,8 @@ class Count(StrEnum):
     EXPOSURE_SHARES_N = "exposure_shares_n"
     CONVERSIONS = "conversions"
     FORWARDED = "forwarded"
+    UNCONFIRMED = "unconfirmed"
+    SCHEMA_WARNINGS = "schema_warnings"
     UPSTREAM_REQUESTS = "upstream_requests"
     DEAD_LETTERED = "dead_lettered"
     PROXY_REQUESTS = "proxy_requests"
@@ -103,7 +107,9 @@ class UpstreamOutcome(StrEnum):
 
 class DeadLetterReason(StrEnum):
     MAX_AGE = "max_age"  # queued longer than max_event_age_seconds
-    REJECTED = "rejected"  # refused by the upstream (400, 413, 422), alone in its batch
+    REJECTED = "rejected"  # refused by the upstream: 400, 413, 422 alone in its batch, or
+    # named in a 2xx answer's validationErrors
+    UNCONFIRMED = "unconfirmed"  # in a batch whose 2xx left some unaccounted for (a setting)
 
 
 class ProxyRoute(StrEnum):
@@ -145,6 +151,8 @@ CLIENT_CHOSEN: dict[str, tuple[int, ...]] = {
         ("exposures", "exposure_shares", "exposure_shares_n", "conversions"), (0, 1, 2, 3, 4)
     ),
     "forwarded": (0, 1),
+    "unconfirmed": (0, 1),
+    "schema_warnings": (0, 1, 2),
 }
 
 

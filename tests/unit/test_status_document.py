@@ -70,6 +70,7 @@ def healthy_document() -> dict[str, Any]:
         "dead_letters": 0,
         "recovered": [],
         "sample_ratio": [],
+        "upstream_answers": {"unconfirmed": [], "schema_warnings": []},
     }
 
 
@@ -146,3 +147,27 @@ def test_dead_letters_a_moved_aside_file_and_a_sample_ratio_mismatch_are_warning
     assert "counts.db was corrupt" in warnings[2] and "not forwarded" not in warnings[2]
     assert warnings[3] == "sample-ratio mismatch in policy pol_a (p/e): p = 1e-07"
     assert len(warnings) == 4
+
+
+def test_unconfirmed_events_are_a_problem_and_schema_warnings_a_warning() -> None:
+    problems, warnings = judged(
+        upstream_answers={
+            "unconfirmed": [
+                {"project": "p", "env": "e", "events": 2},
+                {"project": "q", "env": "e", "events": 3},
+            ],
+            "schema_warnings": [
+                {"project": "p", "env": "e", "event": "signup", "count": 9},
+                {"project": "p", "env": "e", "event": "buy", "count": 1},
+            ],
+        }
+    )
+
+    assert problems == [
+        "5 events unconfirmed by the upstream in the counts window: it answered 2xx accepting "
+        "fewer than sent without naming them (unconfirmed_events)"
+    ]
+    assert warnings == [
+        "the upstream took events with schema warnings in the counts window (most: 9 "
+        "'signup' of p/e)"
+    ]
