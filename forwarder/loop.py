@@ -12,10 +12,12 @@
                RetryLater   back off (full jitter, Retry-After); in an outage, one probe
                Rejected     split the batch in halves until the offending events are
                             alone; those go to the dead-letter store with the answer
+               Delivered    a 2xx: the events it names as rejected are dead-lettered, the
+                            ones it leaves unexplained counted as unconfirmed
                KeyRejected  split a batch of several targets by target (a key may be refused
-                            for some of them only); a target's own refused batch waits,
-                            kept, until a reload (SIGHUP) while the sender goes on with
-                            the rest of its batch; say so
+                            for some of them only); a target's own refused batch is
+                            parked, kept in memory (bounded) until a reload (SIGHUP),
+                            while the senders go on with every other key's; say so
     settle   a row is acknowledged (deleted from the queue) once every one of its events
              is delivered or dead-lettered
 
@@ -106,6 +108,13 @@ COUNTS_FLUSH_S = 1.0
 QUEUE_RETRY_FIRST_S = 0.1
 QUEUE_RETRY_MAX_S = 5.0
 
+# Events of batches whose key was refused, held in memory until the keys are reloaded
+# while every other key's batches keep flowing; past either bound the feeder waits too
+# (nothing is dropped: the rest stays in the queue file), so a halted project costs the
+# forwarder at most this much memory.
+MAX_PARKED_EVENTS = 50_000
+MAX_PARKED_BYTES = 32 * 1024 * 1024
+
 # The status of a KeyRejected that no upstream answered: there was no key to send.
 NO_KEY = 0
 # A refused key's status when the key is valid but not for all the batch's targets (it may
@@ -172,8 +181,11 @@ class Forwarder:
         self._buffered_bytes = 0  # the events' own bytes of the same
         self._room = asyncio.Event()
         self._stopping = asyncio.Event()
-        self._key_fixed = asyncio.Event()
+        self._key_fixed = asyncio.Event()  # the keys were reloaded: send the parked again
         self._blocked: set[Target] = set()  # targets whose key the upstream refused
+        self._parked: list[Batch] = []  # their batches, until the keys are reloaded
+        self._parked_events = 0
+        self._parked_bytes = 0  # the events' own bytes of the same
         self._sink: EventsSink | None = None
         self.overran = False  # requests were still in flight at stop_timeout_seconds
         self.failed = False  # a sender failed unexpectedly (`_fail`): exit 1, be restarted
@@ -221,6 +233,7 @@ class Forwarder:
             return
         log.info("upstream keys reloaded")
         self._key_fixed.set()
+        self._room.set()  # a feeder waiting on the parked bounds takes them up again
 
     async def _forward(self) -> None:
         senders = [
@@ -264,6 +277,9 @@ class Forwarder:
     async def _feed_until_stopped(self) -> None:
         building: dict[str | None, Batch] = {}  # by upstream key
         while not self._stopping.is_set():
+            if self._key_fixed.is_set() and self._parked:
+                self._key_fixed.clear()
+                await self._unpark()
             if self._full():
                 # Send what is partly built (it may be all that holds the buffer), then
                 # wait for senders to settle events.
@@ -284,7 +300,12 @@ class Forwarder:
                     await self._hand_off(building.pop(key))
 
     def _full(self) -> bool:
-        return self._buffered >= MAX_BUFFERED_EVENTS or self._buffered_bytes >= MAX_BUFFERED_BYTES
+        return (
+            self._buffered >= MAX_BUFFERED_EVENTS
+            or self._buffered_bytes >= MAX_BUFFERED_BYTES
+            or self._parked_events >= MAX_PARKED_EVENTS
+            or self._parked_bytes >= MAX_PARKED_BYTES
+        )
 
     async def _sort(self, row: Row, building: dict[str | None, Batch]) -> list[Batch]:
         """Put a row's events into batches; returns the batches it filled."""
@@ -366,15 +387,11 @@ class Forwarder:
         self.stop()
 
     async def _deliver(self, batch: Batch) -> None:
-        """Send `batch` until each of its events is delivered or dead-lettered."""
+        """Send `batch` until each of its events is delivered, dead-lettered, or parked
+        (its key refused: held until the keys are reloaded, while the sender goes on with
+        other keys' batches)."""
         todo = [batch]
-        refused: list[Batch] = []  # parts whose key was refused, to send once it is fixed
-        while todo or refused:
-            if not todo:  # all that is left waits for a fixed key
-                await self._wait(self._key_fixed, None)
-                if self._stopping.is_set():
-                    raise _Stopping
-                todo, refused = refused, []
+        while todo:
             part = todo.pop()
             if part.keys_loaded != self._keys_loaded:  # reloaded since it was built
                 by_key = part.split(self._keys.key_for)
@@ -390,7 +407,7 @@ class Forwarder:
                     todo += reversed(by_target)  # the key may be restricted to some of them
                 else:
                     self._refuse(part, result)
-                    refused.append(part)
+                    self._park(part)
                 continue
             if self._blocked:
                 self._blocked.difference_update(part.targets)
@@ -492,13 +509,37 @@ class Forwarder:
                 self._outage.succeeded()
             return result
 
+    def _park(self, part: Batch) -> None:
+        """Hold `part` aside until the keys are reloaded; its events no longer count in the
+        feeder's buffer (so other keys' rows keep coming) but in the parked bounds."""
+        self._parked.append(part)
+        if part.keys_loaded != self._keys_loaded:  # sent with keys reloaded since: again
+            self._key_fixed.set()
+        events_bytes = part.size - BODY_OVERHEAD - len(part.events)
+        self._buffered -= len(part.events)
+        self._buffered_bytes -= events_bytes
+        self._parked_events += len(part.events)
+        self._parked_bytes += events_bytes
+        self._room.set()
+
+    async def _unpark(self) -> None:
+        """After a reload: send the parked batches again (split by the new keys)."""
+        parked, self._parked = self._parked, []
+        for part in parked:
+            events_bytes = part.size - BODY_OVERHEAD - len(part.events)
+            self._parked_events -= len(part.events)
+            self._parked_bytes -= events_bytes
+            self._buffered += len(part.events)
+            self._buffered_bytes += events_bytes
+        for part in parked:
+            await self._hand_off(part)
+
     def _refuse(self, part: Batch, result: KeyRejected) -> None:
         """Stop sending the events of `part`'s targets until the keys are reloaded; say so."""
         targets = set(part.targets)
         self._blocked |= targets
         problem = _key_problem(part.targets[0], len(targets), result)
         self._say(UpstreamState.KEY_REJECTED, problem, logging.ERROR)
-        self._key_fixed.clear()
 
     # --- settle ----------------------------------------------------------------------
 

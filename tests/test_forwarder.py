@@ -1064,6 +1064,46 @@ def test_each_project_and_env_is_sent_with_its_own_key(
     assert used == keys
 
 
+def test_a_refused_key_halts_only_its_projects_batches_and_resumes_on_sighup(
+    server: Server,
+    upstream: RecordingUpstream,
+    start_forwarder: Callable[..., Forwarder],
+    tmp_path: Path,
+) -> None:
+    """Each refused batch used to hold a sender until the key was fixed: with
+    `forward_in_flight` (2) batches of one bad key, every other project stopped too."""
+    bad_key_file = tmp_path / "bad.key"
+    bad_key_file.write_text("key-bad-wrong\n")
+    config = tmp_path / "collector.toml"
+    config.write_text(
+        f'upstream_url = "{upstream.url}"\nupstream_key = "key-good"\n'
+        f'\n[[upstream_keys]]\nproject = "proj_bad"\nkey_file = "{bad_key_file}"\n'
+    )
+    upstream.require_keys(
+        {("proj_good", "production"): "key-good", ("proj_bad", "production"): "key-bad"}
+    )
+    bad = [event(id=f"bad-{i}", projectId="proj_bad") for i in range(4000)]
+    for start in range(0, len(bad), 1000):  # four batches: more than the senders
+        post(server, bad[start : start + 1000])
+    good = [event(id=f"good-{i}", projectId="proj_good") for i in range(3000)]
+    for start in range(0, len(good), 500):
+        post(server, good[start : start + 500])
+
+    forwarder = start_forwarder(server.data_dir, "--config", str(config))
+    upstream.wait_for_events(len(good))
+    assert Counter(upstream.event_ids()) == Counter(ids(good))
+    state = forwarder.wait_for_state("key_rejected", forwarded=len(good))
+    assert "proj_bad" in state["message"], state
+    assert len(server.stored()) == len(bad)  # held, none lost
+
+    bad_key_file.write_text("key-bad\n")
+    forwarder.process.send_signal(signal.SIGHUP)
+    upstream.wait_for_events(len(good) + len(bad))
+    wait_until_drained(server, forwarder)
+    assert Counter(upstream.event_ids()) == Counter(ids(good) + ids(bad))
+    forwarder.wait_for_state("ok", forwarded=len(good) + len(bad))
+
+
 # --- no upstream, old events ------------------------------------------------------------
 
 
