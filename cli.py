@@ -6,7 +6,7 @@ here knows a file name, a table or the HTTP stack.
     collector run | serve | forward          run both halves, the server alone, the forwarder
     collector status [--json|--watch]         what the collector is doing
     collector keys create|import|list|revoke  the API keys clients use
-    collector dlq list|show|replay|purge      dead-lettered events
+    collector dlq list|export|show|replay|purge   dead-lettered events
     collector config check|show               the effective settings
 """
 
@@ -515,7 +515,9 @@ def dlq_list(
         return
     from collector.ops.statusview import folding
 
-    table = folding(Table("id", "dead at", "type", "event id", "project", "env", "reason"))
+    table = folding(
+        Table("id", "dead at", "type", "event id", "project", "env", "source", "reason")
+    )
     for letter in letters:
         row = letter.summary()
         table.add_row(
@@ -525,10 +527,36 @@ def dlq_list(
             str(row["event_id"]),
             str(row["project"]),
             str(row["env"]),
+            row["source"],
             row["reason"][:80],
         )
     table_console().print(table)
     typer.echo(f"{len(letters)} dead-lettered events")
+
+
+@dlq_app.command("export")
+def dlq_export(
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Print every dead letter as NDJSON, one line each: id, dead_at, reason, source and the
+    event as it was sent. Example: collector dlq export > dead.ndjson"""
+    with open_dead_letters(config, data_dir) as dead:
+        letters = dead.raw_letters()
+    for letter, raw in letters:
+        head = json.dumps(
+            {
+                "id": letter.id,
+                "dead_at": status_document.iso(letter.dead_at),
+                "reason": letter.reason,
+                "source": letter.source,
+            }
+        )
+        # The event's own bytes, never re-encoded; a line break in them can only be
+        # whitespace between tokens (JSON strings hold none raw), so a space keeps it one line.
+        line = raw.replace(b"\r", b" ").replace(b"\n", b" ")
+        sys.stdout.buffer.write(head[:-1].encode() + b', "event": ' + line + b"}\n")
+    sys.stdout.buffer.flush()
 
 
 @dlq_app.command("show")

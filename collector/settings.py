@@ -193,6 +193,13 @@ class Settings(BaseSettings):
         "window ends (a warning says so), so a retry older than the ids kept may be stored "
         "twice, never lost.",
     )
+    quarantine_max_bytes: int = Field(
+        64 * MIB,
+        ge=0,
+        description="Most bytes the dead-letter store may take for quarantined events (ones "
+        "that fail validation at ingest, kept with the reason and the SDK that sent them); "
+        "past it further invalid events are only counted (a warning says so); 0: none kept.",
+    )
     # SDKs drop a whole batch on a 400, and a browser SDK with a larger queue flushes it in
     # one request (1490 events seen), so the limit is far above what SDKs send by default
     # (1000 at most); `max_body_bytes` bounds the memory (10 MiB is ~19,000 SDK events).

@@ -89,6 +89,13 @@ COUNTERS: tuple[tuple[Count, str, str, tuple[str, ...]], ...] = (
         ("project", "env", "event"),
     ),
     (
+        Count.QUARANTINED,
+        "collector_events_quarantined",
+        "Events that failed validation at ingest, by the SDK that sent them, and whether "
+        "the dead-letter store kept them (kept, full, failed).",
+        ("sdk", "kept"),
+    ),
+    (
         Count.UPSTREAM_REQUESTS,
         "collector_upstream_requests",
         f"Upstream requests by outcome ({', '.join(UpstreamOutcome)}).",
@@ -110,7 +117,9 @@ COUNTERS: tuple[tuple[Count, str, str, tuple[str, ...]], ...] = (
 )
 # Labels whose values clients choose (and which name their projects and experiments):
 # left out with metrics_labels = "fixed".
-CLIENT_LABELS = frozenset({"org", "project", "env", "event", "layer", "policy", "allocation"})
+CLIENT_LABELS = frozenset(
+    {"org", "project", "env", "event", "layer", "policy", "allocation", "sdk"}
+)
 # (buckets name, sum name, metric name, help, label names besides `le`, bounds)
 HISTOGRAMS: tuple[tuple[Count, Count, str, str, tuple[str, ...], tuple[float, ...]], ...] = (
     (

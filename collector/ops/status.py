@@ -52,6 +52,7 @@ def collect(settings: Settings) -> dict[str, Any]:
             "sample_ratio": _sample_ratio(counts, settings.counts_window_minutes),
             "rejected": _rejected(counts, settings.counts_window_minutes),
             "upstream_answers": _upstream_answers(counts, settings.counts_window_minutes),
+            "quarantined": _quarantined(counts, settings.counts_window_minutes),
             "dead_letters": _dead_letters(data_dir),
             "recovered": recovery.moved_aside(data_dir.path),
             "proxy": _proxy(counts, settings),
@@ -227,6 +228,17 @@ def _upstream_answers(counts: Counts, window: int) -> dict[str, list[dict[str, A
     }
 
 
+def _quarantined(counts: Counts, window: int) -> list[dict[str, Any]]:
+    """Events that failed validation in the window, by the SDK that sent them and whether
+    the dead-letter store kept them (`kept`, or `full` past quarantine_max_bytes, or
+    `failed`), the most first."""
+    found = counts.recent(Count.QUARANTINED, window)
+    return [
+        {"sdk": sdk, "kept": kept, "events": int(n)}
+        for (sdk, kept), n in sorted(found.items(), key=lambda item: -item[1])
+    ]
+
+
 def _proxy(counts: Counts, settings: Settings) -> dict[str, Any]:
     """Config, resolve and decide calls passed upstream in the window, and the cache's size."""
     requests: dict[str, dict[str, int]] = {route.value: {} for route in ProxyRoute}
@@ -267,6 +279,14 @@ def _judge(document: dict[str, Any]) -> tuple[list[str], list[str]]:
         (problems if seconds > OUTAGE_UNHEALTHY_S else warnings).append(note)
     if document["queue"]["disk_budget_used"] >= BUDGET_UNHEALTHY:
         problems.append(f"disk budget {document['queue']['disk_budget_used']:.0%} used")
+    by_sdk: dict[str, int] = {}
+    for row in document["quarantined"]:
+        by_sdk[row["sdk"]] = by_sdk.get(row["sdk"], 0) + row["events"]
+    for sdk, n in sorted(by_sdk.items(), key=lambda item: -item[1]):
+        problems.append(
+            f"{n} invalid events from SDK {sdk} in the counts window, answered in "
+            "validationErrors, which SDKs do not read (quarantined: collector dlq list)"
+        )
     unconfirmed = sum(row["events"] for row in document["upstream_answers"]["unconfirmed"])
     if unconfirmed:
         problems.append(

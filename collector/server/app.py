@@ -62,7 +62,7 @@ from collector.server.admission import ByteBudget, reserved_size
 from collector.server.auth import ADMIN_READ, ApiKey, KeyStore
 from collector.server.commit import Committer
 from collector.server.counting import EventCounter
-from collector.server.ingest import Ingest, decode_body, require_json
+from collector.server.ingest import Ingest, decode_body, require_json, sdk_of
 from collector.server.proxy import STALE_HEADER, Answer, Proxy, segment
 from collector.server.ratelimit import RateLimiter
 from collector.server.writer import WriterConfig, WriterLink
@@ -170,7 +170,8 @@ async def post_events(request: Request[Any, Any, Any]) -> Response[bytes]:
     state.admission.take(size)  # before the body is read
     try:
         body = decode_body(await request.body(), encoding, state.max_body_bytes)
-        outcome = await state.ingest.handle(body, key)
+        sdk = sdk_of(request.headers.get("x-sdk-name"), request.headers.get("x-sdk-version"))
+        outcome = await state.ingest.handle(body, key, sdk)
     finally:
         state.admission.give(size)
     return json_response(outcome.answer())
@@ -346,6 +347,7 @@ def writer_config(settings: Settings) -> WriterConfig:
         dedup_window_s=settings.dedup_window_seconds,
         # A quarter of the budget at most: the queue keeps the rest.
         dedup_max_bytes=min(settings.dedup_max_bytes, settings.disk_budget_bytes // 4),
+        quarantine_max_bytes=settings.quarantine_max_bytes,
         counts_window_minutes=settings.counts_window_minutes,
         log_level=settings.log_level,
     )

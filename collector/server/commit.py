@@ -41,6 +41,7 @@ from collector.server.writer import (
     MAX_GROUP_BYTES,
     MAX_GROUP_EVENTS,
     EncodedEvent,
+    Invalid,
     WriterConfig,
     WriterLink,
     WriterProcess,
@@ -129,15 +130,19 @@ class Committer:
             await asyncio.to_thread(self._process.stop)
 
     async def write(
-        self, events: list[EncodedEvent], notes: list[Note], size: int = 0
+        self,
+        events: list[EncodedEvent],
+        notes: list[Note],
+        size: int = 0,
+        invalid: list[Invalid] | None = None,
     ) -> list[int]:
-        """Commit `events` (and have the writer count their `notes`); returns the indexes
-        of those not written because their id is already stored. Raises QueueFull or
-        QueueBusy."""
+        """Commit `events` (and have the writer count their `notes` and quarantine the
+        request's `invalid` events); returns the indexes of those not written because
+        their id is already stored. Raises QueueFull or QueueBusy."""
         if self._closing:
             raise QueueBusy("collector is shutting down; retry later")
         answer: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
-        self._outbox.append(_Request(events, notes, size, answer))
+        self._outbox.append(_Request(events, notes, invalid or [], size, answer))
         if not self._sending:
             self._sending = True
             asyncio.get_running_loop().call_soon(self._send_outbox)
@@ -192,7 +197,8 @@ class Committer:
             task.add_done_callback(self._tasks.discard)
             return
         for part in _bounded(requests):
-            message = ("commit", [(r.events, r.notes) for r in part], sum(r.size for r in part))
+            sent = [(r.events, r.notes, r.invalid) for r in part]
+            message = ("commit", sent, sum(r.size for r in part))
             self._send(message, [r.answer for r in part])
 
     async def _send_after_reconnecting(self, requests: list[_Request]) -> None:
@@ -274,6 +280,7 @@ class Committer:
 class _Request:
     events: list[EncodedEvent]
     notes: list[Note]
+    invalid: list[Invalid]
     size: int  # the request's body bytes: what its events cost on the way
     answer: asyncio.Future[list[int]]
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import re
 import zlib
 from collections.abc import Callable
@@ -38,7 +39,7 @@ from collector.events import Event, Target, decode_all
 from collector.server.auth import ApiKey
 from collector.server.commit import Committer
 from collector.server.counting import EventCounter, notes
-from collector.server.writer import EncodedEvent
+from collector.server.writer import EncodedEvent, Invalid
 
 # zlib's window bits for "gzip header and trailer".
 GZIP_WBITS = 16 + zlib.MAX_WBITS
@@ -55,6 +56,11 @@ _SURROGATE = re.compile(
 )
 # JSON's whitespace; then the comma between two elements of an array, or its end.
 _WS = re.compile(rb"[ \t\n\r]*")
+# An invalid event's own fields, read for its source whatever else it holds.
+_FIELDS = msgspec.json.Decoder(dict[str, Any])
+# A source ("sdk/version") is client text: cut as the counts cut labels.
+SOURCE_CHARS = 100
+log = logging.getLogger("collector.server")
 # The stdlib's reader of one JSON string (from after its opening quote): public, untyped.
 _SCAN_STRING: Callable[[str, int], tuple[str, int]] = json.decoder.scanstring  # type: ignore[attr-defined]
 _NEXT = re.compile(rb"[ \t\n\r]*,[ \t\n\r]*")
@@ -257,7 +263,9 @@ class Ingest:
         self._envelope = Envelope(max_events)
         self._counter = counter
 
-    async def handle(self, body: bytes, key: ApiKey) -> Outcome:
+    async def handle(self, body: bytes, key: ApiKey, sdk: str = "") -> Outcome:
+        """Validate, commit and count a request's events; its invalid ones are quarantined
+        with `sdk` (the request's X-SDK-* headers) as their source unless they name theirs."""
         stored, readable = read_events(body, self._envelope)
         decoded, errors = decode_all(readable)
         labels = self._counter.received(decoded, readable)
@@ -279,7 +287,9 @@ class Ingest:
             owner = (event.orgId, *where)
             scope = scopes.get(owner) or scopes.setdefault(owner, id_scope(*owner))
             encoded.append((scope + event.id, target, raw))
+        invalid = [(stored[i], error, source(readable[i], sdk)) for i, error in errors.items()]
         if not valid:
+            await self._quarantine_only(invalid, len(body))
             raise BadRequest(
                 "no event in the request is valid", validationErrors=_error_list(errors)
             )
@@ -287,12 +297,43 @@ class Ingest:
             if key.restricted:
                 for target in targets.values():
                     key.require_target(target)
-            skipped = await self._committer.write(encoded, notes(valid), len(body))
+            skipped = await self._committer.write(encoded, notes(valid), len(body), invalid)
         except CollectorError as exc:
             self._counter.rejected(type(exc).__name__, len(valid))
             raise
         self._counter.accepted(valid, labels, set(skipped))
         return Outcome(accepted=len(valid), written=len(valid) - len(skipped), errors=errors)
+
+    async def _quarantine_only(self, invalid: list[Invalid], size: int) -> None:
+        """Have the writer keep a request's invalid events when none is valid (it is then
+        answered 400 all the same, as the contract says)."""
+        try:
+            await self._committer.write([], [], size, invalid)
+        except CollectorError as exc:
+            log.warning("could not quarantine %d invalid events: %s", len(invalid), exc.message)
+
+
+def source(raw: bytes, sdk: str) -> str:
+    """Which SDK sent an event, as "name/version": the event's own `sdkName` and
+    `sdkVersion` (current JavaScript SDKs), else `sdk` (the request's X-SDK-* headers),
+    else "unknown"; cut to SOURCE_CHARS (it is client text, and a label of counts)."""
+    try:
+        fields = _FIELDS.decode(raw)
+    except (msgspec.MsgspecError, RecursionError):
+        fields = {}
+    name, version = fields.get("sdkName"), fields.get("sdkVersion")
+    if isinstance(name, str) and name:
+        found = f"{name}/{version}" if isinstance(version, str) and version else name
+    else:
+        found = sdk or "unknown"
+    return found[:SOURCE_CHARS]
+
+
+def sdk_of(name: str | None, version: str | None) -> str:
+    """The SDK a request's X-SDK-Name / X-SDK-Version headers name ("" for none)."""
+    if not name:
+        return ""
+    return f"{name}/{version}" if version else name
 
 
 def id_scope(org: str, project: str, env: str) -> str:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import multiprocessing
 import os
 import queue
@@ -35,6 +36,7 @@ import secrets
 import signal
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -48,8 +50,9 @@ from collector.errors import CollectorError, QueueBusy, Unavailable
 from collector.events import Target
 from collector.ops import logs
 from collector.server.counting import Conversions, Note
-from collector.store.counts import Counts
+from collector.store.counts import Count, Counts
 from collector.store.datadir import DataDir
+from collector.store.deadletters import QUARANTINED, DeadLetters
 from collector.store.seen import SeenIds
 from collector.store.spool import Spool, Sync
 
@@ -58,6 +61,9 @@ log = logging.getLogger("collector.commit")
 # (the client's id or None, where it goes, the event's own JSON bytes). Events of a request
 # share their Target objects, so pickling them to the writer costs one per target.
 EncodedEvent = tuple[str | None, Target, bytes]
+# An event that failed validation, to quarantine: (its JSON bytes as sent, why, the SDK
+# that sent it as "name/version").
+Invalid = tuple[bytes, str, str]
 
 # Upper bound on the events of one group, so one commit (and the latency of the requests
 # in it) stays bounded when many large requests arrive at once: 20 requests of 1000 (a
@@ -74,6 +80,9 @@ CONNECT_WAIT_S = 30.0
 CONNECT_RETRY_S = 0.05
 # How often the writer writes the counts of its notes (as often as the servers do theirs).
 COUNTS_FLUSH_S = 1.0
+# How often at most the writer warns that invalid events could not be quarantined (one
+# SDK sending them all day would otherwise write a line per request).
+QUARANTINE_WARN_S = 60.0
 # How long a stopping owner waits for the writer to commit what it holds and exit.
 STOP_WAIT_S = 30.0
 # A writer that died is started again at most this often, so a writer that cannot open
@@ -88,6 +97,7 @@ class WriterConfig:
     budget_bytes: int
     dedup_window_s: float
     dedup_max_bytes: int
+    quarantine_max_bytes: int = 64 * 1024 * 1024  # settings.quarantine_max_bytes
     counts_window_minutes: int = 60
     log_level: str = "info"  # the writer process configures its own logging (spawned)
 
@@ -128,6 +138,7 @@ class GroupWriter:
         # The server (or the supervisor of workers) moved a corrupt counts file aside.
         self.counts = Counts.writer(data_dir, config.counts_window_minutes)
         self.conversions = Conversions(self.counts)
+        self.quarantine = Quarantine(data_dir, config.quarantine_max_bytes)
         # Ids are remembered, and notes counted, in a thread of their own once their events
         # are committed, so the answer need not wait for it (1.2 ms per 1000 ids, measured:
         # with four clients the writer's commits are what bound throughput); the next
@@ -142,6 +153,7 @@ class GroupWriter:
         self.spool.close()
         self.seen.close()
         self.counts.close()
+        self.quarantine.close()
 
     def flush_counts(self) -> None:
         """Write the counts of the notes counted so far (in the thread that counts them;
@@ -154,10 +166,14 @@ class GroupWriter:
             self.counts.write(pending)
 
     def commit(
-        self, requests: list[list[EncodedEvent]], notes: Sequence[Sequence[Note]] = ()
+        self,
+        requests: list[list[EncodedEvent]],
+        notes: Sequence[Sequence[Note]] = (),
+        invalid: Sequence[Invalid] = (),
     ) -> list[list[int]]:
         """Drop known ids, append the rest, then remember their ids and count the requests'
-        `notes` (in the background: the next group, and `close`, wait for the ids).
+        `notes` (in the background: the next group, and `close`, wait for the ids), and
+        quarantine the requests' `invalid` events.
 
         Returns, per request, the indexes of its events not written (already stored). The
         group is committed, or refused (QueueFull, QueueBusy), as a whole, so no request is
@@ -176,6 +192,8 @@ class GroupWriter:
             skipped, ids = _drop_known(requests, known, groups)
         if groups:
             self.spool.append(groups)
+        if invalid:  # only once the group stands: a refused one's client sends them again
+            self.quarantine.keep(invalid, self.counts)
         if ids:
             self._remembered = self._after.submit(self._remember, ids)
         if any(notes):
@@ -198,6 +216,49 @@ class GroupWriter:
         remembered, self._remembered = self._remembered, None
         if remembered is not None:
             remembered.result()
+
+
+class Quarantine:
+    """Invalid events kept in the dead-letter store, within `max_bytes` of it; past that
+    only counted, with a warning at most every QUARANTINE_WARN_S. A failing store is
+    logged: the requests' answers stand (the events were invalid: no retry brings them)."""
+
+    def __init__(self, data_dir: DataDir, max_bytes: int) -> None:
+        self.data_dir = data_dir
+        self.max_bytes = max_bytes
+        self._dead: DeadLetters | None = None  # opened when first needed: a dead-letter
+        # file that cannot be opened must not stop the writer (and every commit) at start
+        self._warned = -math.inf
+
+    def close(self) -> None:
+        if self._dead is not None:
+            self._dead.close()
+
+    def keep(self, invalid: Sequence[Invalid], counts: Counts) -> None:
+        kept = "kept"
+        try:
+            if self._dead is None:
+                self._dead = DeadLetters.writer(self.data_dir)
+            if self.max_bytes and self._dead.used_bytes() < self.max_bytes:
+                self._dead.add_each([(raw, QUARANTINED + why, sdk) for raw, why, sdk in invalid])
+            else:
+                kept = "full"
+                self._warn(
+                    f"the quarantine is full (quarantine_max_bytes {self.max_bytes}): "
+                    f"{len(invalid)} invalid events were counted, not kept"
+                )
+        except (CollectorError, OSError) as exc:
+            kept = "failed"
+            why = exc.message if isinstance(exc, CollectorError) else str(exc)
+            self._warn(f"could not quarantine {len(invalid)} invalid events: {why}")
+        for (sdk,), n in Counter((sdk,) for _, _, sdk in invalid).items():
+            counts.add(Count.QUARANTINED, (sdk, kept), n)
+
+    def _warn(self, message: str) -> None:
+        now = time.monotonic()
+        if now - self._warned >= QUARANTINE_WARN_S:
+            self._warned = now
+            log.warning("%s", message)
 
 
 def _logged(call: Callable[..., None], *args: Any) -> None:
@@ -245,6 +306,7 @@ def _drop_known(
 # --- the protocol: each message gets one answer, in order -------------------------------
 #
 #   ("commit", requests, body bytes)  ->  ("ok", skipped per request) | ("error", CollectorError)
+#        each request: (its events, their notes, its invalid events)
 #   ("check",)            ->  ("ok", None)                | ("error", CollectorError)
 #   ("stop",)             ->  ("ok", None), once everything before it is committed
 
@@ -397,17 +459,19 @@ def _weight(message: Message) -> tuple[int, int]:
     """A message's events and body bytes, which bound a group."""
     if message[0] != "commit":
         return 0, 0
-    return sum(len(events) for events, _ in message[1]), message[2]
+    return sum(len(request[0]) for request in message[1]), message[2]
 
 
-# A server's group: per request, its events and notes.
-Commit = tuple[Connection, list[tuple[list[EncodedEvent], list[Note]]]]
+# A server's group: per request, its events, notes and invalid events.
+Commit = tuple[Connection, list[tuple[list[EncodedEvent], list[Note], list[Invalid]]]]
 
 
 def _commit(writer: GroupWriter, commits: list[Commit]) -> None:
-    group = [events for _, requests in commits for events, _ in requests]
-    notes = [notes for _, requests in commits for _, notes in requests]
-    outcome = _outcome(writer.commit, group, notes)
+    requests = [request for _, sent in commits for request in sent]
+    group = [events for events, _, _ in requests]
+    notes = [notes for _, notes, _ in requests]
+    invalid = [event for _, _, events in requests for event in events]
+    outcome = _outcome(writer.commit, group, notes, invalid)
     start = 0
     for conn, requests in commits:
         if outcome[0] == "ok":

@@ -25,6 +25,7 @@ count cannot silently read 0. Names and their labels:
     forwarded             project, env                           (forwarder)
     unconfirmed           project, env       (in a 2xx accepting fewer, none named)
     schema_warnings       project, env, event    (taken by the upstream with a warning)
+    quarantined           sdk, kept (kept, full, failed)   (invalid at ingest; the writer)
     upstream_requests     outcome (UpstreamOutcome)
     dead_lettered         reason (DeadLetterReason)
     proxy_requests        route (ProxyRoute), outcome (ProxyOutcome)   (server)
@@ -87,6 +88,7 @@ class Count(StrEnum):
     FORWARDED = "forwarded"
     UNCONFIRMED = "unconfirmed"
     SCHEMA_WARNINGS = "schema_warnings"
+    QUARANTINED = "quarantined"
     UPSTREAM_REQUESTS = "upstream_requests"
     DEAD_LETTERED = "dead_lettered"
     PROXY_REQUESTS = "proxy_requests"
@@ -153,6 +155,7 @@ CLIENT_CHOSEN: dict[str, tuple[int, ...]] = {
     "forwarded": (0, 1),
     "unconfirmed": (0, 1),
     "schema_warnings": (0, 1, 2),
+    "quarantined": (0,),
 }
 
 

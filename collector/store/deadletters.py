@@ -1,9 +1,12 @@
 """The dead-letter store: events that left the queue without an upstream 2xx, with why.
 
 Nothing is dropped silently: an event the upstream refuses (400/413, isolated by splitting
-its batch) or one queued longer than the maximum age is written here, with the reason,
-before its queue row is acknowledged. A crash between the two can only leave the event in
-both places (it is then sent again), never in neither; so this file is written with an
+its batch, or named in a 2xx's `validationErrors`) or one queued longer than the maximum
+age is written here, with the reason, before its queue row is acknowledged; and an event
+the collector's own validator refuses at ingest is quarantined here by the queue writer
+(the reason, and the SDK that sent it as `source`), within `quarantine_max_bytes`. A crash
+between the queue and this file can only leave an event in both places (it is then sent
+again), never in neither; so this file is written with an
 fsync per commit (`synchronous=FULL`), which the queue's acks do not need. `collector dlq`
 lists, shows, replays (back into the queue: `replay`) and purges them.
 """
@@ -24,8 +27,14 @@ from collector.store.spool import Spool, Sync
 
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS dead_letters (id INTEGER PRIMARY KEY AUTOINCREMENT,"
-    " dead_at REAL NOT NULL, reason TEXT NOT NULL, event BLOB NOT NULL)",
+    " dead_at REAL NOT NULL, reason TEXT NOT NULL, event BLOB NOT NULL,"
+    " source TEXT NOT NULL DEFAULT '')",
 )
+# A file made before dead letters had a source gets the column (empty for those before).
+ADD_SOURCE = "ALTER TABLE dead_letters ADD COLUMN source TEXT NOT NULL DEFAULT ''"
+# What an invalid event's dead letter is kept as: "quarantined: " and the validator's
+# reason (the forwarder's start "rejected by upstream" and "older than").
+QUARANTINED = "quarantined: "
 # Dead letters replayed per queue row (and per transaction).
 REPLAY_CHUNK = 500
 _translated = db.translated("dead letters")
@@ -36,18 +45,21 @@ class DeadLetter:
     id: int
     dead_at: float
     reason: str
-    event: dict[str, Any]
+    event: Any  # an object, but a quarantined (invalid) event can be any JSON value
+    source: str = ""  # the SDK that sent it ("name/version"), for quarantined events
 
     def summary(self) -> dict[str, Any]:
         """The fields a person scans a list by (never the whole payload)."""
+        fields = self.event if isinstance(self.event, dict) else {}
         return {
             "id": self.id,
             "dead_at": self.dead_at,
             "reason": self.reason,
-            "type": self.event.get("type"),
-            "event_id": self.event.get("id"),
-            "project": self.event.get("projectId"),
-            "env": self.event.get("env"),
+            "source": self.source,
+            "type": fields.get("type"),
+            "event_id": fields.get("id"),
+            "project": fields.get("projectId"),
+            "env": fields.get("env"),
         }
 
 
@@ -63,9 +75,14 @@ class DeadLetters:
     def writer(cls, data_dir: DataDir, *, recover: bool = False) -> DeadLetters:
         data_dir.create()
         with _translated:
-            return cls(
-                db.open_writer(data_dir.dead_letters, SCHEMA, synchronous="FULL", recover=recover)
+            conn = db.open_writer(
+                data_dir.dead_letters, SCHEMA, synchronous="FULL", recover=recover
             )
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(dead_letters)")}
+            if "source" not in columns:
+                with conn:
+                    conn.execute(ADD_SOURCE)
+            return cls(conn)
 
     @classmethod
     def reader(cls, data_dir: DataDir) -> DeadLetters:
@@ -76,15 +93,26 @@ class DeadLetters:
         if self._conn is not None:
             self._conn.close()
 
-    def add(self, events: Iterable[bytes], reason: str) -> int:
+    def add(self, events: Iterable[bytes], reason: str, source: str = "") -> int:
         """Store `events` (each one event's JSON) with `reason`; returns how many."""
+        return self.add_each([(raw, reason, source) for raw in events])
+
+    def add_each(self, letters: Sequence[tuple[bytes, str, str]]) -> int:
+        """Store each (event's JSON, reason, source) in one transaction; returns how many."""
         now = time.time()
-        rows = [(now, reason, raw) for raw in events]
+        rows = [(now, reason, raw, source) for raw, reason, source in letters]
         with self._lock, _translated, self._written() as conn:
             conn.executemany(
-                "INSERT INTO dead_letters (dead_at, reason, event) VALUES (?, ?, ?)", rows
+                "INSERT INTO dead_letters (dead_at, reason, event, source) VALUES (?, ?, ?, ?)",
+                rows,
             )
         return len(rows)
+
+    def used_bytes(self) -> int:
+        """Bytes of the file in use (what `quarantine_max_bytes` bounds)."""
+        assert self._conn is not None
+        with self._lock, _translated:
+            return db.used_bytes(self._conn)
 
     def count(self) -> int:
         found = self._read("SELECT COUNT(*) FROM dead_letters")
@@ -92,13 +120,22 @@ class DeadLetters:
 
     def letters(self, ids: Sequence[int] | None = None) -> list[DeadLetter]:
         """All dead letters, or those with `ids`, oldest first."""
-        query = "SELECT id, dead_at, reason, event FROM dead_letters"
+        query = "SELECT id, dead_at, reason, event, source FROM dead_letters"
         params: tuple[int, ...] = ()
         if ids is not None:
             query += f" WHERE id IN ({','.join('?' * len(ids))})"
             params = tuple(ids)
         found = self._read(query + " ORDER BY id", params)
-        return [DeadLetter(i, at, reason, rows.parse(raw)) for i, at, reason, raw in found]
+        return [DeadLetter(i, at, why, rows.parse(raw), src) for i, at, why, raw, src in found]
+
+    def raw_letters(self) -> list[tuple[DeadLetter, bytes]]:
+        """Every dead letter and its event's JSON as stored (for `dlq export`)."""
+        found = self._read(
+            "SELECT id, dead_at, reason, event, source FROM dead_letters ORDER BY id"
+        )
+        return [
+            (DeadLetter(i, at, reason, None, src), bytes(raw)) for i, at, reason, raw, src in found
+        ]
 
     def raw(self, ids: Sequence[int]) -> list[tuple[int, bytes]]:
         """(id, the event's JSON as stored) for `ids`, to put back into the queue."""

@@ -7,6 +7,7 @@ a disk budget that stops it part way.
 from __future__ import annotations
 
 import os
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,6 +56,7 @@ def test_added_letters_are_counted_and_listed_oldest_first_with_their_reason(
         "id": letters[0].id,
         "dead_at": letters[0].dead_at,
         "reason": "HTTP 400: bad",
+        "source": "",
         "type": "track",
         "event_id": "a",
         "project": "proj_test",
@@ -175,3 +177,33 @@ def test_replay_stopped_by_the_budget_keeps_what_it_moved_before(
     assert [letter.event["id"] for letter in dead.letters()] == [
         f"e{n}" for n in range(REPLAY_CHUNK, 2 * REPLAY_CHUNK)
     ]
+
+
+def test_a_file_made_before_sources_gets_the_column_and_keeps_its_letters(tmp_path: Path) -> None:
+    data_dir = DataDir(tmp_path)
+    data_dir.create()
+    old = sqlite3.connect(data_dir.dead_letters)
+    old.execute(
+        "CREATE TABLE dead_letters (id INTEGER PRIMARY KEY AUTOINCREMENT,"
+        " dead_at REAL NOT NULL, reason TEXT NOT NULL, event BLOB NOT NULL)"
+    )
+    old.execute(
+        "INSERT INTO dead_letters (dead_at, reason, event) VALUES (1, 'old', ?)",
+        (orjson.dumps(event(id="before")),),
+    )
+    old.commit()
+    old.close()
+
+    dead = DeadLetters.writer(data_dir)
+    try:
+        dead.add_each([(b"[1, 2]", "quarantined: not an object", "php/1.2.0")])
+        letters = dead.letters()
+    finally:
+        dead.close()
+
+    assert [(letter.reason, letter.source) for letter in letters] == [
+        ("old", ""),
+        ("quarantined: not an object", "php/1.2.0"),
+    ]
+    assert letters[1].event == [1, 2]
+    assert letters[1].summary()["event_id"] is None  # not an object: nothing to read

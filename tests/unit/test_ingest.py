@@ -28,7 +28,7 @@ from collector.server.ingest import (
     read_events,
     require_json,
 )
-from collector.server.writer import EncodedEvent, GroupWriter, WriterConfig
+from collector.server.writer import EncodedEvent, GroupWriter, Invalid, WriterConfig
 from collector.store.counts import Count, Counts
 from collector.store.datadir import DataDir
 
@@ -43,9 +43,13 @@ class InProcessCommitter:
         self.writer = writer
 
     async def write(
-        self, events: list[EncodedEvent], notes: list[Note], size: int = 0
+        self,
+        events: list[EncodedEvent],
+        notes: list[Note],
+        size: int = 0,
+        invalid: list[Invalid] | None = None,
     ) -> list[int]:
-        return self.writer.commit([events], [notes])[0]
+        return self.writer.commit([events], [notes], invalid or [])[0]
 
 
 @dataclass

@@ -71,6 +71,7 @@ def healthy_document() -> dict[str, Any]:
         "recovered": [],
         "sample_ratio": [],
         "upstream_answers": {"unconfirmed": [], "schema_warnings": []},
+        "quarantined": [],
     }
 
 
@@ -170,4 +171,21 @@ def test_unconfirmed_events_are_a_problem_and_schema_warnings_a_warning() -> Non
     assert warnings == [
         "the upstream took events with schema warnings in the counts window (most: 9 "
         "'signup' of p/e)"
+    ]
+
+
+def test_invalid_events_are_a_problem_that_names_each_sdk() -> None:
+    problems, _ = judged(
+        quarantined=[
+            {"sdk": "php/1.2.0", "kept": "kept", "events": 5},
+            {"sdk": "js-client/0.11.0", "kept": "kept", "events": 1},
+            {"sdk": "php/1.2.0", "kept": "full", "events": 2},
+        ]
+    )
+
+    assert problems == [
+        "7 invalid events from SDK php/1.2.0 in the counts window, answered in "
+        "validationErrors, which SDKs do not read (quarantined: collector dlq list)",
+        "1 invalid events from SDK js-client/0.11.0 in the counts window, answered in "
+        "validationErrors, which SDKs do not read (quarantined: collector dlq list)",
     ]
