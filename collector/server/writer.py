@@ -193,7 +193,8 @@ class GroupWriter:
         if groups:
             self.spool.append(groups)
         if invalid:  # only once the group stands: a refused one's client sends them again
-            self.quarantine.keep(invalid, self.counts)
+            kept = self.quarantine.keep(invalid)
+            self._after.submit(_logged, self._count_invalid, invalid, kept)
         if ids:
             self._remembered = self._after.submit(self._remember, ids)
         if any(notes):
@@ -203,6 +204,11 @@ class GroupWriter:
     def _count(self, notes: Sequence[Sequence[Note]], skipped: list[list[int]], now: float) -> None:
         for request_notes, request_skipped in zip(notes, skipped, strict=True):
             self.conversions.count(request_notes, request_skipped, now)
+
+    def _count_invalid(self, invalid: Sequence[Invalid], kept: str) -> None:
+        """Count quarantined events by SDK (in the thread that adds to and flushes counts)."""
+        for (sdk,), n in Counter((sdk,) for _, _, sdk in invalid).items():
+            self.counts.add(Count.QUARANTINED, (sdk, kept), n)
 
     def _remember(self, ids: list[str]) -> None:
         try:
@@ -234,7 +240,8 @@ class Quarantine:
         if self._dead is not None:
             self._dead.close()
 
-    def keep(self, invalid: Sequence[Invalid], counts: Counts) -> None:
+    def keep(self, invalid: Sequence[Invalid]) -> str:
+        """Keep `invalid` if there is room; returns "kept", "full" or "failed"."""
         kept = "kept"
         try:
             if self._dead is None:
@@ -251,8 +258,7 @@ class Quarantine:
             kept = "failed"
             why = exc.message if isinstance(exc, CollectorError) else str(exc)
             self._warn(f"could not quarantine {len(invalid)} invalid events: {why}")
-        for (sdk,), n in Counter((sdk,) for _, _, sdk in invalid).items():
-            counts.add(Count.QUARANTINED, (sdk, kept), n)
+        return kept
 
     def _warn(self, message: str) -> None:
         now = time.monotonic()
