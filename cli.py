@@ -504,12 +504,23 @@ def open_dead_letters(
 @dlq_app.command("list")
 def dlq_list(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON array instead.")] = False,
+    reason: Annotated[
+        str | None, typer.Option("--reason", help="Only those whose reason holds this text.")
+    ] = None,
+    source: Annotated[
+        str | None, typer.Option("--source", help="Only those whose source starts so (an SDK).")
+    ] = None,
     config: ConfigOption = None,
     data_dir: DataDirOption = None,
 ) -> None:
-    """List dead-lettered events, oldest first. Example: collector dlq list --json"""
+    """List dead-lettered events, oldest first. Example: collector dlq list --reason quarantined"""
     with open_dead_letters(config, data_dir) as dead:
-        letters = dead.letters()
+        letters = [
+            letter
+            for letter in dead.letters()
+            if (reason is None or reason in letter.reason)
+            and (source is None or letter.source.startswith(source))
+        ]
     if as_json:
         typer.echo(json.dumps([letter.summary() for letter in letters]))
         return

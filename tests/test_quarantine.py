@@ -66,6 +66,15 @@ def test_invalid_events_are_answered_and_quarantined_with_the_sdk_that_sent_them
         "error"
     ].removeprefix("event: ")
     assert all(letter["reason"].startswith("quarantined: ") for letter in letters)
+    by_sdk = run_cli(
+        "dlq", "list", "--json", "--source", "php", "--reason", "quarantined",
+        data_dir=server.data_dir,
+    )  # fmt: skip
+    assert by_sdk.returncode == 0, by_sdk.stderr
+    assert [letter["event_id"] for letter in json.loads(by_sdk.stdout)] == [
+        "empty-name",
+        "php-list",
+    ]
 
     # A request with no valid event is a 400, as the contract says; its events are kept too.
     refused = server.post({"events": [event(id="alone", event="")]})

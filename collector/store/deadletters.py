@@ -70,6 +70,10 @@ class DeadLetters:
     def __init__(self, conn: sqlite3.Connection | None) -> None:
         self._conn = conn
         self._lock = threading.Lock()
+        # A file of an older collector, not opened by a writer since (which adds the
+        # column), is read with an empty source.
+        columns = {row[1] for row in db.read(conn, "PRAGMA table_info(dead_letters)")}
+        self._source = "source" if "source" in columns or not columns else "'' AS source"
 
     @classmethod
     def writer(cls, data_dir: DataDir, *, recover: bool = False) -> DeadLetters:
@@ -120,7 +124,7 @@ class DeadLetters:
 
     def letters(self, ids: Sequence[int] | None = None) -> list[DeadLetter]:
         """All dead letters, or those with `ids`, oldest first."""
-        query = "SELECT id, dead_at, reason, event, source FROM dead_letters"
+        query = f"SELECT id, dead_at, reason, event, {self._source} FROM dead_letters"
         params: tuple[int, ...] = ()
         if ids is not None:
             query += f" WHERE id IN ({','.join('?' * len(ids))})"
@@ -131,7 +135,7 @@ class DeadLetters:
     def raw_letters(self) -> list[tuple[DeadLetter, bytes]]:
         """Every dead letter and its event's JSON as stored (for `dlq export`)."""
         found = self._read(
-            "SELECT id, dead_at, reason, event, source FROM dead_letters ORDER BY id"
+            f"SELECT id, dead_at, reason, event, {self._source} FROM dead_letters ORDER BY id"
         )
         return [
             (DeadLetter(i, at, reason, None, src), bytes(raw)) for i, at, reason, raw, src in found

@@ -194,6 +194,11 @@ def test_a_file_made_before_sources_gets_the_column_and_keeps_its_letters(tmp_pa
     old.commit()
     old.close()
 
+    reader = DeadLetters.reader(data_dir)  # before any writer opened it: no column yet
+    try:
+        assert [(letter.reason, letter.source) for letter in reader.letters()] == [("old", "")]
+    finally:
+        reader.close()
     dead = DeadLetters.writer(data_dir)
     try:
         dead.add_each([(b"[1, 2]", "quarantined: not an object", "php/1.2.0")])
