@@ -505,10 +505,12 @@ def open_dead_letters(
 def dlq_list(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON array instead.")] = False,
     reason: Annotated[
-        str | None, typer.Option("--reason", help="Only those whose reason holds this text.")
+        str | None,
+        typer.Option("--reason", metavar="TEXT", help="Only those whose reason holds TEXT."),
     ] = None,
     source: Annotated[
-        str | None, typer.Option("--source", help="Only those whose source starts so (an SDK).")
+        str | None,
+        typer.Option("--source", metavar="SDK", help="Only those whose source starts with SDK."),
     ] = None,
     config: ConfigOption = None,
     data_dir: DataDirOption = None,

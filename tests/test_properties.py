@@ -54,7 +54,7 @@ from collector.server.auth import ApiKey
 from collector.server.commit import Committer
 from collector.server.counting import EventCounter, Note
 from collector.server.ingest import Envelope, Ingest, Outcome, decode_body, read_events
-from collector.server.writer import EncodedEvent
+from collector.server.writer import EncodedEvent, Invalid
 from collector.store.counts import Count, Counts
 
 MAX_EVENTS = 1000
@@ -370,7 +370,11 @@ class Recorder:
         self.events: list[EncodedEvent] = []
 
     async def write(
-        self, events: list[EncodedEvent], notes: list[Note], size: int = 0
+        self,
+        events: list[EncodedEvent],
+        notes: list[Note],
+        size: int = 0,
+        invalid: list[Invalid] | None = None,
     ) -> list[int]:
         self.events.extend(events)
         return []
