@@ -56,6 +56,11 @@ class Batch:
         self.size += size + len(raws)
         self.oldest = min(self.oldest, queued_at)
 
+    @property
+    def events_bytes(self) -> int:
+        """The events' own bytes (the body less its envelope and commas)."""
+        return self.size - BODY_OVERHEAD - len(self.events)
+
     def body(self) -> bytes:
         return b'{"events":[' + b",".join(self.events) + b"]}"
 

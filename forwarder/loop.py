@@ -70,7 +70,7 @@ from collector.store.deadletters import DeadLetters
 from collector.store.heartbeats import UpstreamState
 from collector.store.spool import Row, Spool
 from forwarder.backoff import Backoff, Outage
-from forwarder.batch import BODY_OVERHEAD, MAX_BATCH_EVENTS, Batch
+from forwarder.batch import MAX_BATCH_EVENTS, Batch
 from forwarder.keys import KeyChooser
 from forwarder.sink import (
     OUTCOME,
@@ -515,22 +515,20 @@ class Forwarder:
         self._parked.append(part)
         if part.keys_loaded != self._keys_loaded:  # sent with keys reloaded since: again
             self._key_fixed.set()
-        events_bytes = part.size - BODY_OVERHEAD - len(part.events)
         self._buffered -= len(part.events)
-        self._buffered_bytes -= events_bytes
+        self._buffered_bytes -= part.events_bytes
         self._parked_events += len(part.events)
-        self._parked_bytes += events_bytes
+        self._parked_bytes += part.events_bytes
         self._room.set()
 
     async def _unpark(self) -> None:
         """After a reload: send the parked batches again (split by the new keys)."""
         parked, self._parked = self._parked, []
         for part in parked:
-            events_bytes = part.size - BODY_OVERHEAD - len(part.events)
             self._parked_events -= len(part.events)
-            self._parked_bytes -= events_bytes
+            self._parked_bytes -= part.events_bytes
             self._buffered += len(part.events)
-            self._buffered_bytes += events_bytes
+            self._buffered_bytes += part.events_bytes
         for part in parked:
             await self._hand_off(part)
 
@@ -552,7 +550,7 @@ class Forwarder:
                 del self._pending[row_id]
                 done.append(row_id)
         self._buffered -= len(batch.events)
-        self._buffered_bytes -= batch.size - BODY_OVERHEAD - len(batch.events)
+        self._buffered_bytes -= batch.events_bytes
         self._room.set()
         if done:
             await self._queue_op("ack rows", lambda: self.spool.ack(done))

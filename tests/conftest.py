@@ -8,6 +8,7 @@ mocked.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -96,6 +97,22 @@ def stored_bytes(data_dir: Path) -> list[bytes]:
     finally:
         conn.close()
     return [raw for (data,) in found for _, events in rows.split(data) for raw in events]
+
+
+def status_json(data_dir: Path) -> tuple[int, dict[str, Any]]:
+    """`collector status --json` on `data_dir`: its exit code (0 healthy, 1 not) and document."""
+    done = run_cli("status", "--json", data_dir=data_dir)
+    assert done.returncode in (0, 1), done.stderr
+    document: dict[str, Any] = json.loads(done.stdout)
+    return done.returncode, document
+
+
+def dlq_list_json(data_dir: Path, *args: str) -> list[dict[str, Any]]:
+    """What `collector dlq list --json ARGS` prints."""
+    done = run_cli("dlq", "list", "--json", *args, data_dir=data_dir)
+    assert done.returncode == 0, done.stderr
+    letters: list[dict[str, Any]] = json.loads(done.stdout)
+    return letters
 
 
 def wait_for(condition: Callable[[], Any], what: str, timeout: float = 20.0) -> Any:

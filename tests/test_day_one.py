@@ -225,17 +225,9 @@ def test_a_corrupt_key_store_is_one_line_not_a_traceback(tmp_path: Path) -> None
     data_dir.mkdir()
     (data_dir / "keys.json").write_text("{not json")
     for command in (("keys", "list"), ("keys", "create", "--scope", "sdk:write")):
-        done = subprocess.run(
-            [str(COLLECTOR), *command],
-            env=clean_env(COLLECTOR_DATA_DIR=str(data_dir)),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert done.returncode == 2, (command, done.stderr)
-        assert "Traceback" not in done.stderr
-        assert done.stderr.startswith("error: key store is corrupt"), done.stderr
-        assert str(data_dir / "keys.json") in done.stderr
+        said = one_line_failure(data_dir, command, status=2)
+        assert said.startswith("error: key store is corrupt"), said
+        assert str(data_dir / "keys.json") in said
 
 
 @pytest.mark.parametrize("broken", ["{not json", ""])
@@ -285,8 +277,9 @@ def take_every_inode(where: Path) -> None:
             n += 1
 
 
-def one_line_failure(data_dir: Path, command: tuple[str, ...]) -> str:
-    """`collector COMMAND` on `data_dir`, which must fail with no traceback: its stderr."""
+def one_line_failure(data_dir: Path, command: tuple[str, ...], status: int | None = None) -> str:
+    """`collector COMMAND` on `data_dir`, which must fail (with `status`, if given) with no
+    traceback: its stderr."""
     done = subprocess.run(
         [str(COLLECTOR), *command],
         env=clean_env(COLLECTOR_DATA_DIR=str(data_dir)),
@@ -294,7 +287,7 @@ def one_line_failure(data_dir: Path, command: tuple[str, ...]) -> str:
         text=True,
         timeout=60,
     )
-    assert done.returncode != 0, done.stderr
+    assert done.returncode != 0 if status is None else done.returncode == status, done.stderr
     assert "Traceback" not in done.stderr and "Traceback" not in done.stdout
     return done.stderr
 

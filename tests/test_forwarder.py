@@ -37,7 +37,17 @@ from collector.store.datadir import QUEUE as QUEUE_FILE
 from collector.store.datadir import DataDir
 from collector.store.deadletters import DeadLetters
 
-from conftest import COLLECTOR, ROOT, Server, event, run_cli, stored_bytes, terminate
+from conftest import (
+    COLLECTOR,
+    ROOT,
+    Server,
+    dlq_list_json,
+    event,
+    run_cli,
+    status_json,
+    stored_bytes,
+    terminate,
+)
 from upstream import Received, Upstream
 
 QUEUE_TABLE = "ack_queue_events"  # persist-queue's table for the queue named "events"
@@ -223,14 +233,6 @@ def numbered(prefix: str, count: int, **fields: Any) -> list[dict[str, Any]]:
 
 def ids(events: list[dict[str, Any]]) -> list[str]:
     return [e["id"] for e in events]
-
-
-def dlq_list_json(data_dir: Path) -> list[dict[str, Any]]:
-    """What `collector dlq list --json` prints."""
-    done = run_cli("dlq", "list", "--json", data_dir=data_dir)
-    assert done.returncode == 0, done.stderr
-    letters: list[dict[str, Any]] = json.loads(done.stdout)
-    return letters
 
 
 def dead_letters(data_dir: Path) -> list[dict[str, Any]]:
@@ -835,14 +837,6 @@ def test_rejected_batches_are_split_until_only_the_bad_events_are_dead_lettered(
     forwarder.wait_for_state("ok", forwarded=196, dead_lettered=4)
 
 
-def status_of(data_dir: Path) -> tuple[int, dict[str, Any]]:
-    """`collector status --json`: its exit code and document."""
-    done = run_cli("status", "--json", data_dir=data_dir)
-    assert done.returncode in (0, 1), done.stderr
-    document: dict[str, Any] = json.loads(done.stdout)
-    return done.returncode, document
-
-
 def test_events_a_2xx_names_as_rejected_are_dead_lettered_and_schema_warnings_counted(
     server: Server, upstream: RecordingUpstream, start_forwarder: Callable[..., Forwarder]
 ) -> None:
@@ -867,10 +861,10 @@ def test_events_a_2xx_names_as_rejected_are_dead_lettered_and_schema_warnings_co
     forwarder.wait_for_state("ok", forwarded=51, dead_lettered=2, unconfirmed=0)
 
     def warned() -> bool:
-        return bool(status_of(server.data_dir)[1]["upstream_answers"]["schema_warnings"])
+        return bool(status_json(server.data_dir)[1]["upstream_answers"]["schema_warnings"])
 
     wait_for(warned, "schema warnings counted")
-    code, document = status_of(server.data_dir)
+    code, document = status_json(server.data_dir)
     assert document["upstream_answers"] == {
         "unconfirmed": [],
         "schema_warnings": [
@@ -899,10 +893,10 @@ def test_a_2xx_accepting_fewer_than_sent_without_naming_them_is_never_silent(
     assert forwarder.levels_of(said) == {"warning"}, forwarder.log()
 
     def counted() -> bool:
-        return bool(status_of(server.data_dir)[1]["upstream_answers"]["unconfirmed"])
+        return bool(status_json(server.data_dir)[1]["upstream_answers"]["unconfirmed"])
 
     wait_for(counted, "unconfirmed events counted")
-    code, document = status_of(server.data_dir)
+    code, document = status_json(server.data_dir)
     assert document["upstream_answers"]["unconfirmed"] == [
         {"project": "proj_test", "env": "production", "events": 2}
     ]

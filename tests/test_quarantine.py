@@ -7,38 +7,27 @@ it, within `quarantine_max_bytes`; `collector status` names the SDK as a problem
 
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from conftest import Server, event, run_cli
+from conftest import Server, dlq_list_json, event, run_cli, status_json, wait_for
 
 PHP = {"X-SDK-Name": "php", "X-SDK-Version": "1.2.0"}
-WAIT_S = 10.0
-
-
-def dlq_list(data_dir: Path) -> list[dict[str, Any]]:
-    done = run_cli("dlq", "list", "--json", data_dir=data_dir)
-    assert done.returncode == 0, done.stderr
-    letters: list[dict[str, Any]] = json.loads(done.stdout)
-    return letters
 
 
 def status_when(data_dir: Path, ready: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
     """`collector status --json` once `ready` holds of it (counts are flushed each second)."""
-    deadline = time.monotonic() + WAIT_S
-    while True:
-        done = run_cli("status", "--json", data_dir=data_dir)
-        document: dict[str, Any] = json.loads(done.stdout)
-        if ready(document):
-            return document
-        if time.monotonic() > deadline:
-            raise AssertionError(f"status never got there: {document}")
-        time.sleep(0.2)
+    found: list[dict[str, Any]] = []
+
+    def looked() -> bool:
+        found[:] = [status_json(data_dir)[1]]
+        return ready(found[0])
+
+    wait_for(looked, "the status wanted")
+    return found[0]
 
 
 def test_invalid_events_are_answered_and_quarantined_with_the_sdk_that_sent_them(
@@ -56,36 +45,28 @@ def test_invalid_events_are_answered_and_quarantined_with_the_sdk_that_sent_them
     assert answer.json()["accepted"] == 1
     assert [e["index"] for e in answer.json()["validationErrors"]] == [1, 2, 3]
 
-    letters = dlq_list(server.data_dir)
+    letters = dlq_list_json(server.data_dir)
     assert [(letter["event_id"], letter["source"]) for letter in letters] == [
         ("empty-name", "php/1.2.0"),
         ("php-list", "php/1.2.0"),
         ("own-sdk", "js-client/0.11.0"),
     ]
-    assert letters[0]["reason"] == "quarantined: event: " + answer.json()["validationErrors"][0][
-        "error"
-    ].removeprefix("event: ")
+    error = answer.json()["validationErrors"][0]["error"]
+    assert letters[0]["reason"] == f"quarantined: {error}"
     assert all(letter["reason"].startswith("quarantined: ") for letter in letters)
-    by_sdk = run_cli(
-        "dlq", "list", "--json", "--source", "php", "--reason", "quarantined",
-        data_dir=server.data_dir,
-    )  # fmt: skip
-    assert by_sdk.returncode == 0, by_sdk.stderr
-    assert [letter["event_id"] for letter in json.loads(by_sdk.stdout)] == [
-        "empty-name",
-        "php-list",
-    ]
+    by_sdk = dlq_list_json(server.data_dir, "--source", "php", "--reason", "quarantined")
+    assert [letter["event_id"] for letter in by_sdk] == ["empty-name", "php-list"]
 
     # A request with no valid event is a 400, as the contract says; its events are kept too.
     refused = server.post({"events": [event(id="alone", event="")]})
     assert refused.status_code == 400, refused.text
-    assert dlq_list(server.data_dir)[-1]["event_id"] == "alone"
-    assert dlq_list(server.data_dir)[-1]["source"] == "unknown"  # no header, no field
+    assert dlq_list_json(server.data_dir)[-1]["event_id"] == "alone"
+    assert dlq_list_json(server.data_dir)[-1]["source"] == "unknown"  # no header, no field
 
     exported = run_cli("dlq", "export", data_dir=server.data_dir)
     assert exported.returncode == 0, exported.stderr
     lines = [orjson.loads(line) for line in exported.stdout.splitlines()]
-    assert [line["event"] for line in lines] == [*sent[1:], {**event(id="alone", event="")}]
+    assert [line["event"] for line in lines] == [*sent[1:], event(id="alone", event="")]
     assert [line["source"] for line in lines][:3] == ["php/1.2.0", "php/1.2.0", "js-client/0.11.0"]
 
     document = status_when(server.data_dir, lambda d: len(d["quarantined"]) == 3)
@@ -104,11 +85,11 @@ def test_an_invalid_event_replayed_after_the_fix_reaches_the_queue(
     server = start_server()
     answer = server.post({"events": [event(id="keep"), event(id="later", event="")]})
     assert answer.status_code == 200, answer.text
-    (letter,) = dlq_list(server.data_dir)
+    (letter,) = dlq_list_json(server.data_dir)
 
     replayed = run_cli("dlq", "replay", str(letter["id"]), data_dir=server.data_dir)
     assert replayed.returncode == 0, replayed.stderr
-    assert dlq_list(server.data_dir) == []
+    assert dlq_list_json(server.data_dir) == []
     assert sorted(e["id"] for e in server.stored()) == ["keep", "later"]
 
 
@@ -122,5 +103,5 @@ def test_past_quarantine_max_bytes_invalid_events_are_counted_not_kept(
 
     document = status_when(server.data_dir, lambda d: bool(d["quarantined"]))
     assert document["quarantined"] == [{"sdk": "php/1.2.0", "kept": "full", "events": 1}]
-    assert dlq_list(server.data_dir) == []
+    assert dlq_list_json(server.data_dir) == []
     assert "the quarantine is full (quarantine_max_bytes 0)" in server.log()

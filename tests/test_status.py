@@ -43,6 +43,7 @@ from conftest import (
     event,
     free_port,
     run_cli,
+    status_json,
     terminate,
 )
 from upstream import Upstream
@@ -219,13 +220,6 @@ def settle(server: Server, requests: int) -> dict[str, Metric]:
         counted, f"{requests} requests counted", detail=lambda: str(seen.get("collector_requests"))
     )
     return seen
-
-
-def status_json(data_dir: Path) -> tuple[int, dict[str, Any]]:
-    done = run_cli("status", "--json", data_dir=data_dir)
-    assert done.returncode in (0, 1), done.stderr
-    document: dict[str, Any] = json.loads(done.stdout)
-    return done.returncode, document
 
 
 def status_text(data_dir: Path, columns: int = 160) -> subprocess.CompletedProcess[str]:
