@@ -145,10 +145,14 @@ class GroupWriter:
         # group waits for the ids.
         self._after = ThreadPoolExecutor(max_workers=1, thread_name_prefix="after-commit")
         self._remembered: Future[None] | None = None
+        self._closing = threading.RLock()  # flush_counts (either thread) against close
+        self._closed = False
 
     def close(self) -> None:
         self._settle_remembering()
-        self.flush_counts()
+        with self._closing:
+            self.flush_counts()
+            self._closed = True
         self._after.shutdown(wait=True)
         self.spool.close()
         self.seen.close()
@@ -157,8 +161,11 @@ class GroupWriter:
 
     def flush_counts(self) -> None:
         """Write the counts of the notes counted so far (in the thread that counts them;
-        nothing counted since the last time: no transaction)."""
-        self._after.submit(_logged, self._flush)
+        nothing counted since the last time: no transaction); once closed, nothing (the
+        timer's thread may call it while `close` shuts the counting thread down)."""
+        with self._closing:
+            if not self._closed:
+                self._after.submit(_logged, self._flush)
 
     def _flush(self) -> None:
         pending = self.counts.take()
