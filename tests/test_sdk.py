@@ -15,11 +15,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 from traffical import TrafficalClient, TrafficalClientOptions
 from traffical.config.source import InlineConfigSource
+from traffical.options import SDK_NAME, SDK_VERSION
 
-from conftest import Server, serve_for_module
+from conftest import Server, dlq_list_json, run_cli, serve_for_module
 from sdk_support import (
     CONTROL_UNIT,
     EXPECTED_EVENT_TYPES,
@@ -199,3 +201,60 @@ def test_sdk_track_with_default_unit_key_and_non_finite_numbers_is_stored_with_n
     sent = recorder.exchanges[0].events()
     assert [e["unitKey"] for e in sent] == ["", ""]
     assert_stored_as_sent(collector.stored()[before:], finite_or_null(sent))
+
+
+def test_an_invalid_sdk_track_among_valid_ones_is_quarantined_with_the_sdk_that_sent_it(
+    collector: Server, recorder: Recorder, client: TrafficalClient
+) -> None:
+    before = len(collector.stored())
+    # The SDK checks no event name: track("") goes out as `"event": ""`, which the
+    # collector's validator refuses (a track's `event` must not be empty).
+    client.track(PURCHASE_EVENT, {"sku": "SKU-7"}, unit_key=CONTROL_UNIT, value=5.0)
+    client.track("", {"sku": "SKU-8"}, unit_key=CONTROL_UNIT)
+    client.track(PAGE_VIEW_EVENT, {"path": "/cart"}, unit_key=TREATMENT_UNIT)
+    assert client.flush_events(timeout=10.0)
+
+    assert [(x.method, x.path, x.status) for x in recorder.exchanges] == [
+        ("POST", EVENTS_PATH, 200)  # the answer's validationErrors are not read by the SDK
+    ]
+    exchange = recorder.exchanges[0]
+    sent = exchange.events()
+    assert [e["event"] for e in sent] == [PURCHASE_EVENT, "", PAGE_VIEW_EVENT]
+    valid, invalid = [sent[0], sent[2]], sent[1]
+    assert_stored_as_sent(collector.stored()[before:], valid)
+
+    # The SDK names itself in each event (no X-SDK-* headers): that is the source.
+    assert (invalid["sdkName"], invalid["sdkVersion"]) == (SDK_NAME, SDK_VERSION)
+    letters = [
+        letter
+        for letter in dlq_list_json(collector.data_dir)
+        if letter["event_id"] == invalid["id"]
+    ]
+    assert len(letters) == 1, f"event {invalid['id']} is not in the quarantine"
+    (letter,) = letters
+    assert letter["reason"].startswith("quarantined: event: ")  # the field at fault
+    assert letter["source"] == f"{SDK_NAME}/{SDK_VERSION}"
+    assert (letter["type"], letter["project"], letter["env"]) == (
+        "track",
+        invalid["projectId"],
+        invalid["env"],
+    )
+
+    # `dlq export` gives the event back as the SDK's own bytes, not re-encoded.
+    raw = json.dumps(invalid, separators=(",", ":")).encode()
+    assert raw in exchange.body  # the SDK's encoding of that one event, as it went out
+    exported = run_cli("dlq", "export", data_dir=collector.data_dir)
+    assert exported.returncode == 0, exported.stderr
+    lines = [
+        line
+        for line in exported.stdout.encode().splitlines()
+        if orjson.loads(line)["id"] == letter["id"]
+    ]
+    assert len(lines) == 1
+    assert lines[0].endswith(b'"event": ' + raw + b"}")
+    exported_letter = orjson.loads(lines[0])
+    assert exported_letter["event"] == invalid
+    assert (exported_letter["reason"], exported_letter["source"]) == (
+        letter["reason"],
+        letter["source"],
+    )
