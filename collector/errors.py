@@ -22,11 +22,13 @@ one table. The store raises them too (`collector.store.db.translated`), never SQ
         ├── UpstreamTimeout        no whole answer within the call's timeout
         └── UpstreamRedirect       the upstream answered 3xx, which is never passed on
 
-Two more stop a command or a process rather than answer a request (the CLI prints them as
+Three more stop a command or a process rather than answer a request (the CLI prints them as
 one line and exits non-zero):
 
     ConfigFileError   the settings file is missing or not TOML, or a secret file unreadable
     AlreadyRunning    another forwarder holds the data directory's lock
+    SalvageFailed     a corrupt file's rows could not be read back (no sqlite3 tool, or it
+                      read nothing); a CollectorError, for its `message`, never answered
 """
 
 from __future__ import annotations
@@ -150,3 +152,9 @@ class ConfigFileError(Exception):
 
 class AlreadyRunning(Exception):
     """Another forwarder holds this data directory's lock."""
+
+
+class SalvageFailed(CollectorError):
+    """The rows of a corrupt file could not be read back (`collector.store.salvage`): the
+    sqlite3 tool is missing, failed or read nothing. `message` says which, and that the
+    file is kept, unchanged, where it is."""

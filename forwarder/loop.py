@@ -19,7 +19,8 @@
                             parked, kept in memory (bounded) until a reload (SIGHUP),
                             while the senders go on with every other key's; say so
     settle   a row is acknowledged (deleted from the queue) once every one of its events
-             is delivered or dead-lettered
+             is delivered or dead-lettered, and what they came to is added to the
+             outcomes ledger in the same transaction (`collector.store.ledger`)
 
 Delivery is at-least-once: a row is deleted only after all its events are settled, so a
 forwarder killed mid-send sends the unsettled rows again on restart (persist-queue's
@@ -52,7 +53,7 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -62,13 +63,14 @@ from collector.errors import Unavailable
 from collector.events import Target
 from collector.ops import notify
 from collector.settings import Settings
-from collector.store import heartbeats
+from collector.store import heartbeats, reconcile
 from collector.store.clock import Clock
 from collector.store.counts import Count, Counts, DeadLetterReason
 from collector.store.datadir import DataDir
 from collector.store.deadletters import DeadLetters
 from collector.store.heartbeats import UpstreamState
-from collector.store.spool import Row, Spool
+from collector.store.ledger import State
+from collector.store.spool import Row
 from forwarder.backoff import Backoff, Outage
 from forwarder.batch import MAX_BATCH_EVENTS, Batch
 from forwarder.keys import KeyChooser
@@ -163,12 +165,11 @@ class Forwarder:
         self.data_dir = DataDir(settings.data_dir)
         # Acks need no fsync of their own: if a power cut loses one, the row is sent again
         # (a duplicate), never lost. The server's commits keep their own `sync` setting.
-        self.spool = Spool(
+        self.spool = reconcile.open_queue(  # a corrupt file is moved aside and read back
             self.data_dir,
             sync="normal",
             budget_bytes=settings.disk_budget_bytes,
             resume_in_flight=True,
-            recover=True,  # a corrupt file is moved aside (collector.store.recovery)
         )
         self.dead = DeadLetters.writer(self.data_dir, recover=True)
         self._clock = Clock(self.data_dir)  # ages, as the server stamps rows: steps ignored
@@ -176,6 +177,8 @@ class Forwarder:
         self.stats = Stats()
         self._outage = Outage()
         self._pending: dict[int, int] = {}  # row id -> events not yet settled
+        # row id -> what its settled events came to, for the ledger (written with its ack)
+        self._outcomes: dict[int, Counter[tuple[Target, State, str]]] = {}
         self._batches: asyncio.Queue[Batch] = asyncio.Queue(maxsize=settings.forward_in_flight)
         self._buffered = 0
         self._buffered_bytes = 0  # the events' own bytes of the same
@@ -312,6 +315,7 @@ class Forwarder:
         groups = row.groups()
         count = sum(len(events) for _, events in groups)
         self._pending[row.id] = count
+        self._outcomes[row.id] = Counter()
         self._buffered += count
         self._buffered_bytes += sum(sum(map(len, events)) for _, events in groups)
         full = []
@@ -417,13 +421,13 @@ class Forwarder:
                 first, second = part.halves()
                 todo += [second, first]
                 continue
+            everything = range(len(part.events))
             if isinstance(result, Rejected):
-                await self._dead_letter(
-                    part.events, f"rejected by upstream: {result.reason}", DeadLetterReason.REJECTED
-                )
+                why = f"rejected by upstream: {result.reason}"
+                await self._dead_letter(part, everything, why, DeadLetterReason.REJECTED)
             elif isinstance(result, TooOld):
                 reason = f"older than the maximum age ({self.settings.max_event_age_seconds:g} s)"
-                await self._dead_letter(part.events, reason, DeadLetterReason.MAX_AGE)
+                await self._dead_letter(part, everything, reason, DeadLetterReason.MAX_AGE)
             else:
                 await self._delivered(part, result)
             await self._settle(part)
@@ -435,12 +439,12 @@ class Forwarder:
         if self.stats.last_success is None:
             log.info("upstream ok: the first batch was delivered")
         self.stats.last_success = time.time()
-        by_reason: dict[str, list[bytes]] = {}
+        by_reason: dict[str, list[int]] = {}
         for index, reason in sorted(result.rejected.items()):
-            by_reason.setdefault(reason, []).append(part.events[index])
-        for reason, events in by_reason.items():
+            by_reason.setdefault(reason, []).append(index)
+        for reason, places in by_reason.items():
             why = f"rejected by upstream (HTTP {result.status}): {reason}"
-            await self._dead_letter(events, why, DeadLetterReason.REJECTED)
+            await self._dead_letter(part, places, why, DeadLetterReason.REJECTED)
         kept = [i for i in range(len(part.events)) if i not in result.rejected]
         # Which events the unconfirmed are is not known: they are counted as the batch's
         # last ones (exact whenever the batch holds one project and env, as most do).
@@ -452,22 +456,26 @@ class Forwarder:
             self.counts.add(Count.SCHEMA_WARNINGS, (*part.targets[index], name[:NAME_CHARS]))
         if result.unconfirmed:
             await self._unconfirmed(part, kept, result)
+        else:
+            self._tally(part, kept, State.DELIVERED)
 
     async def _unconfirmed(self, part: Batch, kept: list[int], result: Delivered) -> None:
-        unsure = kept[len(kept) - result.unconfirmed :]
+        confirmed = kept[: len(kept) - result.unconfirmed]
+        unsure = kept[len(confirmed) :]
         self.stats.unconfirmed += result.unconfirmed
         for target, count in Counter(part.targets[i] for i in unsure).items():
             self.counts.add(Count.UNCONFIRMED, target, count)
         said = (
-            f"the upstream answered HTTP {result.status} accepting {len(kept) - len(unsure)} "
+            f"the upstream answered HTTP {result.status} accepting {len(confirmed)} "
             f"of {len(kept)} events without naming the other {len(unsure)}"
         )
         if self.settings.unconfirmed_events == "dead_letter":
-            await self._dead_letter(
-                [part.events[i] for i in kept], f"unconfirmed: {said}", DeadLetterReason.UNCONFIRMED
-            )
+            why = f"unconfirmed: {said}"
+            await self._dead_letter(part, kept, why, DeadLetterReason.UNCONFIRMED)
             log.warning("%s; the batch's events are kept as dead letters too", said)
         else:
+            self._tally(part, confirmed, State.DELIVERED)
+            self._tally(part, unsure, State.UNCONFIRMED)
             log.warning("%s; they are counted as unconfirmed (unconfirmed_events)", said)
 
     async def _send(self, batch: Batch) -> Delivered | Rejected | KeyRejected | TooOld:
@@ -553,10 +561,29 @@ class Forwarder:
         self._buffered_bytes -= batch.events_bytes
         self._room.set()
         if done:
-            await self._queue_op("ack rows", lambda: self.spool.ack(done))
+            outcomes: Counter[tuple[Target, State, str]] = Counter()
+            for row_id in done:
+                outcomes += self._outcomes.pop(row_id)
+            await self._queue_op("ack rows", lambda: self.spool.ack(done, outcomes))
 
-    async def _dead_letter(self, events: list[bytes], reason: str, kind: DeadLetterReason) -> None:
-        count = await self._queue_op("write dead letters", lambda: self.dead.add(events, reason))
+    def _tally(self, part: Batch, places: Sequence[int], state: State, reason: str = "") -> None:
+        """Note what `part`'s events at `places` came to, for their rows' ack."""
+        runs = Counter((part.rows[i], part.targets[i]) for i in places)
+        for (row_id, target), n in runs.items():
+            self._outcomes[row_id][(target, state, reason)] += n
+
+    async def _dead_letter(
+        self, part: Batch, places: Sequence[int], reason: str, kind: DeadLetterReason
+    ) -> None:
+        events = [part.events[i] for i in places]
+        targets = [part.targets[i] for i in places]
+        count = await self._queue_op(
+            "write dead letters",
+            lambda: self.dead.add(
+                events, reason, state=State.DEAD_LETTERED, kind=kind, targets=targets
+            ),
+        )
+        self._tally(part, places, State.DEAD_LETTERED, kind)
         self.stats.dead_lettered += count
         self.counts.add(Count.DEAD_LETTERED, (kind,), count)
         # Not `reason`: an upstream's refusal may quote the events, which stay out of logs.

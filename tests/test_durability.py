@@ -335,7 +335,7 @@ def test_a_full_disk_budget_answers_503_drops_nothing_and_recovers_when_space_is
     forwarder = Spool(DataDir(server.data_dir), budget_bytes=budget, resume_in_flight=True)
     try:
         while (taken := forwarder.take()) is not None:
-            forwarder.ack([taken.id])
+            forwarder.ack([taken.id], {})
     finally:
         forwarder.close()
 
@@ -551,7 +551,7 @@ def test_taking_and_acking_rows_keeps_nothing_in_memory(tmp_path: Path) -> None:
     forwarder = Spool(DataDir(tmp_path), budget_bytes=1 << 30, resume_in_flight=True)
     try:
         taken = [row for row in iter(forwarder.take, None)]
-        forwarder.ack([row.id for row in taken])
+        forwarder.ack([row.id for row in taken], {})
         assert len(taken) == 5
         assert forwarder._queue._unack_cache == {}
     finally:

@@ -253,6 +253,16 @@ def _gauges(document: dict[str, Any], fixed: bool = False) -> Iterator[Metric]:
         state.add_metric([name], 1 if document["forwarder"].get("upstream") == name else 0)
     yield state
     yield from _sample_ratio(document["sample_ratio"], fixed)
+    outcomes = CounterMetricFamily(
+        "collector_ledger_events",
+        "Events by where they ended up (the outcomes ledger of the queue: stored, duplicate, "
+        "delivered, unconfirmed, dead_lettered, lost...), by reason where a state has them.",
+        labels=["state", "reason"],
+    )
+    for state, value in document["ledger"]["states"].items():
+        for reason, n in value.items() if isinstance(value, dict) else [("", value)]:
+            outcomes.add_metric([state, reason], n)
+    yield outcomes
     yield _gauge(
         "collector_healthy", "1 when `collector status` would exit 0.", int(document["healthy"])
     )

@@ -21,7 +21,7 @@ from typing import Any
 
 from collector.ops import srm
 from collector.settings import Settings
-from collector.store import configcache, heartbeats, recovery, spool
+from collector.store import configcache, heartbeats, ledger, recovery, spool
 from collector.store.clock import Clock
 from collector.store.counts import Count, Counts, ProxyRoute
 from collector.store.datadir import QUEUE, DataDir
@@ -39,13 +39,15 @@ def collect(settings: Settings) -> dict[str, Any]:
     data_dir = DataDir(settings.data_dir)
     now = time.time()
     counts = Counts.reader(data_dir, settings.counts_window_minutes)
+    held = spool.summary(data_dir)
     try:
         document: dict[str, Any] = {
             "generated_at": iso(now),
             "data_dir": str(data_dir.path),
             "server": _process(data_dir.server_state, now),
             "forwarder": _forwarder(data_dir.forwarder_state, now),
-            "queue": _queue(data_dir, settings.disk_budget_bytes),
+            "queue": _queue(held, data_dir, settings.disk_budget_bytes),
+            "ledger": _ledger(held.ledger, data_dir),
             "rates": _rates(counts, now),
             "top_events": _top_events(counts, settings.counts_window_minutes),
             "allocations": _allocations(counts, settings.counts_window_minutes),
@@ -117,8 +119,7 @@ def _forwarder(path: Path, now: float) -> dict[str, Any]:
     return process
 
 
-def _queue(data_dir: DataDir, budget_bytes: int) -> dict[str, Any]:
-    held = spool.summary(data_dir)
+def _queue(held: spool.Summary, data_dir: DataDir, budget_bytes: int) -> dict[str, Any]:
     now = Clock(data_dir, write=False).now()  # the clock rows are stamped by
     return {
         "events": held.events,
@@ -128,6 +129,19 @@ def _queue(data_dir: DataDir, budget_bytes: int) -> dict[str, Any]:
         "disk_budget_bytes": budget_bytes,
         "disk_budget_used": round(held.budget_used_bytes / budget_bytes, 4),
     }
+
+
+def _ledger(entries: ledger.Entries, data_dir: DataDir) -> dict[str, Any]:
+    """The queue's outcomes ledger in total: events per state (and per reason where a
+    state has them), and what the witness saw come in that the queue no longer has."""
+    states: dict[str, Any] = {}
+    for (state, reason), n in sorted(ledger.totals(entries).items()):
+        if reason:
+            states.setdefault(state, {})[reason] = n
+        else:
+            states[state] = n
+    missing = sum(ledger.missing(entries, ledger.read_witness(data_dir)).values())
+    return {"states": states, "missing": missing}
 
 
 def _rates(counts: Counts, now: float) -> dict[str, dict[str, float]]:
@@ -300,10 +314,22 @@ def _judge(document: dict[str, Any]) -> tuple[list[str], list[str]]:
             f"the upstream took events with schema warnings in the counts window (most: "
             f"{top['count']} {top['event']!r} of {top['project']}/{top['env']})"
         )
+    ledger_states = document["ledger"]["states"]
+    for reason, n in sorted(ledger_states.get(ledger.State.LOST, {}).items()):
+        problems.append(f"{n} events were lost: {reason} (collector audit)")
+    if document["ledger"]["missing"]:
+        problems.append(
+            f"{document['ledger']['missing']} events answered 200 are missing from the queue:"
+            " queue.db lost committed writes (collector audit)"
+        )
     if document["dead_letters"]:
         warnings.append(f"{document['dead_letters']} dead-lettered events (collector dlq list)")
     for moved in document["recovered"]:
-        lost = " (events queued in it were not forwarded)" if moved["file"] == QUEUE else ""
+        lost = (
+            " (what could be read of it was put back into the queue)"
+            if moved["file"] == QUEUE
+            else ""
+        )
         warnings.append(
             f"{moved['file']} was corrupt and moved aside to {moved['moved_to']} at "
             f"{moved['at']}{lost}; delete it once inspected"

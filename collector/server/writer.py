@@ -50,11 +50,13 @@ from collector.errors import CollectorError, QueueBusy, Unavailable
 from collector.events import Target
 from collector.ops import logs
 from collector.server.counting import Conversions, Note
+from collector.store import reconcile
 from collector.store.counts import Count, Counts
 from collector.store.datadir import DataDir
 from collector.store.deadletters import QUARANTINED, DeadLetters
+from collector.store.ledger import State
 from collector.store.seen import SeenIds
-from collector.store.spool import Spool, Sync
+from collector.store.spool import Sync
 
 log = logging.getLogger("collector.commit")
 
@@ -127,12 +129,11 @@ class GroupWriter:
 
     def __init__(self, config: WriterConfig) -> None:
         data_dir = DataDir(config.data_dir)
-        self.spool = Spool(
+        self.spool = reconcile.open_queue(
             data_dir,
             sync=config.sync,
             budget_bytes=config.budget_bytes,
             resume_in_flight=False,  # only the forwarder may resume its in-flight rows
-            recover=True,
         )
         self.seen = SeenIds(data_dir, config.dedup_window_s, config.dedup_max_bytes, recover=True)
         # The server (or the supervisor of workers) moved a corrupt counts file aside.
@@ -171,6 +172,7 @@ class GroupWriter:
         pending = self.counts.take()
         if pending:
             self.counts.write(pending)
+        self.spool.write_witness()
 
     def commit(
         self,
@@ -191,14 +193,15 @@ class GroupWriter:
         ids = [eid for events in requests for eid, _, _ in events if eid]
         known = self.seen.seen(ids)
         groups: dict[Target, list[bytes]] = {}
+        duplicates: Counter[Target] = Counter()
         if not known and len(set(ids)) == len(ids):
             skipped: list[list[int]] = [[] for _ in requests]  # nothing to drop: in bulk
             for events in requests:
                 _group_all(groups, events)
         else:
-            skipped, ids = _drop_known(requests, known, groups)
-        if groups:
-            self.spool.append(groups)
+            skipped, ids = _drop_known(requests, known, groups, duplicates)
+        if groups or duplicates:
+            self.spool.append(groups, duplicates)
         if invalid:  # only once the group stands: a refused one's client sends them again
             kept = self.quarantine.keep(invalid)
             self._after.submit(_logged, self._count_invalid, invalid, kept)
@@ -254,7 +257,8 @@ class Quarantine:
             if self._dead is None:
                 self._dead = DeadLetters.writer(self.data_dir)
             if self.max_bytes and self._dead.used_bytes() < self.max_bytes:
-                self._dead.add_each([(raw, QUARANTINED + why, sdk) for raw, why, sdk in invalid])
+                letters = [(raw, QUARANTINED + why, sdk) for raw, why, sdk in invalid]
+                self._dead.add_each(letters, State.QUARANTINED)
             else:
                 kept = "full"
                 self._warn(
@@ -296,10 +300,14 @@ def _group_all(groups: dict[Target, list[bytes]], events: list[EncodedEvent]) ->
 
 
 def _drop_known(
-    requests: list[list[EncodedEvent]], known: set[str], groups: dict[Target, list[bytes]]
+    requests: list[list[EncodedEvent]],
+    known: set[str],
+    groups: dict[Target, list[bytes]],
+    duplicates: Counter[Target],
 ) -> tuple[list[list[int]], list[str]]:
-    """Group the events whose id is neither `known` nor repeated in the group; returns,
-    per request, the indexes dropped, and the ids kept (to remember)."""
+    """Group the events whose id is neither `known` nor repeated in the group, and count
+    the others per target in `duplicates`; returns, per request, the indexes dropped, and
+    the ids kept (to remember)."""
     ids: list[str] = []
     skipped: list[list[int]] = []
     for events in requests:
@@ -308,6 +316,7 @@ def _drop_known(
             if eid is not None:
                 if eid in known:
                     dropped.append(index)
+                    duplicates[target] += 1
                     continue
                 known.add(eid)
                 ids.append(eid)

@@ -4,6 +4,7 @@
     seen-ids.db       ids of events already stored, to drop client retries (`seen.py`)
     counts.db         per-minute counts and running totals (`counts.py`)
     dead-letters.db   events that left the queue without an upstream 2xx (`deadletters.py`)
+    ledger.json       the witness: a copy of the queue's outcomes ledger (`ledger.py`)
     config-cache.db   SDK config bundles, served through upstream outages (`configcache.py`)
     keys.json         the API keys clients use, hashed (`collector.server.auth`), mode 0600
     keys.lock         held while `keys.json` is edited
@@ -37,6 +38,7 @@ FORWARDER_STATE = "forwarder.json"
 FORWARDER_LOCK = "forwarder.lock"
 FIRST_KEY = "first-api-key"
 CLOCK = "clock.json"
+LEDGER_WITNESS = "ledger.json"
 WRITE_PROBE = "write-probe"
 
 # The SQLite databases, in the order a person would look at them.
@@ -113,6 +115,10 @@ class DataDir:
     @property
     def clock(self) -> Path:
         return self.path / CLOCK
+
+    @property
+    def ledger_witness(self) -> Path:
+        return self.path / LEDGER_WITNESS
 
     def probe_write(self) -> None:
         """Write and fsync a byte in the directory: raises OSError when the filesystem

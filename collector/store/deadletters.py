@@ -16,19 +16,23 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from collector.errors import QueueFull
-from collector.store import db, rows
+from collector.events import Target
+from collector.store import db, ledger, rows
 from collector.store.datadir import DataDir
+from collector.store.ledger import State
 from collector.store.spool import Spool, Sync
 
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS dead_letters (id INTEGER PRIMARY KEY AUTOINCREMENT,"
     " dead_at REAL NOT NULL, reason TEXT NOT NULL, event BLOB NOT NULL,"
     " source TEXT NOT NULL DEFAULT '')",
+    *ledger.SCHEMA,  # what came in and went out, with the letters (`ledger.py`)
 )
 # A file made before dead letters had a source gets the column (empty for those before).
 ADD_SOURCE = "ALTER TABLE dead_letters ADD COLUMN source TEXT NOT NULL DEFAULT ''"
@@ -70,6 +74,7 @@ class DeadLetters:
     def __init__(self, conn: sqlite3.Connection | None) -> None:
         self._conn = conn
         self._lock = threading.Lock()
+        self._targets: set[Target] = set()  # the ledger's (`ledger.target_for`)
         # A file of an older collector, not opened by a writer since (which adds the
         # column), is read with an empty source.
         columns = {row[1] for row in db.read(conn, "PRAGMA table_info(dead_letters)")}
@@ -97,20 +102,53 @@ class DeadLetters:
         if self._conn is not None:
             self._conn.close()
 
-    def add(self, events: Iterable[bytes], reason: str, source: str = "") -> int:
+    def add(
+        self,
+        events: Sequence[bytes],
+        reason: str,
+        source: str = "",
+        *,
+        state: State = State.DEAD_LETTERED,
+        kind: str = "",
+        targets: Sequence[Target] | None = None,
+    ) -> int:
         """Store `events` (each one event's JSON) with `reason`; returns how many."""
-        return self.add_each([(raw, reason, source) for raw in events])
+        return self.add_each([(raw, reason, source) for raw in events], state, kind, targets)
 
-    def add_each(self, letters: Sequence[tuple[bytes, str, str]]) -> int:
-        """Store each (event's JSON, reason, source) in one transaction; returns how many."""
+    def add_each(
+        self,
+        letters: Sequence[tuple[bytes, str, str]],
+        state: State,
+        kind: str = "",
+        targets: Sequence[Target] | None = None,
+    ) -> int:
+        """Store each (event's JSON, reason, source) in one transaction, counted in the
+        ledger as `state` (`kind`: its reason there) under `targets` (each letter's; read
+        from the events when not given); returns how many."""
         now = time.time()
-        rows = [(now, reason, raw, source) for raw, reason, source in letters]
+        found = [(now, reason, raw, source) for raw, reason, source in letters]
+        if targets is None:
+            targets = [rows.target_of(raw) for raw, _, _ in letters]
         with self._lock, _translated, self._written() as conn:
+            entries = ledger.counted(conn, Counter(targets).items(), state, self._targets, kind)
             conn.executemany(
                 "INSERT INTO dead_letters (dead_at, reason, event, source) VALUES (?, ?, ?, ?)",
-                rows,
+                found,
             )
-        return len(rows)
+            ledger.add(conn, entries)
+        return len(found)
+
+    def ledger(self) -> tuple[int, ledger.Entries]:
+        """The letters held and the ledger, as of one moment (for `collector audit`)."""
+        with self._lock, _translated:
+            if self._conn is None:
+                return 0, ledger.Entries()
+            self._conn.execute("BEGIN")
+            try:
+                (count,) = self._conn.execute("SELECT COUNT(*) FROM dead_letters").fetchone()
+                return int(count), ledger.read(self._conn)
+            finally:
+                self._conn.rollback()
 
     def used_bytes(self) -> int:
         """Bytes of the file in use (what `quarantine_max_bytes` bounds)."""
@@ -153,16 +191,22 @@ class DeadLetters:
     def all_ids(self) -> list[int]:
         return [int(i) for (i,) in self._read("SELECT id FROM dead_letters")]
 
-    def remove(self, ids: Sequence[int]) -> int:
-        with self._lock, _translated, self._written() as conn:
-            cursor = conn.execute(
-                f"DELETE FROM dead_letters WHERE id IN ({','.join('?' * len(ids))})", tuple(ids)
-            )
-        return int(cursor.rowcount)
+    def remove(self, ids: Sequence[int], state: State = State.REPLAYED) -> int:
+        """Delete the letters with `ids`, counted in the ledger as gone out as `state`."""
+        where = f"WHERE id IN ({','.join('?' * len(ids))})"
+        return self._delete(where, tuple(ids), state)
 
     def purge(self) -> int:
+        return self._delete("", (), State.PURGED)
+
+    def _delete(self, where: str, params: tuple[int, ...], state: State) -> int:
         with self._lock, _translated, self._written() as conn:
-            return int(conn.execute("DELETE FROM dead_letters").rowcount)
+            found = conn.execute(f"SELECT event FROM dead_letters {where}", params).fetchall()
+            targets = Counter(rows.target_of(bytes(raw)) for (raw,) in found)
+            entries = ledger.counted(conn, targets.items(), state, self._targets)
+            cursor = conn.execute(f"DELETE FROM dead_letters {where}", params)
+            ledger.add(conn, entries)
+        return int(cursor.rowcount)
 
     def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         with self._lock, _translated:
@@ -198,7 +242,7 @@ def replay(
                 continue
             # Into the queue first, then out of the store: a crash between the two leaves
             # the event in both (sent twice), never in neither.
-            spool.append(rows.by_target([raw for _, raw in letters]))
+            spool.append(rows.by_target([raw for _, raw in letters]), state=State.REPLAYED)
             moved += dead.remove([letter_id for letter_id, _ in letters])
     except QueueFull as exc:
         return Replayed(moved, len(wanted), exc)

@@ -75,7 +75,7 @@ def ensure_usable(path: Path) -> Recovered | None:
     """Move `path` aside if SQLite finds it corrupt; the caller then opens a fresh one."""
     if not path.is_file():
         return None
-    with _directory_lock(path.parent):
+    with directory_lock(path.parent):
         reason = corruption(path)
         if reason is None:
             return None
@@ -94,7 +94,7 @@ def ensure_usable(path: Path) -> Recovered | None:
         path,
         reason,
         moved.name,
-        " Events queued in it are not forwarded." if path.name == QUEUE else "",
+        " What can still be read of it is put back into the queue." if path.name == QUEUE else "",
     )
     return Recovered(path.name, moved.name, reason)
 
@@ -207,7 +207,7 @@ def _fsync_directory(directory: Path) -> None:
 
 
 @contextlib.contextmanager
-def _directory_lock(directory: Path) -> Iterator[None]:
+def directory_lock(directory: Path) -> Iterator[None]:
     fd = os.open(directory, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)

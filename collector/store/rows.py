@@ -70,6 +70,17 @@ def split(data: bytes) -> list[tuple[Target, list[bytes]]]:
     return list(by_target([orjson.dumps(event) for event in orjson.loads(data)]).items())
 
 
+def counts(data: bytes) -> list[tuple[Target, int]]:
+    """Each target's number of events in a row: from the header alone in the current
+    format (rows of older ones are split)."""
+    if data[1:2].isdigit():
+        first = data.index(b",", 1)
+        second = data.index(b",", first + 1)
+        header = orjson.loads(data[second + 1 : second + 1 + int(data[first + 1 : second])])
+        return [(Target(project, env), len(lengths)) for project, env, lengths in header]
+    return [(target, len(events)) for target, events in split(data)]
+
+
 def by_target(events: Sequence[bytes]) -> dict[Target, list[bytes]]:
     """`events` (JSON bytes) grouped by their target, read by parsing each one (for events
     that come without their routing keys: dead letters, rows of an older format)."""

@@ -7,6 +7,8 @@ table. Facts that shape its use (measured on the reference machine):
   requests' worth, gathered by `collector.server.commit`), stored as raw bytes in the row
   format of `rows.py` (no pickle), which the forwarder splits without parsing;
 - acknowledged rows are deleted (`ack`), never left for `get` to scan past;
+- every row written and every row acknowledged changes the outcomes ledger (`ledger.py`)
+  in the same transaction, so the ledger and the rows can never disagree after a crash;
 - the forwarder takes rows by id in its own order (`take`), without persist-queue's `get`
   and its in-flight mark; rows an older version marked in flight are made ready by the
   forwarder only (`auto_resume=True`), so the server opens the queue with
@@ -26,13 +28,16 @@ failed from then on.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import heapq
+import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -40,9 +45,12 @@ from persistqueue import SQLiteAckQueue
 
 from collector.errors import QueueBusy, QueueFull
 from collector.events import Target
-from collector.store import db, recovery, rows
+from collector.store import db, ledger, recovery, rows
 from collector.store.clock import Clock
 from collector.store.datadir import DataDir
+from collector.store.ledger import State
+
+log = logging.getLogger("collector.queue")
 
 QUEUE_NAME = "events"
 # persist-queue's table for QUEUE_NAME (`SQLiteAckQueue._table_name`), for readers that
@@ -91,6 +99,7 @@ class Summary:
     oldest: float | None  # when the oldest row was queued (`clock.py`)
     used_bytes: int  # the queue file's pages in use
     side_bytes: int  # the other databases' files (`DataDir.side_bytes`)
+    ledger: ledger.Entries = field(default_factory=ledger.Entries)  # read with the rows
 
     @property
     def budget_used_bytes(self) -> int:
@@ -111,20 +120,14 @@ class _RawBytes:
 
 
 class _Queue(SQLiteAckQueue):
-    """SQLiteAckQueue with the sync level of our choice, its rows stamped by our clock."""
+    """SQLiteAckQueue with the sync level of our choice. Rows are inserted by `Spool`
+    itself, with persist-queue's own statement (`_sql_insert`) but in a transaction that
+    adds their ledger entries too, and stamped by `clock.py` (which a step of the wall
+    clock does not move), not time.time(): the row's age is the event's."""
 
-    def __init__(self, path: str, sync: Sync, clock: Clock, **kwargs: Any) -> None:
+    def __init__(self, path: str, sync: Sync, **kwargs: Any) -> None:
         self._sync = sync
-        self._clock = clock
         super().__init__(path, **kwargs)
-
-    def put(self, item: Any) -> Any:
-        """persist-queue's own put, with the time from `clock.py` (which a step of the wall
-        clock does not move) instead of time.time(): the row's age is the event's."""
-        row_id = self._insert_into(self._serializer.dumps(item), self._clock.now())
-        self.total += 1
-        self.put_event.set()
-        return row_id
 
     def _new_db_connection(self, path: str, multithreading: bool, timeout: float) -> Any:
         conn = super()._new_db_connection(path, multithreading, timeout)
@@ -153,18 +156,16 @@ class Spool:
         recover: bool = False,
     ) -> None:
         """`recover`: move the file aside first if it is corrupt (`recovery.py`); only the
-        server's writer, the forwarder and `dlq replay` do, never a reader such as status
-        (which uses `summary`)."""
+        server's writer and the forwarder do, through `reconcile.open_queue` (which then
+        reads the moved file back), never a reader such as status (`summary`)."""
         self.path = data_dir.queue
         self._data_dir = data_dir
         self.budget_bytes = budget_bytes
-        if recover:
-            recovery.ensure_usable(self.path)
+        moved = recovery.ensure_usable(self.path) if recover else None
         with _translated:
             self._queue = _Queue(
                 str(self.path.parent),
                 sync,
-                Clock(data_dir),
                 name=QUEUE_NAME,
                 db_file_name=self.path.name,
                 multithreading=True,
@@ -177,6 +178,12 @@ class Spool:
         # persist-queue's writing connection: we read sizes and run checks on it too.
         self._conn = cast(sqlite3.Connection, self._queue._putter)
         self._lock = threading.Lock()
+        self._clock = Clock(data_dir)
+        with _translated:
+            ledger.ensure(self._conn)
+        self._targets: set[Target] = set()  # the ledger's (`ledger.target_for`)
+        self.ledger_changed = True  # since the witness was last written
+        self._witness_failed = False
         # Bytes in use when a request was last refused for the disk budget. Until the
         # forwarder frees space below that, `check_writable` says the budget is reached, so
         # /readyz agrees with the 503s even though a smaller request might still fit.
@@ -186,30 +193,91 @@ class Spool:
         # The forwarder's place (`take`): the last row id taken, and rows given back.
         self._taken_up_to = 0
         self._given_back: list[int] = []
+        # What `recover` moved aside, for `reconcile.open_queue` to read back.
+        self.moved = moved
 
     def close(self) -> None:
         self._queue.close()
 
     # --- the server's side ----------------------------------------------------------
 
-    def append(self, groups: Mapping[Target, Sequence[bytes]]) -> None:
-        """Commit each target's events (their JSON bytes) as one row, in one transaction.
+    def append(
+        self,
+        groups: Mapping[Target, Sequence[bytes]],
+        duplicates: Mapping[Target, int] | None = None,
+        state: State = State.STORED,
+    ) -> None:
+        """Commit each target's events (their JSON bytes) as one row, in one transaction
+        with their ledger entries (`state`, and the `duplicates` dropped per target).
 
         Raises `QueueFull` when they would take the queue past the disk budget (nothing is
         written), and `QueueFull`/`QueueBusy` when SQLite fails.
         """
-        row = rows.join(groups)
+        row = rows.join(groups) if groups else b""
         size = len(row)
         with self._lock, _translated:
-            used = self._budget_used()
-            if used + size > self.budget_bytes:
-                self._refused_at = used
-                raise QueueFull("disk budget reached; retry later")
-            self._check_free_space(self._conn, size)
-            self._queue.put(row)
-            # A whole group fit: whatever was refused before, /readyz now agrees with the
-            # 200 just given (it said "not ready" after an accepted retry, measured).
-            self._refused_at = self._refused_free = None
+            if row:
+                used = self._budget_used()
+                if used + size > self.budget_bytes:
+                    self._refused_at = used
+                    raise QueueFull("disk budget reached; retry later")
+                self._check_free_space(self._conn, size)
+            with self._queue.tran_lock, self._conn as conn:
+                entries = ledger.counted(
+                    conn, ((t, len(e)) for t, e in groups.items()), state, self._targets
+                )
+                entries += ledger.counted(
+                    conn, (duplicates or {}).items(), State.DUPLICATE, self._targets
+                )
+                if row:
+                    conn.execute(self._queue._sql_insert, (row, self._clock.now()))
+                ledger.add(conn, entries)
+            self.ledger_changed = True
+            if row:
+                # A whole group fit: whatever was refused before, /readyz now agrees with
+                # the 200 just given (it said "not ready" after an accepted retry, measured).
+                self._refused_at = self._refused_free = None
+
+    def put_rows(self, found: Sequence[tuple[bytes, float]], entries: ledger.Entries) -> None:
+        """Put rows back as they were (their bytes and queue time), with `entries`, in one
+        transaction: rows read back from a corrupt file (`salvage_queue`)."""
+        with self._lock, _translated, self._queue.tran_lock, self._conn as conn:
+            conn.executemany(self._queue._sql_insert, found)
+            ledger.add(conn, entries)
+            self.ledger_changed = True
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """The queue's writing connection in a write transaction (`reconcile.py`)."""
+        with self._lock, _translated, self._queue.tran_lock, self._conn as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            yield conn
+            self.ledger_changed = True
+
+    @staticmethod
+    def held_by_target(conn: sqlite3.Connection) -> Counter[Target]:
+        return held_by_target(conn)
+
+    def ledger(self) -> ledger.Entries:
+        with self._lock, _translated:
+            return ledger.read(self._conn)
+
+    def write_witness(self) -> None:
+        """Copy the ledger to the witness file if it changed since the last copy. A copy
+        that cannot be written (a full disk) is tried again next time and logged once: a
+        witness that lags only sees less (`ledger.py`)."""
+        if not self.ledger_changed:
+            return
+        self.ledger_changed = False
+        try:
+            ledger.write_witness(self._data_dir, self.ledger())
+        except OSError as exc:
+            self.ledger_changed = True
+            if not self._witness_failed:
+                log.warning("could not write the ledger's witness (%s); trying again", exc)
+            self._witness_failed = True
+        else:
+            self._witness_failed = False
 
     def check_writable(self) -> None:
         """Raise QueueFull or QueueBusy unless a write could be committed now."""
@@ -288,27 +356,34 @@ class Spool:
             self._taken_up_to = int(found[0])
         return Row(int(found[0]), found[1], float(found[2]))
 
-    def ack(self, row_ids: Sequence[int]) -> None:
-        """The rows are done with (delivered or dead-lettered): delete them at once.
+    def ack(
+        self, row_ids: Sequence[int], outcomes: Mapping[tuple[Target, State, str], int]
+    ) -> None:
+        """The rows are done with: delete them at once, and count their events' `outcomes`
+        ((target, state, reason) -> events: delivered, dead-lettered...) in the ledger, in
+        the same transaction.
 
         Deleting rather than marking them acked keeps the table free of rows that every
         `get` would scan past (175 ms per get with a million of them).
         """
-        self._by_ids(f"DELETE FROM {TABLE} WHERE _id IN ({{marks}})", row_ids)
+        if not row_ids:
+            return
+        with self._lock, _translated, self._queue.tran_lock, self._conn as conn:
+            entries = ledger.Entries()
+            for (target, state, reason), n in outcomes.items():
+                entries += ledger.counted(conn, [(target, n)], state, self._targets, reason)
+            for start in range(0, len(row_ids), IDS_PER_STATEMENT):
+                chunk = row_ids[start : start + IDS_PER_STATEMENT]
+                conn.execute(
+                    f"DELETE FROM {TABLE} WHERE _id IN ({','.join('?' * len(chunk))})", chunk
+                )
+            ledger.add(conn, entries)
 
     def nack(self, row_ids: Sequence[int]) -> None:
         """The rows were not delivered: `take` gives them again, before newer ones."""
         with self._lock:
             for row_id in row_ids:
                 heapq.heappush(self._given_back, row_id)
-
-    def _by_ids(self, sql: str, row_ids: Sequence[int]) -> None:
-        if not row_ids:
-            return
-        with self._lock, _translated, self._queue.tran_lock, self._conn as conn:
-            for start in range(0, len(row_ids), IDS_PER_STATEMENT):
-                chunk = row_ids[start : start + IDS_PER_STATEMENT]
-                conn.execute(sql.format(marks=",".join("?" * len(chunk))), chunk)
 
 
 def summary(data_dir: DataDir) -> Summary:
@@ -324,6 +399,8 @@ def summary(data_dir: DataDir) -> Summary:
 
 def _summary(conn: sqlite3.Connection | None, data_dir: DataDir) -> Summary:
     try:
+        if conn is not None:
+            conn.execute("BEGIN")  # the rows and the ledger as of one moment
         found = db.read(
             conn,
             f"SELECT COALESCE(SUM({rows.EVENT_COUNT_SQL}), 0), COUNT(*),"
@@ -331,10 +408,35 @@ def _summary(conn: sqlite3.Connection | None, data_dir: DataDir) -> Summary:
         )
         events, count, size, oldest = found[0] if found else (0, 0, 0, None)
         used = db.used_bytes(conn) if conn is not None else 0
+        entries = ledger.read(conn)
     finally:
         if conn is not None:
             conn.close()
-    return Summary(int(events), int(count), int(size), oldest, used, data_dir.side_bytes())
+    return Summary(int(events), int(count), int(size), oldest, used, data_dir.side_bytes(), entries)
+
+
+def held(data_dir: DataDir) -> tuple[Counter[Target], ledger.Entries]:
+    """The events the queue holds per target (from each row's header) and its ledger,
+    read as of one moment (for `collector audit`)."""
+    with _translated:
+        conn = db.open_reader(data_dir.queue)
+        if conn is None:
+            return Counter(), ledger.Entries()
+        try:
+            conn.execute("BEGIN")
+            by_target = held_by_target(conn)
+            return by_target, ledger.read(conn)
+        finally:
+            conn.close()
+
+
+def held_by_target(conn: sqlite3.Connection) -> Counter[Target]:
+    """The events of the queue's rows per target, from each row's header."""
+    found: Counter[Target] = Counter()
+    for (data,) in db.read(conn, f"SELECT data FROM {TABLE} WHERE status < {DONE}"):
+        for target, n in rows.counts(data):
+            found[target] += n
+    return found
 
 
 def free_bytes(directory: Path) -> int:

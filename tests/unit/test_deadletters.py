@@ -18,6 +18,7 @@ from collector.errors import QueueFull
 from collector.store import spool
 from collector.store.datadir import DataDir
 from collector.store.deadletters import REPLAY_CHUNK, DeadLetters, Replayed, replay
+from collector.store.ledger import State
 
 from conftest import event, stored_events
 
@@ -201,7 +202,7 @@ def test_a_file_made_before_sources_gets_the_column_and_keeps_its_letters(tmp_pa
         reader.close()
     dead = DeadLetters.writer(data_dir)
     try:
-        dead.add_each([(b"[1, 2]", "quarantined: not an object", "php/1.2.0")])
+        dead.add_each([(b"[1, 2]", "quarantined: not an object", "php/1.2.0")], State.QUARANTINED)
         letters = dead.letters()
     finally:
         dead.close()

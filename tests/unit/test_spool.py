@@ -59,9 +59,9 @@ def test_acked_rows_are_gone_and_a_restart_takes_every_row_not_acked(tmp_path: P
     spool = filled(tmp_path, 4)
     try:
         assert taken_ids(spool) == [1, 2, 3, 4]
-        spool.ack([1, 3])
+        spool.ack([1, 3], {})
         spool.nack([2])
-        spool.ack([2])  # given back, then settled before it was taken again
+        spool.ack([2], {})  # given back, then settled before it was taken again
         assert spool.take() is None
     finally:
         spool.close()

@@ -72,6 +72,7 @@ def healthy_document() -> dict[str, Any]:
         "sample_ratio": [],
         "upstream_answers": {"unconfirmed": [], "schema_warnings": []},
         "quarantined": [],
+        "ledger": {"states": {"stored": 10, "delivered": 10}, "missing": 0},
     }
 
 
@@ -144,8 +145,8 @@ def test_dead_letters_a_moved_aside_file_and_a_sample_ratio_mismatch_are_warning
     assert problems == []
     assert warnings[0] == "3 dead-lettered events (collector dlq list)"
     assert "queue.db was corrupt" in warnings[1]
-    assert "(events queued in it were not forwarded)" in warnings[1]
-    assert "counts.db was corrupt" in warnings[2] and "not forwarded" not in warnings[2]
+    assert "(what could be read of it was put back into the queue)" in warnings[1]
+    assert "counts.db was corrupt" in warnings[2] and "put back" not in warnings[2]
     assert warnings[3] == "sample-ratio mismatch in policy pol_a (p/e): p = 1e-07"
     assert len(warnings) == 4
 
@@ -188,4 +189,14 @@ def test_invalid_events_are_a_problem_that_names_each_sdk() -> None:
         "validationErrors, which SDKs do not read (quarantined: collector dlq list)",
         "1 invalid events from SDK js-client/0.11.0 in the counts window, answered in "
         "validationErrors, which SDKs do not read (quarantined: collector dlq list)",
+    ]
+
+
+def test_lost_events_and_a_queue_below_its_witness_are_problems() -> None:
+    lost = {"states": {"stored": 10, "lost": {"a corrupt file": 3}}, "missing": 0}
+    assert judged(ledger=lost) == (["3 events were lost: a corrupt file (collector audit)"], [])
+    problems, _ = judged(ledger={"states": {"stored": 7}, "missing": 3})
+    assert problems == [
+        "3 events answered 200 are missing from the queue: queue.db lost committed writes"
+        " (collector audit)"
     ]
