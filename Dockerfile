@@ -33,8 +33,10 @@ FROM debian:12-slim
 # SSL_CERT_FILE below (without it the bundle frozen into the build, certifi's, is used;
 # with it, the file must exist: the forwarder reads it at start, even for http://); a
 # private CA is added the Debian way (update-ca-certificates) in an image built on this.
+# sqlite3: the tool that reads back the rows of a corrupt queue or dead-letter file
+# (collector/store/salvage.py; without it a corrupt file is only moved aside).
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates \
+    && apt-get install -y --no-install-recommends ca-certificates sqlite3 \
     && rm -rf /var/lib/apt/lists/*
 # A fixed uid and gid, so that volumes, fsGroup and runAsUser can name them. The data
 # directory is made here, before VOLUME (a change to it after VOLUME would be discarded):

@@ -685,8 +685,14 @@ def dlq_replay(
     if done.refused is not None:
         typer.echo(f"error after replaying {done.moved}: {done.refused.message}", err=True)
         raise typer.Exit(1)
-    missing = done.wanted - done.moved
+    missing = done.wanted - done.moved - done.still_invalid
     typer.echo(f"Replayed {done.moved} dead letters into the queue.")
+    if done.still_invalid:
+        typer.echo(
+            f"warning: {done.still_invalid} quarantined events are still invalid and stay in"
+            " the dead-letter store (why: collector dlq list --reason quarantined)",
+            err=True,
+        )
     if missing:
         typer.echo(f"error: {missing} of the ids given were not found", err=True)
         raise typer.Exit(1)

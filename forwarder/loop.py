@@ -67,7 +67,6 @@ from collector.store import heartbeats, reconcile
 from collector.store.clock import Clock
 from collector.store.counts import Count, Counts, DeadLetterReason
 from collector.store.datadir import DataDir
-from collector.store.deadletters import DeadLetters
 from collector.store.heartbeats import UpstreamState
 from collector.store.ledger import State
 from collector.store.spool import Row
@@ -116,6 +115,10 @@ QUEUE_RETRY_MAX_S = 5.0
 # forwarder at most this much memory.
 MAX_PARKED_EVENTS = 50_000
 MAX_PARKED_BYTES = 32 * 1024 * 1024
+
+# Halted targets (project, env) named in the state file: the rest are counted only, so a
+# refused org-wide key over 20,000 projects does not make a 1 MB heartbeat.
+MAX_HALTED_SHOWN = 100
 
 # The status of a KeyRejected that no upstream answered: there was no key to send.
 NO_KEY = 0
@@ -171,7 +174,7 @@ class Forwarder:
             budget_bytes=settings.disk_budget_bytes,
             resume_in_flight=True,
         )
-        self.dead = DeadLetters.writer(self.data_dir, recover=True)
+        self.dead = reconcile.open_dead_letters(self.data_dir)  # read back if corrupt
         self._clock = Clock(self.data_dir)  # ages, as the server stamps rows: steps ignored
         self.counts = Counts.writer(self.data_dir, settings.counts_window_minutes, recover=True)
         self.stats = Stats()
@@ -263,6 +266,7 @@ class Forwarder:
                 log.warning("could not release %d queue rows (%s)", len(unsettled), exc.message)
         self._write_state()
         await self._write_counts()
+        await asyncio.to_thread(self.spool.write_witness)  # its last acks, for the audit
         self.counts.close()
         self.spool.close()
         self.dead.close()
@@ -626,6 +630,9 @@ class Forwarder:
                     "unconfirmed": stats.unconfirmed,
                     "retried": stats.retried,
                     "dead_lettered": stats.dead_lettered,
+                    "halted": [list(t) for t in sorted(self._blocked)[:MAX_HALTED_SHOWN]],
+                    "halted_targets": len(self._blocked),
+                    "parked_events": self._parked_events,
                     "upstream_url": self.settings.upstream_url,
                 },
             )

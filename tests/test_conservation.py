@@ -6,7 +6,7 @@ rounds, each posting events (some invalid, some sent again) and then one fault: 
 of the server or of the forwarder, an upstream answering 5xx, resetting connections or
 too slow to answer in time, one project's upstream key refused (401) until it is fixed
 and reloaded (SIGHUP), a 200 that names some events as rejected, a 400 for some events,
-or the queue file corrupted at a restart (moved aside and read back). Then the faults
+or the queue or dead-letter file corrupted at a restart (moved aside and read back). Then the faults
 stop, the queue drains, and everything is checked. The real server, forwarder and an
 upstream on 127.0.0.1; `COLLECTOR_CONSERVATION_SEED` replays one schedule.
 """
@@ -59,6 +59,7 @@ FAULTS = (
     "partial_200",
     "reject_400",
     "corrupt_queue",
+    "corrupt_dead_letters",
 )
 SETTINGS = {
     "COLLECTOR_RETRY_INITIAL_SECONDS": "0.05",
@@ -182,9 +183,16 @@ class Schedule:
         return [f"r{round_no}-{i}" for i in self.rng.sample(range(20), 3)]
 
     def corrupt_queue(self) -> None:
+        self.corrupt("queue.db")
+
+    def corrupt_dead_letters(self) -> None:
+        self.corrupt("dead-letters.db")
+
+    def corrupt(self, name: str) -> None:
         self.forwarder.signal(signal.SIGTERM)
         self.server.stop()  # a clean stop: the write-ahead log is in the file
-        corrupt_recoverably(self.server.data_dir / "queue.db")
+        if (self.server.data_dir / name).exists():
+            corrupt_recoverably(self.server.data_dir / name)
         self.server.start()
         self.forwarder.start()
 

@@ -167,7 +167,7 @@ def test_control_fields_describe_a_debian_package(deb: Path, files: Path) -> Non
     assert (fields["Section"], fields["Priority"]) == ("net", "optional")
     summary, _, long = fields["Description"].partition("\n")
     assert summary and len(summary) < 80 and len(long.splitlines()) >= 3, fields["Description"]
-    assert fields["Recommends"] == "procps"  # /bin/kill, for ExecReload=
+    assert fields["Recommends"] == "procps, sqlite3"  # /bin/kill for ExecReload=; salvage
     assert not {"Pre-Depends", "Suggests", "Conflicts", "Breaks"} & fields.keys()
     # Installed-Size: KiB, each file rounded up, as dpkg-gencontrol counts.
     sizes = [path.stat().st_size for path in files.rglob("*") if path.is_file()]

@@ -256,7 +256,7 @@ def test_a_failed_write_of_seen_ids_still_answers_and_the_server_keeps_serving(
     answer is still 200 (they are durable), and the next requests are served as usual."""
     seen_ids = sqlite3.connect(server.data_dir / SEEN_IDS_FILE, isolation_level=None)
     seen_ids.execute(
-        "CREATE TRIGGER refuse_ids BEFORE INSERT ON seen_ids"
+        "CREATE TRIGGER refuse_ids BEFORE INSERT ON seen_ids_1"  # its first generation
         " BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"
     )
     try:
@@ -283,7 +283,7 @@ def test_an_unreadable_seen_ids_store_answers_503_and_the_server_recovers(
     server: Server,
 ) -> None:
     seen_ids = sqlite3.connect(server.data_dir / SEEN_IDS_FILE, isolation_level=None)
-    seen_ids.execute("ALTER TABLE seen_ids RENAME TO seen_ids_away")
+    seen_ids.execute("ALTER TABLE seen_ids_1 RENAME TO seen_ids_away")  # its first generation
     try:
         refused = httpx.post(
             f"{server.url}/v1/events",
@@ -293,7 +293,7 @@ def test_an_unreadable_seen_ids_store_answers_503_and_the_server_recovers(
         )
         assert_unavailable(refused)
     finally:
-        seen_ids.execute("ALTER TABLE seen_ids_away RENAME TO seen_ids")
+        seen_ids.execute("ALTER TABLE seen_ids_away RENAME TO seen_ids_1")
         seen_ids.close()
 
     assert server.post({"events": [event(id="trk_during")]}).json() == {

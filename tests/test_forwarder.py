@@ -1088,6 +1088,8 @@ def test_a_refused_key_halts_only_its_projects_batches_and_resumes_on_sighup(
     assert Counter(upstream.event_ids()) == Counter(ids(good))
     state = forwarder.wait_for_state("key_rejected", forwarded=len(good))
     assert "proj_bad" in state["message"], state
+    assert (state["halted"], state["halted_targets"]) == ([["proj_bad", "production"]], 1)
+    assert 0 < state["parked_events"] <= len(bad)
     assert len(server.stored()) == len(bad)  # held, none lost
 
     bad_key_file.write_text("key-bad\n")
@@ -1095,7 +1097,8 @@ def test_a_refused_key_halts_only_its_projects_batches_and_resumes_on_sighup(
     upstream.wait_for_events(len(good) + len(bad))
     wait_until_drained(server, forwarder)
     assert Counter(upstream.event_ids()) == Counter(ids(good) + ids(bad))
-    forwarder.wait_for_state("ok", forwarded=len(good) + len(bad))
+    state = forwarder.wait_for_state("ok", forwarded=len(good) + len(bad))
+    assert (state["halted"], state["parked_events"]) == ([], 0)
 
 
 # --- no upstream, old events ------------------------------------------------------------

@@ -20,7 +20,7 @@ from collector.store import recovery
 from collector.store.datadir import DataDir
 from collector.store.spool import summary
 
-from conftest import Server, event, run_cli, status_json, wait_for
+from conftest import Server, dlq_list_json, event, run_cli, status_json, wait_for
 from corrupt import corrupt_recoverably
 from test_forward_faults import (  # noqa: F401  (the fixtures are used as arguments)
     Forwarder,
@@ -167,3 +167,27 @@ def test_a_corrupt_queue_file_is_read_back_at_start_and_nothing_is_lost(
     assert document["totals"]["salvaged"] == document["totals"]["queued"] == 1000
     again = run_cli("salvage", str(other.data_dir / "keys.json"), data_dir=other.data_dir)
     assert again.returncode == 1 and again.stderr.startswith("error: ")
+
+
+def test_a_corrupt_dead_letter_file_is_read_back_with_its_ledger(
+    start_server: Callable[..., Server],
+    start_forwarder: Callable[..., Forwarder],
+    upstream: Upstream,
+) -> None:
+    server = start_server()
+    upstream.reject_ids([f"d-{i}" for i in range(5)])
+    assert server.post({"events": [*events("d", 20), event(id="bad", event="")]}).status_code == 200
+    forwarder = start_forwarder(server.data_dir, upstream.url)
+    wait_for(lambda: summary(DataDir(server.data_dir)).events == 0, "the queue drained")
+    assert forwarder.stop() == 0
+    server.stop()
+    corrupt_recoverably(server.data_dir / "dead-letters.db")
+
+    forwarder = start_forwarder(server.data_dir, upstream.url)  # moves it aside, reads back
+    assert "read back 6 dead letters" in forwarder.log()
+    letters = {letter["event_id"]: letter["reason"] for letter in dlq_list_json(server.data_dir)}
+    assert sorted(letters) == ["bad", "d-0", "d-1", "d-2", "d-3", "d-4"]
+    assert letters["bad"].startswith("quarantined: ")
+    status, document = audit(server.data_dir)
+    assert status == 0, document["problems"]
+    assert document["totals"]["dead_letters_held"] == 6

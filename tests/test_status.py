@@ -70,6 +70,7 @@ STATUS_KEYS = {
     "server",
     "forwarder",
     "queue",
+    "ledger",
     "rates",
     "top_events",
     "allocations",

@@ -34,6 +34,8 @@ from collector.store.datadir import DataDir
 from collector.store.deadletters import DeadLetters
 from collector.store.ledger import DEAD_IN, DEAD_OUT, QUEUE_IN, QUEUE_OUT, State
 
+# How the reasons of events refused for their own content begin (`events_rejected`).
+INVALID = "invalid "
 # The columns of the per-target table, in order: ledger states, then what the stores hold.
 COLUMNS = (
     State.STORED,
@@ -168,8 +170,17 @@ def _totals(data_dir: DataDir) -> Counter[str]:
     finally:
         counts.close()
     summed: Counter[str] = Counter()
-    for name in (Count.EVENTS_RECEIVED, Count.EVENTS_REJECTED, Count.FORWARDED):
+    for name in (Count.EVENTS_RECEIVED, Count.FORWARDED):
         summed[name] = int(sum(totals.get(name, {}).values()))
+    # Refused with their request (QueueFull, Unauthorized...), not the invalid ones: those
+    # are counted as rejected too ("invalid event", "invalid layers") but quarantined.
+    summed[Count.EVENTS_REJECTED] = int(
+        sum(
+            n
+            for (reason, *_), n in totals.get(Count.EVENTS_REJECTED, {}).items()
+            if not reason.startswith(INVALID)
+        )
+    )
     summed["quarantine_not_kept"] = int(
         sum(n for labels, n in totals.get(Count.QUARANTINED, {}).items() if labels[-1] != "kept")
     )

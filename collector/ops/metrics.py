@@ -252,6 +252,18 @@ def _gauges(document: dict[str, Any], fixed: bool = False) -> Iterator[Metric]:
     for name in UPSTREAM_STATES:
         state.add_metric([name], 1 if document["forwarder"].get("upstream") == name else 0)
     yield state
+    forwarder = document["forwarder"]
+    yield _gauge(
+        "collector_upstream_halted_targets",
+        "Projects and envs whose upstream key was refused: their events wait in the queue "
+        "until the keys are reloaded (SIGHUP), while every other key's flow.",
+        forwarder.get("halted_targets", 0) if forwarder["up"] else 0,
+    )
+    yield _gauge(
+        "collector_upstream_parked_events",
+        "Events of refused keys' batches held by the forwarder until the keys are reloaded.",
+        forwarder.get("parked_events", 0) if forwarder["up"] else 0,
+    )
     yield from _sample_ratio(document["sample_ratio"], fixed)
     outcomes = CounterMetricFamily(
         "collector_ledger_events",

@@ -21,6 +21,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
+from collector import events
 from collector.errors import QueueFull
 from collector.events import Target
 from collector.store import db, ledger, rows
@@ -138,6 +141,18 @@ class DeadLetters:
             ledger.add(conn, entries)
         return len(found)
 
+    def put_back(
+        self, letters: Sequence[tuple[float, str, bytes, str]], entries: ledger.Entries
+    ) -> None:
+        """Insert (dead_at, reason, event, source) letters as they were, with `entries`,
+        in one transaction: letters read back from a corrupt file (`reconcile.py`)."""
+        with self._lock, _translated, self._written() as conn:
+            conn.executemany(
+                "INSERT INTO dead_letters (dead_at, reason, event, source) VALUES (?, ?, ?, ?)",
+                letters,
+            )
+            ledger.add(conn, entries)
+
     def ledger(self) -> tuple[int, ledger.Entries]:
         """The letters held and the ledger, as of one moment (for `collector audit`)."""
         with self._lock, _translated:
@@ -179,14 +194,14 @@ class DeadLetters:
             (DeadLetter(i, at, reason, None, src), bytes(raw)) for i, at, reason, raw, src in found
         ]
 
-    def raw(self, ids: Sequence[int]) -> list[tuple[int, bytes]]:
-        """(id, the event's JSON as stored) for `ids`, to put back into the queue."""
+    def raw(self, ids: Sequence[int]) -> list[tuple[int, bytes, str]]:
+        """(id, the event's JSON as stored, reason) for `ids`, to put back into the queue."""
         rows = self._read(
-            f"SELECT id, event FROM dead_letters WHERE id IN ({','.join('?' * len(ids))})"
-            " ORDER BY id",
+            "SELECT id, event, reason FROM dead_letters"
+            f" WHERE id IN ({','.join('?' * len(ids))}) ORDER BY id",
             tuple(ids),
         )
-        return [(int(i), bytes(raw)) for i, raw in rows]
+        return [(int(i), bytes(raw), reason) for i, raw, reason in rows]
 
     def all_ids(self) -> list[int]:
         return [int(i) for (i,) in self._read("SELECT id FROM dead_letters")]
@@ -223,30 +238,55 @@ class Replayed:
     moved: int  # dead letters now back in the queue
     wanted: int  # ids asked for (all of them, for --all)
     refused: QueueFull | None = None  # why it stopped part way (the disk budget), if it did
+    still_invalid: int = 0  # quarantined events the validator still refuses: left in place
 
 
 def replay(
     data_dir: DataDir, ids: Sequence[int] | None, *, sync: Sync, budget_bytes: int
 ) -> Replayed:
     """Move the dead letters with `ids` (None: all) back into the queue, to be forwarded
-    again, a chunk per transaction; those moved before a refusal stay moved."""
+    again, a chunk per transaction; those moved before a refusal stay moved. A quarantined
+    event is validated again first (the validator, or the client, may have been fixed
+    since): one still invalid stays where it is."""
     dead = DeadLetters.writer(data_dir)
     spool = Spool(data_dir, sync=sync, budget_bytes=budget_bytes)
-    moved = 0
+    moved = invalid = 0
     wanted: list[int] = []
     try:
         wanted = dead.all_ids() if ids is None else list(ids)
         for start in range(0, len(wanted), REPLAY_CHUNK):
             letters = dead.raw(wanted[start : start + REPLAY_CHUNK])
-            if not letters:
+            valid = still_valid(letters)
+            invalid += len(letters) - len(valid)
+            if not valid:
                 continue
             # Into the queue first, then out of the store: a crash between the two leaves
             # the event in both (sent twice), never in neither.
-            spool.append(rows.by_target([raw for _, raw in letters]), state=State.REPLAYED)
-            moved += dead.remove([letter_id for letter_id, _ in letters])
+            spool.append(rows.by_target([raw for _, raw, _ in valid]), state=State.REPLAYED)
+            moved += dead.remove([letter_id for letter_id, _, _ in valid])
     except QueueFull as exc:
-        return Replayed(moved, len(wanted), exc)
+        return Replayed(moved, len(wanted), exc, invalid)
     finally:
         spool.close()
         dead.close()
-    return Replayed(moved, len(wanted))
+    return Replayed(moved, len(wanted), None, invalid)
+
+
+def still_valid(letters: list[tuple[int, bytes, str]]) -> list[tuple[int, bytes, str]]:
+    """`letters` less the quarantined ones that `collector.events` still calls invalid."""
+    quarantined = [letter for letter in letters if letter[2].startswith(QUARANTINED)]
+    if not quarantined:
+        return letters
+    try:
+        _, errors = events.decode_all([raw for _, raw, _ in quarantined])
+        refused = {quarantined[index][0] for index in errors}
+    except msgspec.DecodeError:  # not even one event's JSON: check them one by one
+        refused = {letter[0] for letter in quarantined if not _valid(letter[1])}
+    return [letter for letter in letters if letter[0] not in refused]
+
+
+def _valid(raw: bytes) -> bool:
+    try:
+        return not events.decode_all([raw])[1]
+    except msgspec.DecodeError:
+        return False

@@ -11,7 +11,7 @@ crash (SIGKILL, power cut) can never leave the two apart:
                           lost (with its reason: never silently)
                      and: duplicate (an id already stored: answered 200, not stored again)
     dead-letters.db  in:  dead_lettered (from the queue), quarantined (invalid at ingest)
-                     out: replayed (back into the queue), purged (`dlq purge`)
+                     out: replayed (back into the queue), purged (`dlq purge`), lost
 
 So for each project and env, in - out = the events its store holds (`collector audit`
 checks it). Events refused with their request (a 4xx or 503: the client still holds them)
@@ -64,7 +64,7 @@ class State(StrEnum):
 QUEUE_IN = frozenset({State.STORED, State.REPLAYED, State.SALVAGED})
 QUEUE_OUT = frozenset({State.DELIVERED, State.UNCONFIRMED, State.DEAD_LETTERED, State.LOST})
 DEAD_IN = frozenset({State.DEAD_LETTERED, State.QUARANTINED})
-DEAD_OUT = frozenset({State.REPLAYED, State.PURGED})
+DEAD_OUT = frozenset({State.REPLAYED, State.PURGED, State.LOST})
 
 # (project, env, state, reason) -> events
 Key = tuple[str, str, str, str]

@@ -1,5 +1,5 @@
-"""When the queue is opened to write: put back what a corrupt file still holds, and record
-as lost what the queue no longer holds of what it was answered for.
+"""When the queue or the dead-letter store is opened to write: put back what a corrupt
+file still holds, and record as lost what it no longer holds of what it was given.
 
 Two things can take events out of the queue without a transaction of the collector's:
 
@@ -13,7 +13,9 @@ Two things can take events out of the queue without a transaction of the collect
 Either way, what the ledger then says the queue holds beyond what it does hold is
 recorded as `lost`, with the reason, and logged as an error: an operator reads it in
 `collector status` and `collector audit`, never finds it missing by chance. A start
-with nothing wrong costs two small reads (the witness, the ledger).
+with nothing wrong costs two small reads (the witness, the ledger). A corrupt dead-letter
+file is read back the same way, with its own ledger (`open_dead_letters`); and
+`collector salvage FILE` reads back a file an operator brings (`salvage_file`).
 """
 
 from __future__ import annotations
@@ -28,13 +30,20 @@ import orjson
 from collector.errors import SalvageFailed
 from collector.events import Target
 from collector.store import ledger, recovery, rows, salvage
-from collector.store.datadir import QUEUE, DataDir
+from collector.store.counts import DeadLetterReason
+from collector.store.datadir import DataDir
 from collector.store.deadletters import QUARANTINED, DeadLetters
-from collector.store.ledger import QUEUE_IN, QUEUE_OUT, State
+from collector.store.ledger import DEAD_IN, DEAD_OUT, QUEUE_IN, QUEUE_OUT, State
 from collector.store.spool import Spool, Sync
 
 log = logging.getLogger("collector.recovery")
 
+# How each reason the forwarder writes begins, and the kind it is counted under.
+REASON_KINDS = (
+    ("rejected by upstream", DeadLetterReason.REJECTED),
+    ("older than the maximum age", DeadLetterReason.MAX_AGE),
+    ("unconfirmed: ", DeadLetterReason.UNCONFIRMED),
+)
 CUT_SHORT = "the queue file lost committed writes (its write-ahead log cut short, or an older copy)"
 
 
@@ -61,16 +70,12 @@ def open_queue(
 def on_open(spool: Spool, data_dir: DataDir, moved: recovery.Recovered | None) -> None:
     """Salvage the queue file `moved` aside (if it was), then record what is missing."""
     with recovery.directory_lock(data_dir.path):
-        was_corrupt = moved is not None and moved.file == QUEUE
         old = ledger.Entries()
-        if moved is not None and was_corrupt:
+        reason = CUT_SHORT
+        if moved is not None:
             old = put_back(spool, data_dir.path / moved.moved_to)
-        reason = (
-            f"the queue file was corrupt: not read back from {moved.moved_to}"
-            if (moved is not None and was_corrupt)
-            else CUT_SHORT
-        )
-        record_missing(spool, data_dir, old, reason, carry=was_corrupt)
+            reason = f"the queue file was corrupt: not read back from {moved.moved_to}"
+        record_missing(spool, data_dir, old, reason, carry=moved is not None)
     spool.write_witness()
 
 
@@ -119,14 +124,70 @@ def salvage_file(spool: Spool, dead: DeadLetters, path: Path) -> Salvaged:
             entries = ledger.counted(conn, by_target.items(), State.SALVAGED, known)
         spool.put_rows(kept, entries)
         return Salvaged("queue", sum(by_target.values()), found.unreadable_rows)
-    letters = salvage.dead_letter_rows(path)
+    letters = salvage.dead_letter_rows(path).letters
     if not letters:
         raise SalvageFailed(f"{path} holds no queue rows and no dead letters that can be read")
-    for reason in sorted({reason for _, reason, _, _ in letters}):
-        state = State.QUARANTINED if reason.startswith(QUARANTINED) else State.DEAD_LETTERED
-        same = [(raw, why, src) for _, why, raw, src in letters if why == reason]
-        dead.add_each(same, state, "salvaged" if state == State.DEAD_LETTERED else "")
+    dead.put_back(letters, letters_counted(letters))
     return Salvaged("dead letters", len(letters), 0)
+
+
+def open_dead_letters(data_dir: DataDir) -> DeadLetters:
+    """The dead-letter store, opened to write by the forwarder: a corrupt file moved aside,
+    its letters read back with its ledger, and those that could not be read recorded as
+    lost."""
+    moved = recovery.ensure_usable(data_dir.dead_letters)
+    dead = DeadLetters.writer(data_dir)
+    if moved is not None:
+        with recovery.directory_lock(data_dir.path):
+            put_back_letters(dead, data_dir.path / moved.moved_to)
+    return dead
+
+
+def put_back_letters(dead: DeadLetters, path: Path) -> None:
+    """Put the letters still readable in the corrupt dead-letter file at `path` into
+    `dead`, with the file's ledger (else one counted from the letters), and record those
+    its ledger holds beyond them as lost."""
+    try:
+        found = salvage.dead_letter_rows(path)
+    except SalvageFailed as exc:
+        log.error("%s", exc.message)
+        return
+    entries = old_ledger(found.ledger) or letters_counted(found.letters)
+    held = ledger.balance(entries, DEAD_IN, DEAD_OUT)
+    readable = Counter(rows.target_of(raw) for _, _, raw, _ in found.letters)
+    reason = f"the dead-letter file was corrupt: not read back from {path.name}"
+    for target, n in held.items():
+        if n > readable[target]:
+            entries[(*target, str(State.LOST), reason)] += n - readable[target]
+    dead.put_back(found.letters, entries)
+    lost = sum(n for (_, _, state, _), n in entries.items() if state == State.LOST)
+    log.log(
+        logging.ERROR if lost else logging.WARNING,
+        "read back %d dead letters from %s into the dead-letter store; %d could not be read",
+        len(found.letters),
+        path.name,
+        lost,
+    )
+
+
+def letters_counted(letters: list[tuple[float, str, bytes, str]]) -> ledger.Entries:
+    """Ledger entries for `letters` coming in, each under the state its reason says."""
+    entries = ledger.Entries()
+    for _, why, raw, _ in letters:
+        state, kind = letter_state(why)
+        project, env = rows.target_of(raw)
+        entries[(project, env, str(state), kind)] += 1
+    return entries
+
+
+def letter_state(reason: str) -> tuple[State, str]:
+    """The ledger state (and its reason) a dead letter came in under, from its reason."""
+    if reason.startswith(QUARANTINED):
+        return State.QUARANTINED, ""
+    for start, kind in REASON_KINDS:
+        if reason.startswith(start):
+            return State.DEAD_LETTERED, kind
+    return State.DEAD_LETTERED, "salvaged"
 
 
 def unique_rows(found: list[tuple[bytes, float]]) -> list[tuple[bytes, float]]:

@@ -113,10 +113,18 @@ def queue_rows(path: Path) -> QueueSalvage:
     return QueueSalvage(kept, events, len(found) - len(kept), ledger, columns)
 
 
-def dead_letter_rows(path: Path) -> list[tuple[float, str, bytes, str]]:
+@dataclass(frozen=True)
+class DeadLetterSalvage:
+    """What was read back from a dead-letter file."""
+
+    letters: list[tuple[float, str, bytes, str]]  # (dead_at, reason, event, source)
+    ledger: list[tuple[Any, ...]] = field(default_factory=list)  # the `ledger` table's
+
+
+def dead_letter_rows(path: Path) -> DeadLetterSalvage:
     """(dead_at, reason, event, source) of each dead letter still readable in the file at
-    `path`, oldest first ('' as the source of those from before dead letters had one);
-    one whose event no longer reads as JSON is left out."""
+    `path`, oldest first ('' as the source of those from before dead letters had one; one
+    whose event no longer reads as JSON is left out), with the rows of its ledger table."""
     with _recovered(path) as conn:
         conn.execute(deadletters.SCHEMA[0])
         _adopt_lost(conn, "dead_letters")
@@ -125,7 +133,8 @@ def dead_letter_rows(path: Path) -> list[tuple[float, str, bytes, str]]:
         found = conn.execute(
             f"SELECT dead_at, reason, event, {source} FROM dead_letters ORDER BY id"
         ).fetchall()
-    return [
+        _, ledger = _table(conn, LEDGER)
+    letters = [
         (float(at), reason, event, src)
         for at, reason, event, src in found
         if isinstance(at, int | float)
@@ -133,6 +142,7 @@ def dead_letter_rows(path: Path) -> list[tuple[float, str, bytes, str]]:
         and isinstance(src, str)
         and _is_json(event)
     ]
+    return DeadLetterSalvage(letters, ledger)
 
 
 def readable_events(data: object) -> int | None:

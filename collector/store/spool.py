@@ -43,7 +43,7 @@ from typing import Any, Literal, cast
 
 from persistqueue import SQLiteAckQueue
 
-from collector.errors import QueueBusy, QueueFull
+from collector.errors import QueueBusy, QueueFull, Unavailable
 from collector.events import Target
 from collector.store import db, ledger, recovery, rows
 from collector.store.clock import Clock
@@ -263,18 +263,20 @@ class Spool:
             return ledger.read(self._conn)
 
     def write_witness(self) -> None:
-        """Copy the ledger to the witness file if it changed since the last copy. A copy
-        that cannot be written (a full disk) is tried again next time and logged once: a
+        """Copy the ledger to the witness file if it changed since the last copy (from the
+        queue writer every second, from the forwarder as it stops). A copy that cannot be
+        made (a full disk, a locked file) is tried again next time and logged once: a
         witness that lags only sees less (`ledger.py`)."""
         if not self.ledger_changed:
             return
         self.ledger_changed = False
         try:
             ledger.write_witness(self._data_dir, self.ledger())
-        except OSError as exc:
+        except (OSError, Unavailable) as exc:
             self.ledger_changed = True
+            why = exc.message if isinstance(exc, Unavailable) else str(exc)
             if not self._witness_failed:
-                log.warning("could not write the ledger's witness (%s); trying again", exc)
+                log.warning("could not write the ledger's witness (%s); trying again", why)
             self._witness_failed = True
         else:
             self._witness_failed = False
@@ -378,6 +380,7 @@ class Spool:
                     f"DELETE FROM {TABLE} WHERE _id IN ({','.join('?' * len(chunk))})", chunk
                 )
             ledger.add(conn, entries)
+        self.ledger_changed = True
 
     def nack(self, row_ids: Sequence[int]) -> None:
         """The rows were not delivered: `take` gives them again, before newer ones."""

@@ -73,7 +73,7 @@ def test_letters_and_raw_by_id_give_those_letters_and_their_stored_bytes(
     first, _, third = (letter.id for letter in dead.letters())
 
     assert [letter.event["id"] for letter in dead.letters([third, first])] == ["a", "c"]
-    assert dead.raw([third, first]) == [(first, sent[0]), (third, sent[2])]
+    assert dead.raw([third, first]) == [(first, sent[0], "r"), (third, sent[2], "r")]
     assert sorted(dead.all_ids()) == [letter.id for letter in dead.letters()]
 
 
@@ -213,3 +213,20 @@ def test_a_file_made_before_sources_gets_the_column_and_keeps_its_letters(tmp_pa
     ]
     assert letters[1].event == [1, 2]
     assert letters[1].summary()["event_id"] is None  # not an object: nothing to read
+
+
+def test_replay_validates_quarantined_events_again_and_leaves_the_still_invalid(
+    data_dir: DataDir, dead: DeadLetters
+) -> None:
+    fixed, broken = raw_events("fixed"), raw_events("broken", event="")
+    dead.add(fixed, "quarantined: a validator since fixed", state=State.QUARANTINED)
+    dead.add(broken, "quarantined: event: Expected `str` of length >= 1", state=State.QUARANTINED)
+    dead.add(raw_events("rejected"), "rejected by upstream: 400")
+
+    done = replay(data_dir, None, sync="normal", budget_bytes=1 << 30)
+
+    assert done == Replayed(moved=2, wanted=3, still_invalid=1)
+    assert [e["id"] for e in stored_events(data_dir.path)] == ["fixed", "rejected"]
+    assert [letter.event["id"] for letter in dead.letters()] == ["broken"]
+    _, entries = dead.ledger()
+    assert entries[("proj_test", "production", "replayed", "")] == 2

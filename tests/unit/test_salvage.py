@@ -198,7 +198,7 @@ def test_dead_letters_are_read_back_as_written(
     path, written = dead_letter_file(tmp_path)
     damage(path)
 
-    found = salvage.dead_letter_rows(path)
+    found = salvage.dead_letter_rows(path).letters
 
     assert set(found) <= set(written)
     assert len(set(found)) == len(found)
@@ -219,7 +219,7 @@ def test_dead_letters_of_a_file_from_before_sources_have_an_empty_one(
     conn.commit()
     conn.close()
 
-    assert salvage.dead_letter_rows(path) == [(5.5, "older than 7 days", b"{}", "")]
+    assert salvage.dead_letter_rows(path).letters == [(5.5, "older than 7 days", b"{}", "")]
 
 
 def test_without_the_tool_salvage_fails_saying_what_to_install(
