@@ -12,13 +12,20 @@ here knows a file name, a table or the HTTP stack.
 
 from __future__ import annotations
 
+import multiprocessing
+import sys
+
+if getattr(sys, "frozen", False):
+    # The one-file build's executable is also the interpreter of its queue writer child
+    # (multiprocessing "spawn") and its resource tracker: run such a child here, and exit,
+    # before the command line's imports, which it needs none of (15 MiB of the writer).
+    multiprocessing.freeze_support()
+
 import asyncio
 import contextlib
 import errno
 import getpass
 import json
-import multiprocessing
-import sys
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -721,10 +728,6 @@ DISK_ERRORS = {
 
 
 def main() -> None:
-    # In the one-file build (scripts/build-binary) the executable is also the interpreter of
-    # the queue writer child (multiprocessing "spawn") and its resource tracker: this runs
-    # them and exits. A no-op when not frozen.
-    multiprocessing.freeze_support()
     safe_imports_for_children()
     make_private()
     logs.setup("warning")  # until a command sets its own level: an escaped error is a record

@@ -13,6 +13,10 @@ from typing import Any
 
 import orjson
 
+from collector.store.datadir import DataDir
+from collector.store.deadletters import DeadLetters
+from collector.store.ledger import State
+
 from conftest import Server, dlq_list_json, event, run_cli, status_json, wait_for
 
 PHP = {"X-SDK-Name": "php", "X-SDK-Version": "1.2.0"}
@@ -79,18 +83,26 @@ def test_invalid_events_are_answered_and_quarantined_with_the_sdk_that_sent_them
     assert document["healthy"] is False
 
 
-def test_an_invalid_event_replayed_after_the_fix_reaches_the_queue(
+def test_a_quarantined_event_is_replayed_once_the_validator_takes_it_and_not_before(
     start_server: Callable[..., Server],
 ) -> None:
     server = start_server()
     answer = server.post({"events": [event(id="keep"), event(id="later", event="")]})
     assert answer.status_code == 200, answer.text
-    (letter,) = dlq_list_json(server.data_dir)
+    # One an older, stricter validator quarantined: today's takes it (the fix).
+    dead = DeadLetters.writer(DataDir(server.data_dir))
+    try:
+        fixed = orjson.dumps(event(id="fixed"))
+        dead.add([fixed], "quarantined: refused by an older validator", state=State.QUARANTINED)
+    finally:
+        dead.close()
 
-    replayed = run_cli("dlq", "replay", str(letter["id"]), data_dir=server.data_dir)
+    replayed = run_cli("dlq", "replay", "--all", data_dir=server.data_dir)
     assert replayed.returncode == 0, replayed.stderr
-    assert dlq_list_json(server.data_dir) == []
-    assert sorted(e["id"] for e in server.stored()) == ["keep", "later"]
+    assert "Replayed 1 dead letters into the queue." in replayed.stdout
+    assert "1 quarantined events are still invalid" in replayed.stderr
+    assert [letter["event_id"] for letter in dlq_list_json(server.data_dir)] == ["later"]
+    assert sorted(e["id"] for e in server.stored()) == ["fixed", "keep"]
 
 
 def test_past_quarantine_max_bytes_invalid_events_are_counted_not_kept(

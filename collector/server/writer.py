@@ -34,10 +34,12 @@ import os
 import queue
 import secrets
 import signal
+import sys
 import threading
 import time
+import types
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing.connection import Client, Connection, Listener
@@ -356,7 +358,8 @@ class WriterProcess:
                 args=(self.config, self.link, os.getpid()),
                 name="collector-writer",
             )
-            self._process.start()
+            with _main_module_hidden():
+                self._process.start()
 
     def restart_if_dead(self) -> bool:
         """Start a new writer if this one died (at most every RESTART_EVERY_S); True when
@@ -390,6 +393,23 @@ class WriterProcess:
                 process.kill()
                 process.join()
         self._process = None
+
+
+@contextlib.contextmanager
+def _main_module_hidden() -> Iterator[None]:
+    """Hide the program's main module from multiprocessing while a writer is spawned.
+
+    A spawned child imports its parent's main module before anything else (`python -m cli`,
+    the console script): the command line's imports, which the writer needs none of (typer,
+    pydantic, the settings: 15 MiB of the writer's 44 MiB at start, measured). With no
+    `__spec__` or `__file__` on `__main__`, multiprocessing imports nothing for it; the
+    writer's own code comes with its target, `collector.server.writer._main`."""
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
 
 
 # --- inside the writer process ------------------------------------------------------------
