@@ -19,7 +19,7 @@ What it can measure of at-least-once delivery is shown, not failed on: events wr
 the dead letters twice (a crash between the letter and the ack), and the forwarder's
 delivered count (counts.db) beyond the ledger's (batches sent again after a crash). The
 counts of what was refused with its request (the client keeps those) come from counts.db,
-which lags a crash by up to a second: shown, never balanced.
+which loses the last second before each crash: shown, never balanced.
 """
 
 from __future__ import annotations
@@ -216,7 +216,7 @@ def render(document: dict[str, Any]) -> str:
         f" about {again['sent_again']} sent upstream again after a restart"
     )
     text.append(
-        f"counted (counts.db, may lag a crash by a second): {counted['received']} received,"
+        f"counted (counts.db, without each crash's last second): {counted['received']} received,"
         f" {counted['refused_with_request']} refused with their request (the client keeps"
         f" them), {counted['quarantine_not_kept']} invalid and not kept (quarantine full)"
     )
