@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from typing import IO
 
 from collector.errors import AlreadyRunning
-from collector.ops import notify
+from collector.ops import malloc, notify
 from collector.settings import Settings
 from collector.store.datadir import DataDir
 from forwarder.keys import key_chooser
@@ -77,6 +77,7 @@ async def run(
     """Run the forwarder until SIGTERM or SIGINT (or `parent_pid` is gone); SIGHUP reloads
     the upstream keys. True when it stopped with no upstream request cut short (False too
     when a sender failed: the exit status 1 has it started again)."""
+    malloc.tune()  # before its first thread (asyncio.to_thread's)
     with exclusive(DataDir(settings.data_dir)):
         forwarder = Forwarder(settings, key_chooser(load_settings))
         loop = asyncio.get_running_loop()
