@@ -211,18 +211,35 @@ def layers_of(*pairs: tuple[str, str]) -> tuple[tuple[str, str], ...]:
     return counting.pairs_of(layers)
 
 
-def test_decisions_are_remembered_for_their_ttl_and_the_oldest_forgotten_first(
+def test_decisions_are_kept_in_two_generations_bounded_by_count(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(counting, "DECISIONS_KEPT", 3)
+    monkeypatch.setattr(counting, "DECISIONS_KEPT", 4)  # two generations of two
     decisions = counting.Decisions()
-    for n in range(4):
+    for n in range(5):
         decisions.remember(f"dec_{n}", layers_of(("pol_1", "control")), now=1000.0)
 
-    assert "dec_0" not in decisions and len(decisions) == 3  # the oldest went first
-    late = 1000.0 + counting.DECISION_TTL_S
-    assert decisions.get("dec_3", now=late) == (("pol_1", "control"),)
-    assert decisions.get("dec_3", now=late + 1) is None  # expired
+    # dec_0 and dec_1 filled the first generation, dropped whole when the third began
+    assert [f"dec_{n}" in decisions for n in range(5)] == [False, False, True, True, True]
+    assert len(decisions) == 3
+    assert decisions.get("dec_2", now=1000.0) == (("pol_1", "control"),)
+
+
+def test_a_decision_is_found_for_its_ttl_at_least_and_never_past_twice_that() -> None:
+    ttl = counting.DECISION_TTL_S
+    decisions = counting.Decisions()
+    pairs = layers_of(("pol_1", "control"))
+    decisions.remember("early", pairs, now=0.0)  # the generation begins
+    decisions.remember("late", pairs, now=ttl - 1)  # its last second
+    decisions.remember("next", pairs, now=ttl)  # a new one: "early" and "late" previous
+
+    assert decisions.get("early", now=ttl) == pairs
+    assert decisions.get("late", now=2 * ttl - 2) == pairs  # at least a TTL after it
+    assert decisions.get("late", now=2 * ttl) is None  # the generation is 2 TTL old
+    assert decisions.get("next", now=3 * ttl - 1) == pairs
+    assert decisions.get("next", now=3 * ttl) is None
+    decisions.remember("later", pairs, now=3 * ttl)  # drops the generation of "early"
+    assert "early" not in decisions and "next" in decisions
 
 
 def test_distinct_allocation_sets_are_bounded_and_held_with_their_labels_cut(
