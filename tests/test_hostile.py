@@ -680,8 +680,12 @@ def test_48_parallel_9_mb_bodies_are_admitted_by_bytes_and_memory_stays_bounded(
     print(f"\n48 x 9 MB: {Counter(statuses)}; peaks {peaks}, idle {idle}")
     assert set(statuses) <= {200, 503} and 200 in statuses and 503 in statuses
     # Bounded by what is admitted (16 MiB of bodies) and by the largest commit (16 MiB),
-    # whatever the number of requests: measured here 137 and 123 MiB (idle 66 and 43).
-    bounds = {"server": 2 * idle["server"] + 2 * 16 * MIB, "writer": 2 * idle["writer"] + 64 * MIB}
+    # whatever the number of requests: measured here 137 and 123 MiB (idle 66 and 43), and
+    # since the writer no longer imports the command line, 125 MiB for it at idle 28. A
+    # group's bytes are held a few times over in the writer (the messages as received,
+    # their objects, the joined row, SQLite's copy, what glibc keeps of them): so its bound
+    # is its idle size and eight groups, not a multiple of its idle size.
+    bounds = {"server": 2 * idle["server"] + 2 * 16 * MIB, "writer": idle["writer"] + 8 * 16 * MIB}
     for name, peak in peaks.items():
         assert peak < bounds[name], (name, peak, idle[name])
     assert_serving(crowded)

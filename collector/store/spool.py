@@ -35,6 +35,7 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -64,6 +65,10 @@ READY, IN_FLIGHT, DONE = 1, 2, 5
 # short enough that the SDK's own timeout (10 s in the Python SDK) does not fire first.
 BUSY_TIMEOUT_S = 2.0
 
+# How long opening the queue is tried again while another process holds its lock (the
+# writer's and the forwarder's opens at start, each a few milliseconds), and how often.
+OPEN_WAIT_S = 10.0
+OPEN_RETRY_S = 0.05
 # SQLite's limit on bound parameters is 32766; act on row ids in chunks well below it.
 IDS_PER_STATEMENT = 900
 # Free space kept for the forwarder's acks and SQLite's checkpoints: the server refuses
@@ -162,17 +167,7 @@ class Spool:
         self._data_dir = data_dir
         self.budget_bytes = budget_bytes
         moved = recovery.ensure_usable(self.path) if recover else None
-        with _translated:
-            self._queue = _Queue(
-                str(self.path.parent),
-                sync,
-                name=QUEUE_NAME,
-                db_file_name=self.path.name,
-                multithreading=True,
-                timeout=BUSY_TIMEOUT_S,
-                serializer=_RawBytes,
-                auto_resume=resume_in_flight,
-            )
+        self._queue = self._open(sync, resume_in_flight)
         assert self._queue._table_name.strip("`") == TABLE  # persist-queue's own naming
         self.reserve_bytes = reserve_for(self.path.parent)
         # persist-queue's writing connection: we read sizes and run checks on it too.
@@ -195,6 +190,30 @@ class Spool:
         self._given_back: list[int] = []
         # What `recover` moved aside, for `reconcile.open_queue` to read back.
         self.moved = moved
+
+    def _open(self, sync: Sync, resume_in_flight: bool) -> _Queue:
+        """persist-queue's queue on the file, tried again while another process has it
+        locked: its `PRAGMA journal_mode=WAL` can be refused at once ("database is locked")
+        while the server's writer and the forwarder open the file together, and a
+        forwarder that failed on it was restarted a second later (seen by CI)."""
+        deadline = time.monotonic() + OPEN_WAIT_S
+        while True:
+            try:
+                with _translated:
+                    return _Queue(
+                        str(self.path.parent),
+                        sync,
+                        name=QUEUE_NAME,
+                        db_file_name=self.path.name,
+                        multithreading=True,
+                        timeout=BUSY_TIMEOUT_S,
+                        serializer=_RawBytes,
+                        auto_resume=resume_in_flight,
+                    )
+            except QueueBusy as exc:
+                if "locked" not in exc.message or time.monotonic() >= deadline:
+                    raise
+            time.sleep(OPEN_RETRY_S)
 
     def close(self) -> None:
         self._queue.close()
