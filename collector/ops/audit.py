@@ -59,7 +59,11 @@ def audit(data_dir: DataDir) -> dict[str, Any]:
     problems: list[str] = []
     held = ledger.balance(queue_ledger, QUEUE_IN, QUEUE_OUT)
     targets = sorted({*held, *queued, *_targets(queue_ledger), *_targets(dead_ledger)})
-    by_target = [_row(t, queue_ledger, dead_ledger, held[t], queued[t]) for t in targets]
+    queue_states, dead_states = _by_target(queue_ledger), _by_target(dead_ledger)
+    by_target = [
+        _row(t, queue_states.get(t, Counter()), dead_states.get(t, Counter()), held[t], queued[t])
+        for t in targets
+    ]
     for row in by_target:
         if row["difference"]:
             problems.append(
@@ -112,23 +116,27 @@ def audit(data_dir: DataDir) -> dict[str, Any]:
 
 def _row(
     target: Target,
-    queue_ledger: ledger.Entries,
-    dead_ledger: ledger.Entries,
+    queue_states: Counter[str],
+    dead_states: Counter[str],
     ledger_queued: int,
     queued: int,
 ) -> dict[str, Any]:
     row: dict[str, Any] = {"project": target.project, "env": target.env}
     for state in COLUMNS:
-        row[state] = _sum(queue_ledger, target, state)
-    row["quarantined"] = _sum(dead_ledger, target, State.QUARANTINED)
+        row[state] = queue_states[state]
+    row["quarantined"] = dead_states[State.QUARANTINED]
     row["ledger_queued"] = ledger_queued
     row["queued"] = queued
     row["difference"] = ledger_queued - queued
     return row
 
 
-def _sum(entries: ledger.Entries, target: Target, state: State) -> int:
-    return sum(n for (p, e, s, _), n in entries.items() if (p, e) == tuple(target) and s == state)
+def _by_target(entries: ledger.Entries) -> dict[Target, Counter[str]]:
+    """Per target, events per state (over its reasons): one pass, not one per cell."""
+    found: dict[Target, Counter[str]] = {}
+    for (project, env, state, _), n in entries.items():
+        found.setdefault(Target(project, env), Counter())[state] += n
+    return found
 
 
 def _targets(entries: ledger.Entries) -> set[Target]:

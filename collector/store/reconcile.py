@@ -34,7 +34,7 @@ from collector.store.counts import DeadLetterReason
 from collector.store.datadir import DataDir
 from collector.store.deadletters import QUARANTINED, DeadLetters
 from collector.store.ledger import DEAD_IN, DEAD_OUT, QUEUE_IN, QUEUE_OUT, State
-from collector.store.spool import Spool, Sync
+from collector.store.spool import Spool, Sync, held_by_target
 
 log = logging.getLogger("collector.recovery")
 
@@ -244,7 +244,7 @@ def record_missing(
         if not raised:
             return
         held = ledger.balance(current + raised, QUEUE_IN, QUEUE_OUT)
-        queued = spool.held_by_target(conn)
+        queued = held_by_target(conn)
         lost: Counter[Target] = Counter(
             {target: n - queued[target] for target, n in held.items() if n > queued[target]}
         )

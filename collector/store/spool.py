@@ -273,10 +273,6 @@ class Spool:
             yield conn
             self.ledger_changed = True
 
-    @staticmethod
-    def held_by_target(conn: sqlite3.Connection) -> Counter[Target]:
-        return held_by_target(conn)
-
     def ledger(self) -> ledger.Entries:
         with self._lock, _translated:
             return ledger.read(self._conn)
