@@ -130,7 +130,7 @@ _DECODER = msgspec.json.Decoder(Event)
 _ATTRIBUTION = msgspec.json.Decoder(list[Any])
 
 
-def decode_all(raws: Sequence[bytes]) -> tuple[list[Event | None], dict[int, str]]:
+def decode_all(raws: Sequence[bytes | msgspec.Raw]) -> tuple[list[Event | None], dict[int, str]]:
     """Each of `raws` (one event's JSON each) decoded, None where invalid, and index ->
     error of the invalid ones: the field at fault and why."""
     decoded: list[Event | None] = []

@@ -28,7 +28,7 @@ import pytest
 from collector.errors import QueueFull
 from collector.events import Target
 from collector.server.commit import Committer
-from collector.server.writer import GroupWriter, WriterConfig
+from collector.server.writer import Events, GroupWriter, WriterConfig
 from collector.store import rows
 from collector.store.datadir import QUEUE as QUEUE_FILE
 from collector.store.datadir import SEEN_IDS as SEEN_IDS_FILE
@@ -192,7 +192,7 @@ def test_a_refused_commit_leaves_no_garbage_holding_its_events(tmp_path: Path) -
     which the server runs rarely (86,000 events of refused groups were garbage at once, and
     the server grew from 123 to 265 MiB under a minute of 503s). Run with the server's own
     Committer and a real writer process, every commit over its 1-byte budget."""
-    events = [(f"e{n}", TARGET, orjson.dumps(event(id=f"e{n}"))) for n in range(1000)]
+    events = Events.of([(f"e{n}", TARGET, orjson.dumps(event(id=f"e{n}"))) for n in range(1000)])
 
     async def refused_writes() -> list[object]:
         committer = Committer(owned=WriterConfig(tmp_path, "full", 1, 3600, 1 << 20))
@@ -233,8 +233,8 @@ def test_a_repeat_of_a_refused_request_in_the_same_group_is_refused_too(tmp_path
     try:
         writer.commit(
             [
-                [("trk_shared", TARGET, orjson.dumps(big))],
-                [("trk_shared", TARGET, orjson.dumps(small))],
+                Events.of([("trk_shared", TARGET, orjson.dumps(big))]),
+                Events.of([("trk_shared", TARGET, orjson.dumps(small))]),
             ]
         )
         outcome: list[int] | QueueFull = []
@@ -545,7 +545,7 @@ def test_taking_and_acking_rows_keeps_nothing_in_memory(tmp_path: Path) -> None:
     writer = GroupWriter(WriterConfig(tmp_path, "full", 1 << 30, 3600, 1 << 27))
     try:
         for n in range(5):
-            writer.commit([[(f"trk_{n}", TARGET, orjson.dumps(event(id=f"trk_{n}")))]])
+            writer.commit([Events.of([(f"trk_{n}", TARGET, orjson.dumps(event(id=f"trk_{n}")))])])
     finally:
         writer.close()
     forwarder = Spool(DataDir(tmp_path), budget_bytes=1 << 30, resume_in_flight=True)

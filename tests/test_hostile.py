@@ -485,7 +485,7 @@ def _allow_open_files(count: int) -> None:
 
 # The idle timeout of the server that takes 2000 idle connections: time to accept them all
 # before the first is timed out (2 s, the module's TIMEOUT_S, was not enough once in CI).
-IDLE_TIMEOUT_S = 6
+IDLE_TIMEOUT_S = 10  # well above the time 2000 connections take to open (under 1 s)
 
 
 @pytest.fixture(scope="module")
@@ -504,12 +504,19 @@ def test_2000_idle_connections_neither_stop_service_nor_grow_memory_and_are_clos
     rss_before, fds_before = rss_bytes(patient), open_fds(patient)
     socks: list[socket.socket] = []
     try:
+        opening = time.monotonic()
         for _ in range(2000):
             socks.append(connect(patient))
+        opened_s = time.monotonic() - opening
         accepted_by = time.monotonic() + 10  # let the server accept them all
         while open_fds(patient) < fds_before + 2000 and time.monotonic() < accepted_by:
             time.sleep(0.1)
-        assert open_fds(patient) >= fds_before + 2000
+        # Opening them all must take less than the idle timeout, or the first are closed
+        # (rightly) before the last are open: it failed once with 24 fds open, unexplained.
+        assert open_fds(patient) >= fds_before + 2000, (
+            f"{open_fds(patient)} fds open ({fds_before} before), "
+            f"2000 connections opened in {opened_s:.1f} s"
+        )
         started = time.monotonic()
         assert_serving(patient)
         print(

@@ -54,7 +54,7 @@ from collector.server.auth import ApiKey
 from collector.server.commit import Committer
 from collector.server.counting import EventCounter, Note
 from collector.server.ingest import Envelope, Ingest, Outcome, decode_body, read_events
-from collector.server.writer import EncodedEvent, Invalid
+from collector.server.writer import EncodedEvent, Events, Invalid
 from collector.store.counts import Count, Counts
 
 MAX_EVENTS = 1000
@@ -358,9 +358,11 @@ def _no_constant(token: str) -> Any:
     raise ValueError(f"{token} is not JSON")
 
 
-def slow_path(stored: list[bytes], validated: list[bytes]) -> bool:
-    """Whether read_events took the slow path: the fast one returns one list twice."""
-    return validated is not stored
+def read(body: bytes, envelope: Envelope = ENVELOPE) -> tuple[list[bytes], list[bytes], bool]:
+    """read_events' events as bytes (the fast path gives msgspec's spans of the body), and
+    whether it took the slow path (the fast one returns one list twice)."""
+    stored, validated = read_events(body, envelope)
+    return [bytes(s) for s in stored], [bytes(v) for v in validated], validated is not stored
 
 
 class Recorder:
@@ -371,12 +373,12 @@ class Recorder:
 
     async def write(
         self,
-        events: list[EncodedEvent],
+        events: Events,
         notes: list[Note],
         size: int = 0,
         invalid: list[Invalid] | None = None,
     ) -> list[int]:
-        self.events.extend(events)
+        self.events.extend(events.each())
         return []
 
 
@@ -396,6 +398,7 @@ class Run:
 
     stored: list[bytes]
     validated: list[bytes]
+    slow: bool  # read on the slow path
     errors: dict[int, str]
     committed: list[bytes]
     outcome: Outcome | None  # None when no event was valid (BadRequest)
@@ -421,7 +424,7 @@ def run(body: bytes) -> Run:
         refusal = exc
     # The same steps again, for what handle does not return; called from a shallower
     # stack than handle calls them from, so nesting handle took is taken here too.
-    stored, validated = read_events(body, ENVELOPE)
+    stored, validated, slow = read(body)
     _, errors = decode_all(validated)
     if outcome is not None:
         assert outcome.errors == errors
@@ -432,7 +435,8 @@ def run(body: bytes) -> Run:
     counted: dict[Count, Counter[tuple[str, ...]]] = {}
     for (_, name), counter in counts.take().items():
         counted.setdefault(Count(name), Counter()).update(counter)
-    return Run(stored, validated, errors, [raw for *_, raw in recorder.events], outcome, counted)
+    committed = [raw for *_, raw in recorder.events]
+    return Run(stored, validated, slow, errors, committed, outcome, counted)
 
 
 def check_exact(result: Run) -> None:
@@ -513,7 +517,7 @@ def test_valid_events_are_stored_as_the_bytes_they_span_on_both_paths(
 
     result = run(body)
 
-    assert slow_path(result.stored, result.validated) == (path in SLOW)
+    assert result.slow == (path in SLOW)
     assert result.errors == {}
     assert result.stored == expected  # byte for byte
     assert [canonical(json.loads(raw)) for raw in result.stored] == [
@@ -581,7 +585,7 @@ def test_exactly_the_broken_events_are_reported_by_their_own_index(
 
     result = run(envelope(raws, data, members))
 
-    assert slow_path(result.stored, result.validated) == slow
+    assert result.slow == slow
     assert result.stored == raws
     assert set(result.errors) == broken
     # (When none is valid, Ingest.handle answers 400 with these same validationErrors.)
@@ -780,7 +784,7 @@ def test_numbers_of_any_form_are_stored_as_written(
     else:  # a raw number: any number is JSON (`1e999` too)
         valid = True
 
-    stored, validated = read_events(body, ENVELOPE)
+    stored, validated, _ = read(body)
     decoded, errors = decode_all(validated)
 
     assert stored == validated == [event]  # as written, on both paths
@@ -801,7 +805,7 @@ def test_the_envelope_takes_exactly_a_non_empty_array_within_the_limit(document:
     events = document.get("events") if isinstance(document, dict) else None
     body = json.dumps(document).encode()
     if isinstance(events, list) and 0 < len(events) <= MAX_EVENTS:
-        stored, _ = read_events(body, ENVELOPE)
+        stored, _, _ = read(body)
         assert [canonical(json.loads(raw)) for raw in stored] == [canonical(e) for e in events]
     else:
         with pytest.raises(BadRequest) as refused:
@@ -821,7 +825,7 @@ def test_the_limit_is_exact_max_events_taken_one_more_refused(
     for count in (limit - 1, limit, limit + 1):
         body = b'{"events":[%b]%b}' % (b",".join([raw] * count), pad)
         if 0 < count <= limit:
-            stored, _ = read_events(body, reader)
+            stored, _, _ = read(body, reader)
             assert stored == [raw] * count
         else:
             with pytest.raises(BadRequest) as refused:

@@ -27,7 +27,6 @@ import logging
 import os
 import pickle
 import socket
-import struct
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,13 +37,16 @@ from collector.errors import CollectorError, QueueBusy, QueueFull
 from collector.server.counting import Note
 from collector.server.writer import (
     CONNECT_WAIT_S,
+    LENGTH,
+    LONG_LENGTH,
     MAX_GROUP_BYTES,
     MAX_GROUP_EVENTS,
-    EncodedEvent,
+    Events,
     Invalid,
     WriterConfig,
     WriterLink,
     WriterProcess,
+    frames,
 )
 
 log = logging.getLogger("collector.commit")
@@ -54,15 +56,11 @@ WRITER_GONE = "queue writer restarted; retry later"
 # after a second or more (Kubernetes: 1 s by default), and a stalled disk must read "not
 # ready" rather than hang the probe.
 READY_WAIT_S = 1.0
-# The socket's send buffer: a 1000-event request (about 600 kB pickled) goes to the kernel
+# The socket's send buffer: a 1000-event request (about 530 kB) goes to the kernel
 # in one write (the default, 208 kB, took three, each waiting for the writer to read).
 # Linux caps it at net.core.wmem_max (4 MiB here; 208 kB on some hosts: then it is slower,
 # never wrong).
 SEND_BUFFER_BYTES = 4 * 1024 * 1024
-# multiprocessing.connection's framing: a signed 32-bit big-endian length, or -1 and then
-# an unsigned 64-bit one for messages of 2 GiB and more.
-_LENGTH = struct.Struct("!i")
-_LONG_LENGTH = struct.Struct("!Q")
 
 
 class Committer:
@@ -131,7 +129,7 @@ class Committer:
 
     async def write(
         self,
-        events: list[EncodedEvent],
+        events: Events,
         notes: list[Note],
         size: int = 0,
         invalid: list[Invalid] | None = None,
@@ -219,12 +217,8 @@ class Committer:
     def _send(self, message: tuple[Any, ...], answers: list[asyncio.Future[Any]]) -> None:
         """Write `message`; `answers` are settled by its answer, in order of messages."""
         assert self._stream is not None
-        data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
         self._answers.append(answers)
-        if len(data) < 0x7FFFFFFF:
-            self._stream.writelines((_LENGTH.pack(len(data)), data))
-        else:
-            self._stream.writelines((_LENGTH.pack(-1), _LONG_LENGTH.pack(len(data)), data))
+        self._stream.writelines(frames(message))
 
     async def _connect(self, wait_s: float) -> None:
         """Connect (the handshake that proves this process was started by the writer's
@@ -246,9 +240,9 @@ class Committer:
         that is gone fails every answer due with QueueBusy."""
         try:
             while True:
-                (length,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
+                (length,) = LENGTH.unpack(await reader.readexactly(LENGTH.size))
                 if length == -1:
-                    (length,) = _LONG_LENGTH.unpack(await reader.readexactly(_LONG_LENGTH.size))
+                    (length,) = LONG_LENGTH.unpack(await reader.readexactly(LONG_LENGTH.size))
                 kind, value = pickle.loads(await reader.readexactly(length))
                 answers = self._answers.popleft()
                 if kind == "error":
@@ -278,7 +272,7 @@ class Committer:
 
 @dataclass
 class _Request:
-    events: list[EncodedEvent]
+    events: Events
     notes: list[Note]
     invalid: list[Invalid]
     size: int  # the request's body bytes: what its events cost on the way

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any
 
@@ -65,38 +66,50 @@ def label(value: Any) -> str:
     return str(value)[:LABEL_CHARS]
 
 
+@dataclass(frozen=True)
+class Received:
+    """A request's valid events' labels, in order, and counted (counted once a request)."""
+
+    labels: list[Labels]
+    counted: Counter[Labels]
+
+
 class EventCounter:
     """Counts the server's events into `counts`."""
 
     def __init__(self, counts: Counts) -> None:
         self.counts = counts
 
-    def received(self, decoded: Sequence[Event | None], raws: Sequence[bytes]) -> list[Labels]:
+    def received(
+        self, decoded: Sequence[Event | None], raws: Sequence[bytes | msgspec.Raw]
+    ) -> Received:
         """Count events as received: valid ones (`decoded`) by their labels, invalid ones
         by what can be read of them (`raws`: their JSON). Returns the valid ones' labels,
-        in order, for `accepted`."""
+        for `accepted`."""
         labels = _labels_of(list(filter(None, decoded)))
-        received = Counter(labels)
+        valid = Counter(labels)
+        received = valid
         if len(labels) < len(decoded):
+            received = valid.copy()
             received.update(
                 _invalid_labels(raw) for raw, e in zip(raws, decoded, strict=True) if e is None
             )
         self._add(Count.EVENTS_RECEIVED, received)
-        return labels
+        return Received(labels, valid)
 
     def rejected(self, reason: str, count: int = 1) -> None:
         self.counts.add(Count.EVENTS_REJECTED, (reason,), count)
 
-    def accepted(self, events: list[Event], labels: list[Labels], skipped: set[int]) -> None:
-        """Count accepted events (`labels` are theirs, from `received`); `skipped` holds
-        the indexes not written (duplicates)."""
-        accepted = Counter(labels)
+    def accepted(self, events: list[Event], received: Received, skipped: set[int]) -> None:
+        """Count accepted events (`received`: theirs, from `received`); `skipped` holds the
+        indexes not written (duplicates)."""
+        accepted = received.counted
         self._add(Count.EVENTS_ACCEPTED, accepted)
         if skipped:
-            duplicates = Counter(labels[i] for i in skipped)
+            duplicates = Counter(received.labels[i] for i in skipped)
             self._add(Count.EVENTS_DEDUPLICATED, duplicates)
-            accepted.subtract(duplicates)
-        self._add(Count.EVENTS_WRITTEN, +accepted)
+            accepted = accepted - duplicates  # a new counter: only its positive counts
+        self._add(Count.EVENTS_WRITTEN, accepted)
         tally = _Tally()
         for index, event in enumerate(events):
             # A duplicate (a client's retry) is the same event again: counted once above as
@@ -319,7 +332,7 @@ def _labels_of(events: list[Event]) -> list[Labels]:
     return list(zip(*columns, strict=True))
 
 
-def _invalid_labels(raw: bytes) -> Labels:
+def _invalid_labels(raw: bytes | msgspec.Raw) -> Labels:
     try:
         event = _LABELS.decode(raw)
     except (msgspec.DecodeError, RecursionError):  # not an object (or not for msgspec)

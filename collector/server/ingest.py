@@ -39,7 +39,7 @@ from collector.events import Event, Target, decode_all
 from collector.server.auth import ApiKey
 from collector.server.commit import Committer
 from collector.server.counting import EventCounter, notes
-from collector.server.writer import EncodedEvent, Invalid
+from collector.server.writer import Events, Invalid
 
 # zlib's window bits for "gzip header and trailer".
 GZIP_WBITS = 16 + zlib.MAX_WBITS
@@ -65,6 +65,8 @@ log = logging.getLogger("collector.server")
 _SCAN_STRING: Callable[[str, int], tuple[str, int]] = json.decoder.scanstring  # type: ignore[attr-defined]
 _NEXT = re.compile(rb"[ \t\n\r]*,[ \t\n\r]*")
 _END = re.compile(rb"[ \t\n\r]*\]")
+# One event's JSON: a span of the body (msgspec's, on the fast path) or bytes of its own.
+Span = bytes | msgspec.Raw
 
 
 @dataclass
@@ -132,15 +134,16 @@ class Envelope:
         self._decoder = msgspec.json.Decoder(msgspec.defstruct("Envelope", [("events", events)]))
         self.refusal = f"events must be a non-empty array (max {max_events})"
 
-    def spans(self, body: bytes) -> list[msgspec.Raw]:
+    def spans(self, body: bytes) -> list[Span]:
         """The spans; msgspec.ValidationError for another envelope, DecodeError (or
         RecursionError) for what msgspec cannot read."""
-        events: list[msgspec.Raw] = self._decoder.decode(body).events  # type: ignore[attr-defined]
+        events: list[Span] = self._decoder.decode(body).events  # type: ignore[attr-defined]
         return events
 
 
-def read_events(body: bytes, envelope: Envelope) -> tuple[list[bytes], list[bytes]]:
-    """Each event's bytes as stored, and as validated (the same but on the slow path)."""
+def read_events(body: bytes, envelope: Envelope) -> tuple[list[Span], list[Span]]:
+    """Each event's bytes as stored, and as validated (the same but on the slow path): on
+    the fast path msgspec's spans of the body, not copied out of it."""
     if not body.isascii():  # msgspec does not check the strings it skips; ASCII is UTF-8
         try:
             body.decode("utf-8")
@@ -153,8 +156,7 @@ def read_events(body: bytes, envelope: Envelope) -> tuple[list[bytes], list[byte
         raise BadRequest(envelope.refusal) from None
     except (msgspec.DecodeError, RecursionError):
         return _lenient_events(body, envelope)
-    events = [bytes(span) for span in spans]
-    return events, events
+    return spans, spans
 
 
 def _judge(text: str) -> list[str]:
@@ -170,7 +172,7 @@ def _judge(text: str) -> list[str]:
     return constants
 
 
-def _lenient_events(body: bytes, envelope: Envelope) -> tuple[list[bytes], list[bytes]]:
+def _lenient_events(body: bytes, envelope: Envelope) -> tuple[list[Span], list[Span]]:
     """The slow path: valid JSON msgspec refuses (NaN/Infinity, lone surrogates), or not
     JSON at all (BadRequest). The stdlib parser judges validity; NaN/Infinity become null
     in the stored text; each event is then found in a copy whose lone surrogates read as
@@ -189,8 +191,8 @@ def _lenient_events(body: bytes, envelope: Envelope) -> tuple[list[bytes], list[
         offsets = _offsets(readable, validated)
     except RecursionError as exc:  # the stdlib's scanner at the edge of its depth: never a 500
         raise BadRequest("body is not valid JSON: nested too deeply") from exc
-    kept = [stored[start : start + len(raw)] for start, raw in offsets]
-    return kept, validated
+    kept: list[Span] = [stored[start : start + len(raw)] for start, raw in offsets]
+    return kept, [*validated]
 
 
 def _offsets(text: bytes, events: list[bytes]) -> list[tuple[int, bytes]]:
@@ -268,11 +270,13 @@ class Ingest:
         with `sdk` (the request's X-SDK-* headers) as their source unless they name theirs."""
         stored, readable = read_events(body, self._envelope)
         decoded, errors = decode_all(readable)
-        labels = self._counter.received(decoded, readable)
+        received = self._counter.received(decoded, readable)
         for error in errors.values():
             self._counter.rejected(_reason(error))
         valid: list[Event] = []
-        encoded: list[EncodedEvent] = []
+        raws: list[Span] = []
+        ids: list[str | None] = []
+        per_event: list[Target] = []
         targets: dict[tuple[str, str], Target] = {}
         scopes: dict[tuple[str, str, str], str] = {}
         for raw, event in zip(stored, decoded, strict=True):
@@ -281,13 +285,19 @@ class Ingest:
             where = (event.projectId, event.env)
             target = targets.get(where) or targets.setdefault(where, Target(*where))
             valid.append(event)
+            raws.append(raw)
+            per_event.append(target)
             if not event.id:  # an empty id is no id
-                encoded.append((None, target, raw))
+                ids.append(None)
                 continue
             owner = (event.orgId, *where)
             scope = scopes.get(owner) or scopes.setdefault(owner, id_scope(*owner))
-            encoded.append((scope + event.id, target, raw))
-        invalid = [(stored[i], error, source(readable[i], sdk)) for i, error in errors.items()]
+            ids.append(scope + event.id)
+        one = tuple(targets.values()) if len(targets) == 1 else tuple(per_event)
+        events = Events(b",".join(raws), list(map(len, raws)), ids, one)
+        invalid = [
+            (bytes(stored[i]), error, source(readable[i], sdk)) for i, error in errors.items()
+        ]
         if not valid:
             await self._quarantine_only(invalid, len(body))
             raise BadRequest(
@@ -297,23 +307,23 @@ class Ingest:
             if key.restricted:
                 for target in targets.values():
                     key.require_target(target)
-            skipped = await self._committer.write(encoded, notes(valid), len(body), invalid)
+            skipped = await self._committer.write(events, notes(valid), len(body), invalid)
         except CollectorError as exc:
             self._counter.rejected(type(exc).__name__, len(valid))
             raise
-        self._counter.accepted(valid, labels, set(skipped))
+        self._counter.accepted(valid, received, set(skipped))
         return Outcome(accepted=len(valid), written=len(valid) - len(skipped), errors=errors)
 
     async def _quarantine_only(self, invalid: list[Invalid], size: int) -> None:
         """Have the writer keep a request's invalid events when none is valid (it is then
         answered 400 all the same, as the contract says)."""
         try:
-            await self._committer.write([], [], size, invalid)
+            await self._committer.write(Events.of([]), [], size, invalid)
         except CollectorError as exc:
             log.warning("could not quarantine %d invalid events: %s", len(invalid), exc.message)
 
 
-def source(raw: bytes, sdk: str) -> str:
+def source(raw: Span, sdk: str) -> str:
     """Which SDK sent an event, as "name/version": the event's own `sdkName` and
     `sdkVersion` (current JavaScript SDKs), else `sdk` (the request's X-SDK-* headers),
     else "unknown"; cut to SOURCE_CHARS (it is client text, and a label of counts)."""

@@ -31,9 +31,11 @@ import logging
 import math
 import multiprocessing
 import os
+import pickle
 import queue
 import secrets
 import signal
+import struct
 import sys
 import threading
 import time
@@ -52,7 +54,7 @@ from collector.errors import CollectorError, QueueBusy, Unavailable
 from collector.events import Target
 from collector.ops import logs
 from collector.server.counting import Conversions, Note
-from collector.store import reconcile
+from collector.store import reconcile, rows
 from collector.store.counts import Count, Counts
 from collector.store.datadir import DataDir
 from collector.store.deadletters import QUARANTINED, DeadLetters
@@ -62,8 +64,8 @@ from collector.store.spool import Sync
 
 log = logging.getLogger("collector.commit")
 
-# (the client's id or None, where it goes, the event's own JSON bytes). Events of a request
-# share their Target objects, so pickling them to the writer costs one per target.
+# (the client's id or None, where it goes, the event's own JSON bytes): one event of
+# `Events`, as `Events.of` takes them and `Events.each` gives them back.
 EncodedEvent = tuple[str | None, Target, bytes]
 # An event that failed validation, to quarantine: (its JSON bytes as sent, why, the SDK
 # that sent it as "name/version").
@@ -126,6 +128,48 @@ class WriterLink:
             time.sleep(CONNECT_RETRY_S)
 
 
+@dataclass(frozen=True, slots=True)
+class Events:
+    """One request's valid events, as a server sends them to the writer: their own bytes
+    joined by commas (as a row holds them), and each one's length, id (the client's, scoped;
+    None: none) and target (one for all of them, as nearly always, or one each).
+
+    One buffer for the events, pickled out of band (`frames`), not a tuple and a bytes
+    object per event: for a 1000-event request 0.03 ms of the event loop's time to pickle,
+    against 0.31 ms, and no copy of the events into the pickle (measured here)."""
+
+    data: bytes
+    lengths: list[int]
+    ids: list[str | None]
+    targets: tuple[Target, ...]
+
+    @classmethod
+    def of(cls, events: Sequence[EncodedEvent]) -> Events:
+        raws = [raw for _, _, raw in events]
+        targets = tuple(target for _, target, _ in events)
+        one = bool(targets) and all(target is targets[0] for target in targets)
+        return cls(
+            b",".join(raws), list(map(len, raws)), [eid for eid, _, _ in events],
+            targets[:1] if one else targets,
+        )  # fmt: skip
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def each(self) -> Iterator[EncodedEvent]:
+        """Each event as (id, target, its bytes), sliced out of `data`."""
+        targets = self.targets * len(self.lengths) if len(self.targets) == 1 else self.targets
+        at = 0
+        for eid, target, length in zip(self.ids, targets, self.lengths, strict=True):
+            yield eid, target, self.data[at : at + length]
+            at += length + 1
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Out of band when pickled with a buffer_callback (`frames`), in band otherwise.
+        data = pickle.PickleBuffer(self.data)
+        return (Events, (data, self.lengths, self.ids, self.targets))
+
+
 class GroupWriter:
     """Commits groups of requests' events to the spool, without ids already stored."""
 
@@ -178,7 +222,7 @@ class GroupWriter:
 
     def commit(
         self,
-        requests: list[list[EncodedEvent]],
+        requests: list[Events],
         notes: Sequence[Sequence[Note]] = (),
         invalid: Sequence[Invalid] = (),
     ) -> list[list[int]]:
@@ -192,9 +236,9 @@ class GroupWriter:
         refused.
         """
         self._settle_remembering()  # a retry in this group must find the last group's ids
-        ids = [eid for events in requests for eid, _, _ in events if eid]
+        ids = [eid for events in requests for eid in events.ids if eid]
         known = self.seen.seen(ids)
-        groups: dict[Target, list[bytes]] = {}
+        groups: dict[Target, rows.Joined] = {}
         duplicates: Counter[Target] = Counter()
         if not known and len(set(ids)) == len(ids):
             skipped: list[list[int]] = [[] for _ in requests]  # nothing to drop: in bulk
@@ -288,23 +332,27 @@ def _logged(call: Callable[..., None], *args: Any) -> None:
         log.warning("could not count or write counts: %s", exc)
 
 
-def _group_all(groups: dict[Target, list[bytes]], events: list[EncodedEvent]) -> None:
-    """Add `events` to their targets' groups; in one step when they share one target, as
-    a request's events nearly always do (it runs for every event of every commit)."""
-    if not events:
+def _group_all(groups: dict[Target, rows.Joined], events: Events) -> None:
+    """Add `events` to their targets' groups: as one run when they share one target, as a
+    request's events nearly always do."""
+    if len(events.targets) == 1:
+        _group(groups, events.targets[0]).add(events.data, events.lengths)
         return
-    first = events[0][1]
-    if all(target is first for _, target, _ in events):
-        groups.setdefault(first, []).extend([raw for _, _, raw in events])
-        return
-    for _, target, raw in events:
-        groups.setdefault(target, []).append(raw)
+    for _, target, raw in events.each():
+        _group(groups, target).add_one(raw)
+
+
+def _group(groups: dict[Target, rows.Joined], target: Target) -> rows.Joined:
+    found = groups.get(target)
+    if found is None:
+        found = groups[target] = rows.Joined()
+    return found
 
 
 def _drop_known(
-    requests: list[list[EncodedEvent]],
+    requests: list[Events],
     known: set[str],
-    groups: dict[Target, list[bytes]],
+    groups: dict[Target, rows.Joined],
     duplicates: Counter[Target],
 ) -> tuple[list[list[int]], list[str]]:
     """Group the events whose id is neither `known` nor repeated in the group, and count
@@ -314,7 +362,7 @@ def _drop_known(
     skipped: list[list[int]] = []
     for events in requests:
         dropped = []
-        for index, (eid, target, raw) in enumerate(events):
+        for index, (eid, target, raw) in enumerate(events.each()):
             if eid is not None:
                 if eid in known:
                     dropped.append(index)
@@ -322,7 +370,7 @@ def _drop_known(
                     continue
                 known.add(eid)
                 ids.append(eid)
-            groups.setdefault(target, []).append(raw)
+            _group(groups, target).add_one(raw)
         skipped.append(dropped)
     return skipped, ids
 
@@ -330,12 +378,57 @@ def _drop_known(
 # --- the protocol: each message gets one answer, in order -------------------------------
 #
 #   ("commit", requests, body bytes)  ->  ("ok", skipped per request) | ("error", CollectorError)
-#        each request: (its events, their notes, its invalid events)
+#        each request: (its Events, their notes, its invalid events)
 #   ("check",)            ->  ("ok", None)                | ("error", CollectorError)
 #   ("stop",)             ->  ("ok", None), once everything before it is committed
+#
+# A message is the frames of `frames`: its pickle, after the count of the out-of-band
+# buffers (`Events.data`) that follow it, each a frame of its own. Answers are plain
+# pickles (`Connection.send`).
 
 Message = tuple[Any, ...]
 Inbox = queue.Queue[tuple[Connection, Message]]
+# multiprocessing.connection's framing: a signed 32-bit big-endian length, or -1 and then
+# an unsigned 64-bit one for frames of 2 GiB and more.
+LENGTH = struct.Struct("!i")
+LONG_LENGTH = struct.Struct("!Q")
+# The number of out-of-band buffers that follow a message's pickle, in front of it.
+_BUFFERS = struct.Struct("!I")
+
+
+def frames(message: Message) -> list[bytes | memoryview]:
+    """`message` as the writer reads it (`receive`): for one write of the socket."""
+    buffers: list[pickle.PickleBuffer] = []
+    data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL, buffer_callback=buffers.append)
+    parts: list[bytes | memoryview] = []
+    _frame(parts, _BUFFERS.pack(len(buffers)) + data)
+    for buffer in buffers:
+        _frame(parts, buffer.raw())
+    return parts
+
+
+def _frame(parts: list[bytes | memoryview], data: bytes | memoryview) -> None:
+    size = data.nbytes if isinstance(data, memoryview) else len(data)
+    if size < 0x7FFFFFFF:
+        parts.append(LENGTH.pack(size))
+    else:
+        parts.append(LENGTH.pack(-1) + LONG_LENGTH.pack(size))
+    parts.append(data)
+
+
+def receive(conn: Connection) -> Message:
+    """One message of `frames` from `conn` (EOFError or OSError once it is closed)."""
+    head = conn.recv_bytes()
+    (count,) = _BUFFERS.unpack_from(head)
+    buffers = [conn.recv_bytes() for _ in range(count)]
+    message: Message = pickle.loads(memoryview(head)[_BUFFERS.size :], buffers=buffers)
+    return message
+
+
+def send(conn: Connection, message: Message) -> None:
+    """Send `message` over a blocking connection (the server's loop writes `frames`)."""
+    for part in frames(message)[1::2]:
+        conn.send_bytes(part)
 
 
 class WriterProcess:
@@ -383,7 +476,7 @@ class WriterProcess:
         if process.is_alive():
             try:
                 with self.link.connect(CONNECT_WAIT_S) as conn:
-                    conn.send(("stop",))
+                    send(conn, ("stop",))
                     conn.recv()
             except (OSError, EOFError, AuthenticationError) as exc:
                 log.warning("could not ask the queue writer to stop: %s", exc)
@@ -462,7 +555,7 @@ def _receive(conn: Connection, inbox: Inbox) -> None:
     """Pass each message of `conn` to the committing thread, until its server goes."""
     try:
         while True:
-            inbox.put((conn, conn.recv()))
+            inbox.put((conn, receive(conn)))
     except (EOFError, OSError):
         conn.close()
 

@@ -43,13 +43,51 @@ EVENT_COUNT_SQL = (
 )
 
 
-def join(groups: Mapping[Target, Sequence[bytes]]) -> bytes:
+class Joined:
+    """A target's events for `join`, added in runs: the events of a run already joined by
+    commas (a request's, as the server sends them), with each event's length. Its length
+    is its number of events."""
+
+    __slots__ = ("lengths", "parts")
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.lengths: list[int] = []
+
+    @classmethod
+    def of(cls, events: Sequence[bytes]) -> Joined:
+        joined = cls()
+        joined.parts, joined.lengths = list(events), list(map(len, events))
+        return joined
+
+    def add(self, data: bytes, lengths: Sequence[int]) -> None:
+        """Add a run: `data` holds events of `lengths` joined by commas."""
+        if lengths:
+            self.parts.append(data)
+            self.lengths.extend(lengths)
+
+    def add_one(self, raw: bytes) -> None:
+        self.parts.append(raw)
+        self.lengths.append(len(raw))
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+
+# A target's events: their JSON bytes, or runs of them.
+Group = Sequence[bytes] | Joined
+
+
+def join(groups: Mapping[Target, Group]) -> bytes:
     """The row holding each target's events (their own JSON bytes), in that order."""
-    header = orjson.dumps([[*target, list(map(len, events))] for target, events in groups.items()])
-    count = sum(map(len, groups.values()))
-    parts = [b"[%d,%d,%b" % (count, len(header), header), *chain.from_iterable(groups.values())]
-    parts[-1] += b"]"  # one join, one copy of the events: a row can be 16 MiB
-    return b",".join(parts)
+    runs = [(t, e if isinstance(e, Joined) else Joined.of(e)) for t, e in groups.items()]
+    header = orjson.dumps([[*target, joined.lengths] for target, joined in runs])
+    count = sum(len(joined) for _, joined in runs)
+    parts = [b"[%d,%d,%b" % (count, len(header), header)]
+    for part in chain.from_iterable(joined.parts for _, joined in runs):
+        parts += (b",", part)
+    parts.append(b"]")
+    return b"".join(parts)  # one copy of the events: a row can be 16 MiB
 
 
 def split(data: bytes) -> list[tuple[Target, list[bytes]]]:

@@ -222,7 +222,7 @@ class Spool:
 
     def append(
         self,
-        groups: Mapping[Target, Sequence[bytes]],
+        groups: Mapping[Target, rows.Group],
         duplicates: Mapping[Target, int] | None = None,
         state: State = State.STORED,
     ) -> None:

@@ -56,9 +56,9 @@ def accept(
     raws = [orjson.dumps(e) for e in events]
     decoded, errors = decode_all(raws)
     assert not errors
-    labels = counter.server.received(decoded, raws)
+    received = counter.server.received(decoded, raws)
     valid = [e for e in decoded if e is not None]
-    counter.server.accepted(valid, labels, set(skipped))
+    counter.server.accepted(valid, received, set(skipped))
     counter.writer.count(notes(valid), sorted(skipped), time.monotonic())
 
 

@@ -28,7 +28,7 @@ from collector.server.ingest import (
     read_events,
     require_json,
 )
-from collector.server.writer import EncodedEvent, GroupWriter, Invalid, WriterConfig
+from collector.server.writer import Events, GroupWriter, Invalid, WriterConfig
 from collector.store.counts import Count, Counts
 from collector.store.datadir import DataDir
 
@@ -44,7 +44,7 @@ class InProcessCommitter:
 
     async def write(
         self,
-        events: list[EncodedEvent],
+        events: Events,
         notes: list[Note],
         size: int = 0,
         invalid: list[Invalid] | None = None,
@@ -256,7 +256,10 @@ def test_each_event_is_found_as_the_bytes_it_spans_in_the_body() -> None:
     ]
     body = b'{"sdk":"x", "events" :[ ' + b" ,\n\t".join(events) + b" ] }"
 
-    assert read_events(body, READ) == (events, events)
+    stored, validated = read_events(body, READ)
+
+    assert validated is stored
+    assert [bytes(raw) for raw in stored] == events
 
 
 def test_nan_and_infinity_become_null_only_in_the_events_that_hold_them() -> None:
