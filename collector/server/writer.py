@@ -52,7 +52,7 @@ from typing import Any
 
 from collector.errors import CollectorError, QueueBusy, Unavailable
 from collector.events import Target
-from collector.ops import logs
+from collector.ops import logs, malloc
 from collector.server.counting import Conversions, Note
 from collector.store import reconcile, rows
 from collector.store.counts import Count, Counts
@@ -530,6 +530,7 @@ def _flush_every_second(writer: GroupWriter) -> None:
     while True:
         time.sleep(COUNTS_FLUSH_S)
         writer.flush_counts()
+        malloc.trim()  # the groups' freed buffers (`collector/ops/malloc.py`)
 
 
 def exit_with(owner_pid: int) -> None:
