@@ -127,12 +127,23 @@ class Track(_Common, tag="track"):
 
 Event = Exposure | Decision | Track
 _DECODER = msgspec.json.Decoder(Event)
+_BODY = msgspec.json.Decoder(msgspec.defstruct("Body", [("events", list[Event])]))
 _ATTRIBUTION = msgspec.json.Decoder(list[Any])
 
 
-def decode_all(raws: Sequence[bytes | msgspec.Raw]) -> tuple[list[Event | None], dict[int, str]]:
+def decode_all(
+    raws: Sequence[bytes | msgspec.Raw], body: bytes | None = None
+) -> tuple[list[Event | None], dict[int, str]]:
     """Each of `raws` (one event's JSON each) decoded, None where invalid, and index ->
-    error of the invalid ones: the field at fault and why."""
+    error of the invalid ones: the field at fault and why.
+
+    `body`: the document whose `events` array `raws` are (read by msgspec), decoded in
+    one call when every event in it has a valid shape, as nearly always (0.9 ms for 1000
+    events against 1.04 ms in one call each, measured); event by event otherwise."""
+    if body is not None:
+        whole = _whole(body)
+        if whole is not None and len(whole) == len(raws):
+            return _judged(whole)
     decoded: list[Event | None] = []
     errors: dict[int, str] = {}
     read = _DECODER.decode
@@ -151,6 +162,24 @@ def decode_all(raws: Sequence[bytes | msgspec.Raw]) -> tuple[list[Event | None],
     return decoded, errors
 
 
+def _whole(body: bytes) -> list[Event] | None:
+    try:
+        events: list[Event] = _BODY.decode(body).events  # type: ignore[attr-defined]
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
+        return None  # an event of another shape: each is decoded on its own
+    return events
+
+
+def _judged(events: list[Event]) -> tuple[list[Event | None], dict[int, str]]:
+    decoded: list[Event | None] = list(events)
+    errors: dict[int, str] = {}
+    for index, event in enumerate(events):
+        problem = _problem(event)
+        if problem is not None:
+            decoded[index], errors[index] = None, problem
+    return decoded, errors
+
+
 def attribution(event: Track) -> list[dict[str, Any]]:
     """The SDK's own `attribution` array of a track event (its objects only), if any."""
     if isinstance(event.attribution, msgspec.UnsetType):
@@ -162,16 +191,26 @@ def attribution(event: Track) -> list[dict[str, Any]]:
 
 
 def _problem(event: Event) -> str | None:
-    """What msgspec's types cannot say: ISO 8601 timestamps, integral buckets, numbers."""
-    if not _iso8601(event.timestamp):
+    """What msgspec's types cannot say: ISO 8601 timestamps, integral buckets, numbers.
+    Runs for every event: the usual case (all is well) first and flat."""
+    try:
+        _FROM_ISO(event.timestamp)
+    except ValueError:
         return "timestamp: must be an ISO 8601 date-time"
-    if isinstance(event, Track):
+    if type(event) is Track:  # not isinstance: 29 ns against 87 (counting.notes)
         if event.eventTimestamp is not None and not _iso8601(event.eventTimestamp):
             return "eventTimestamp: must be an ISO 8601 date-time"
-        if isinstance(event.value, msgspec.Raw) and not _number_or_null(event.value):
+        if type(event.value) is msgspec.Raw and not _number_or_null(event.value):
             return "value: must be a number or null"
         return None
-    for index, layer in enumerate(event.layers):
+    for layer in event.layers:  # type: ignore[union-attr]
+        if type(layer.bucket) is float or type(layer.probability) is msgspec.Raw:
+            return _layer_problem(event.layers)  # type: ignore[union-attr]
+    return None
+
+
+def _layer_problem(layers: list[LayerAssignment]) -> str | None:
+    for index, layer in enumerate(layers):
         if isinstance(layer.bucket, float) and not layer.bucket.is_integer():
             return f"layers.{index}.bucket: must be an integer"
         if isinstance(layer.probability, msgspec.Raw) and not _number_or_null(layer.probability):
@@ -179,9 +218,12 @@ def _problem(event: Event) -> str | None:
     return None
 
 
+_FROM_ISO = datetime.fromisoformat
+
+
 def _iso8601(text: str) -> bool:
     try:
-        datetime.fromisoformat(text)
+        _FROM_ISO(text)
     except ValueError:
         return False
     return True

@@ -540,6 +540,27 @@ def test_server_restart_does_not_resume_in_flight_rows(server: Server) -> None:
         forwarder.close()
 
 
+def test_a_retry_is_found_while_the_ids_of_its_first_commit_are_still_being_remembered(
+    tmp_path: Path,
+) -> None:
+    """A group's ids are remembered in the writer's after-commit thread; the next groups
+    must find them meanwhile (held in memory), and the file once they are."""
+    writer = GroupWriter(WriterConfig(tmp_path, "full", 1 << 30, 3600, 1 << 27))
+    hold = threading.Event()
+    writer._after.submit(hold.wait)  # the after-commit thread is busy: nothing is remembered
+    sent = [(f"trk_{n}", TARGET, orjson.dumps(event(id=f"trk_{n}"))) for n in range(3)]
+    try:
+        assert writer.commit([Events.of(sent)]) == [[]]
+        assert writer.commit([Events.of(sent[1:])]) == [[0, 1]]  # found in memory
+        hold.set()
+        writer._after.submit(lambda: None).result()  # remembered now
+        assert writer.commit([Events.of(sent[:1])]) == [[0]]  # found in the file
+    finally:
+        hold.set()
+        writer.close()
+    assert [e["id"] for e in stored_events(tmp_path)] == ["trk_0", "trk_1", "trk_2"]
+
+
 def test_taking_and_acking_rows_keeps_nothing_in_memory(tmp_path: Path) -> None:
     """persist-queue caches every row `get` returns; the forwarder must not keep them all."""
     writer = GroupWriter(WriterConfig(tmp_path, "full", 1 << 30, 3600, 1 << 27))

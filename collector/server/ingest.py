@@ -269,7 +269,7 @@ class Ingest:
         """Validate, commit and count a request's events; its invalid ones are quarantined
         with `sdk` (the request's X-SDK-* headers) as their source unless they name theirs."""
         stored, readable = read_events(body, self._envelope)
-        decoded, errors = decode_all(readable)
+        decoded, errors = decode_all(readable, body if readable is stored else None)
         received = self._counter.received(decoded, readable)
         for error in errors.values():
             self._counter.rejected(_reason(error))

@@ -127,3 +127,26 @@ def test_an_unknown_type_is_an_error_about_the_event_not_a_field() -> None:
     assert errors[0].startswith("unknown event type 'pageview'")
     assert errors[1].endswith(": required field missing")
     assert errors[2] == "Expected `object`, got `int`"
+
+
+@pytest.mark.parametrize(
+    "events",
+    [
+        [event(id="a"), event("exposure", id="b"), event("decision", id="c")],  # all valid
+        [event(id="a"), event(timestamp="yesterday"), event(value="7")],  # one not a date
+        [event(id="a"), event("pageview"), 5, event(id="d")],  # shapes msgspec refuses
+    ],
+    ids=["valid", "problems-after-decoding", "wrong-shapes"],
+)
+def test_a_body_decoded_whole_gives_what_each_event_decoded_alone_gives(
+    events: list[Any],
+) -> None:
+    raws = [orjson.dumps(e) for e in events]
+    body = b'{"sdk":"x","events":[' + b",".join(raws) + b"]}"
+
+    whole, whole_errors = decode_all(raws, body)
+    alone, alone_errors = decode_all(raws)
+
+    assert whole_errors == alone_errors
+    assert whole == alone
+    assert [e is None for e in whole] == [i in alone_errors for i in range(len(events))]
