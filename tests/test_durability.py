@@ -547,11 +547,13 @@ def test_a_retry_is_found_while_the_ids_of_its_first_commit_are_still_being_reme
     must find them meanwhile (held in memory), and the file once they are."""
     writer = GroupWriter(WriterConfig(tmp_path, "full", 1 << 30, 3600, 1 << 27))
     hold = threading.Event()
-    writer._after.submit(hold.wait)  # the after-commit thread is busy: nothing is remembered
+    # The after-commit thread is busy (for 10 s at most): nothing is remembered meanwhile.
+    busy = writer._after.submit(hold.wait, 10)
     sent = [(f"trk_{n}", TARGET, orjson.dumps(event(id=f"trk_{n}"))) for n in range(3)]
     try:
         assert writer.commit([Events.of(sent)]) == [[]]
-        assert writer.commit([Events.of(sent[1:])]) == [[0, 1]]  # found in memory
+        assert writer.commit([Events.of(sent[1:])]) == [[0, 1]]  # found in memory ...
+        assert not busy.done()  # ... without waiting for the ids to be remembered
         hold.set()
         writer._after.submit(lambda: None).result()  # remembered now
         assert writer.commit([Events.of(sent[:1])]) == [[0]]  # found in the file

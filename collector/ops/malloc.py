@@ -38,23 +38,21 @@ def trim() -> None:
         _TRIM(0)
 
 
-def _malloc_trim() -> Callable[[int], int] | None:
+def tune() -> None:
+    """Set the arenas, unless the environment already did."""
+    mallopt = _libc("mallopt")
+    if mallopt is not None and "MALLOC_ARENA_MAX" not in os.environ:
+        mallopt(M_ARENA_MAX, ARENAS)
+
+
+def _libc(name: str) -> Callable[..., int] | None:
+    """A function of the process's C library (its own symbols), or None when it has none
+    of that name (not glibc: musl, macOS)."""
     try:
-        found: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
+        found: Callable[..., int] = getattr(ctypes.CDLL(None), name)
     except (OSError, AttributeError):
-        return None  # not glibc
+        return None
     return found
 
 
-_TRIM = _malloc_trim()
-
-
-def tune() -> None:
-    """Set the arenas, unless the environment already did."""
-    if "MALLOC_ARENA_MAX" in os.environ:
-        return
-    try:
-        mallopt = ctypes.CDLL(None).mallopt  # the process's own symbols: its C library's
-    except (OSError, AttributeError):
-        return  # no mallopt: not glibc
-    mallopt(M_ARENA_MAX, ARENAS)
+_TRIM = _libc("malloc_trim")

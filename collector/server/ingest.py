@@ -28,7 +28,7 @@ import json
 import logging
 import re
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -141,7 +141,7 @@ class Envelope:
         return events
 
 
-def read_events(body: bytes, envelope: Envelope) -> tuple[list[Span], list[Span]]:
+def read_events(body: bytes, envelope: Envelope) -> tuple[Sequence[Span], Sequence[Span]]:
     """Each event's bytes as stored, and as validated (the same but on the slow path): on
     the fast path msgspec's spans of the body, not copied out of it."""
     if not body.isascii():  # msgspec does not check the strings it skips; ASCII is UTF-8
@@ -172,7 +172,7 @@ def _judge(text: str) -> list[str]:
     return constants
 
 
-def _lenient_events(body: bytes, envelope: Envelope) -> tuple[list[Span], list[Span]]:
+def _lenient_events(body: bytes, envelope: Envelope) -> tuple[list[bytes], list[bytes]]:
     """The slow path: valid JSON msgspec refuses (NaN/Infinity, lone surrogates), or not
     JSON at all (BadRequest). The stdlib parser judges validity; NaN/Infinity become null
     in the stored text; each event is then found in a copy whose lone surrogates read as
@@ -191,8 +191,8 @@ def _lenient_events(body: bytes, envelope: Envelope) -> tuple[list[Span], list[S
         offsets = _offsets(readable, validated)
     except RecursionError as exc:  # the stdlib's scanner at the edge of its depth: never a 500
         raise BadRequest("body is not valid JSON: nested too deeply") from exc
-    kept: list[Span] = [stored[start : start + len(raw)] for start, raw in offsets]
-    return kept, [*validated]
+    kept = [stored[start : start + len(raw)] for start, raw in offsets]
+    return kept, validated
 
 
 def _offsets(text: bytes, events: list[bytes]) -> list[tuple[int, bytes]]:
@@ -293,8 +293,7 @@ class Ingest:
             owner = (event.orgId, *where)
             scope = scopes.get(owner) or scopes.setdefault(owner, id_scope(*owner))
             ids.append(scope + event.id)
-        one = tuple(targets.values()) if len(targets) == 1 else tuple(per_event)
-        events = Events(b",".join(raws), list(map(len, raws)), ids, one)
+        events = Events.join(raws, ids, per_event)
         invalid = [
             (bytes(stored[i]), error, source(readable[i], sdk)) for i, error in errors.items()
         ]

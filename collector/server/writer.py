@@ -50,6 +50,8 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from collector.errors import CollectorError, QueueBusy, Unavailable
 from collector.events import Target
 from collector.ops import logs, malloc
@@ -147,14 +149,21 @@ class Events:
     targets: tuple[Target, ...]
 
     @classmethod
+    def join(
+        cls, raws: Sequence[bytes | msgspec.Raw], ids: list[str | None], targets: Sequence[Target]
+    ) -> Events:
+        """The events of `raws` (each event's bytes), with their ids and targets."""
+        one = bool(targets) and targets.count(targets[0]) == len(targets)  # in C
+        found = tuple(targets[:1] if one else targets)
+        return cls(b",".join(raws), list(map(len, raws)), ids, found)
+
+    @classmethod
     def of(cls, events: Sequence[EncodedEvent]) -> Events:
-        raws = [raw for _, _, raw in events]
-        targets = tuple(target for _, target, _ in events)
-        one = bool(targets) and all(target is targets[0] for target in targets)
-        return cls(
-            b",".join(raws), list(map(len, raws)), [eid for eid, _, _ in events],
-            targets[:1] if one else targets,
-        )  # fmt: skip
+        return cls.join(
+            [raw for _, _, raw in events],
+            [eid for eid, _, _ in events],
+            [target for _, target, _ in events],
+        )
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -245,19 +254,21 @@ class GroupWriter:
         known |= self.seen.seen(ids)
         groups: dict[Target, rows.Joined] = {}
         duplicates: Counter[Target] = Counter()
-        if not known and len(set(ids)) == len(ids):
+        unique = set(ids)
+        if not known and len(unique) == len(ids):
             skipped: list[list[int]] = [[] for _ in requests]  # nothing to drop: in bulk
             for events in requests:
                 _group_all(groups, events)
         else:
             skipped, ids = _drop_known(requests, known, groups, duplicates)
+            unique = set(ids)
         if groups or duplicates:
             self.spool.append(groups, duplicates)
         if invalid:  # only once the group stands: a refused one's client sends them again
             kept = self.quarantine.keep(invalid)
             self._after.submit(_logged, self._count_invalid, invalid, kept)
         if ids:
-            self._remembering.append((self._after.submit(self._remember, ids), set(ids)))
+            self._remembering.append((self._after.submit(self._remember, ids), unique))
         if any(notes):
             self._after.submit(_logged, self._count, notes, skipped, time.monotonic())
         return skipped
@@ -414,23 +425,24 @@ _BUFFERS = struct.Struct("!I")
 
 
 def frames(message: Message) -> list[bytes | memoryview]:
-    """`message` as the writer reads it (`receive`): for one write of the socket."""
-    buffers: list[pickle.PickleBuffer] = []
-    data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL, buffer_callback=buffers.append)
+    """`message` as the writer reads it (`receive`), each payload behind its length: for
+    one write of the socket."""
     parts: list[bytes | memoryview] = []
-    _frame(parts, _BUFFERS.pack(len(buffers)) + data)
-    for buffer in buffers:
-        _frame(parts, buffer.raw())
+    for payload in _payloads(message):
+        size = payload.nbytes if isinstance(payload, memoryview) else len(payload)
+        if size < 0x7FFFFFFF:
+            parts.append(LENGTH.pack(size))
+        else:
+            parts.append(LENGTH.pack(-1) + LONG_LENGTH.pack(size))
+        parts.append(payload)
     return parts
 
 
-def _frame(parts: list[bytes | memoryview], data: bytes | memoryview) -> None:
-    size = data.nbytes if isinstance(data, memoryview) else len(data)
-    if size < 0x7FFFFFFF:
-        parts.append(LENGTH.pack(size))
-    else:
-        parts.append(LENGTH.pack(-1) + LONG_LENGTH.pack(size))
-    parts.append(data)
+def _payloads(message: Message) -> list[bytes | memoryview]:
+    """`message`'s pickle, after the count of its out-of-band buffers, then those."""
+    buffers: list[pickle.PickleBuffer] = []
+    data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL, buffer_callback=buffers.append)
+    return [_BUFFERS.pack(len(buffers)) + data, *(buffer.raw() for buffer in buffers)]
 
 
 def receive(conn: Connection) -> Message:
@@ -444,8 +456,8 @@ def receive(conn: Connection) -> Message:
 
 def send(conn: Connection, message: Message) -> None:
     """Send `message` over a blocking connection (the server's loop writes `frames`)."""
-    for part in frames(message)[1::2]:
-        conn.send_bytes(part)
+    for payload in _payloads(message):
+        conn.send_bytes(payload)
 
 
 class WriterProcess:
