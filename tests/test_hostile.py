@@ -486,6 +486,11 @@ def _allow_open_files(count: int) -> None:
 # The idle timeout of the server that takes 2000 idle connections: time to accept them all
 # before the first is timed out (2 s, the module's TIMEOUT_S, was not enough once in CI).
 IDLE_TIMEOUT_S = 6  # 2000 connections open in 0.03 s here (the test prints it)
+# Files the server holds for a moment on its own (the last request's connection until it
+# sees the close, the heartbeat's temporary file): counted in the "before" of a loaded
+# machine, they made the test wait for one more fd than 2000 connections give, until the
+# idle timeout had closed them all (it failed so in CI, 24 fds open of 25 before).
+TRANSIENT_FDS = 5
 
 
 @pytest.fixture(scope="module")
@@ -508,12 +513,11 @@ def test_2000_idle_connections_neither_stop_service_nor_grow_memory_and_are_clos
         for _ in range(2000):
             socks.append(connect(patient))
         opened_s = time.monotonic() - opening
+        all_open = fds_before + 2000 - TRANSIENT_FDS
         accepted_by = time.monotonic() + 10  # let the server accept them all
-        while open_fds(patient) < fds_before + 2000 and time.monotonic() < accepted_by:
+        while open_fds(patient) < all_open and time.monotonic() < accepted_by:
             time.sleep(0.1)
-        # Opening them all must take less than the idle timeout, or the first are closed
-        # (rightly) before the last are open: it failed once with 24 fds open, unexplained.
-        assert open_fds(patient) >= fds_before + 2000, (
+        assert open_fds(patient) >= all_open, (
             f"{open_fds(patient)} fds open ({fds_before} before), "
             f"2000 connections opened in {opened_s:.2f} s"
         )
