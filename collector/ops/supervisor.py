@@ -65,11 +65,15 @@ class ForwarderChild:
 
     def begin_stop(self) -> None:
         """Tell the forwarder to stop (SIGTERM), without waiting: it finishes its upstream
-        requests while the server finishes its own (`stop` then waits)."""
+        requests while the server finishes its own (`stop` then waits). Once: a forwarder
+        that has finished its work has given up its handler of SIGTERM, and a second one
+        (from `stop`, after the server's `on_stop`) killed it on its way out (status -15,
+        and `run` exited 1)."""
         with self._starting:
+            told = self._stopping.is_set()
             self._stopping.set()
             process = self._process
-        if process is not None and process.poll() is None:
+        if not told and process is not None and process.poll() is None:
             process.send_signal(signal.SIGTERM)
 
     def stop(self) -> bool:
@@ -77,19 +81,20 @@ class ForwarderChild:
         stopped cleanly (exit status 0) in time."""
         self.begin_stop()
         process = self._process
-        if process is None or process.poll() is not None:
-            if self._thread.is_alive():
-                self._thread.join(timeout=5)
-            return process is None or process.returncode == 0
         try:
-            process.wait(timeout=self._stop_timeout_s + STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            log.error("forwarder did not stop in time; killing it")
-            process.kill()
-            process.wait()
-            return False
+            if process is None:
+                return True
+            try:
+                process.wait(timeout=self._stop_timeout_s + STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                log.error("forwarder did not stop in time; killing it")
+                process.kill()
+                process.wait()
+                return False
         finally:
             self._thread.join(timeout=5)
+        if process.returncode != 0:
+            log.error("forwarder stopped with status %s", process.returncode)
         return process.returncode == 0
 
     @staticmethod
