@@ -249,6 +249,13 @@ class Forwarder:
         # Stopping: in-flight requests get the stop timeout, the rest stay queued.
         _, unfinished = await asyncio.wait(senders, timeout=self.settings.stop_timeout_seconds)
         self.overran = bool(unfinished)
+        if unfinished:
+            log.error(
+                "stopped with %d upstream requests in flight at stop_timeout_seconds (%s s):"
+                " they were cut, their rows stay queued",
+                len(unfinished),
+                self.settings.stop_timeout_seconds,
+            )
         for task in unfinished:
             task.cancel()
         await asyncio.gather(*senders, return_exceptions=True)
