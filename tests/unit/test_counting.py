@@ -260,3 +260,19 @@ def test_distinct_allocation_sets_are_bounded_and_held_with_their_labels_cut(
     assert decisions.get("dec_1", 0.0) == (("pol_1", "a"),)
     assert decisions.get("dec_2", 0.0) is None  # not remembered: the sets are full
     assert "dec_skipped" not in decisions  # no allocation to remember
+
+
+def test_each_decision_is_found_with_its_own_pairs_and_no_other_is_found(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(counting, "DECISIONS_KEPT", 64)  # 128 slots a generation takes 32 of
+    decisions = counting.Decisions()
+    for n in range(64):  # the first 32 fill what becomes the previous generation
+        decisions.remember(f"dec_{n}", layers_of((f"pol_{n}", "control")), now=0.0)
+
+    # 32 keys in 128 slots share some (linear probing): each still finds its own
+    assert [decisions.get(f"dec_{n}", 0.0) for n in range(64)] == [
+        layers_of((f"pol_{n}", "control")) for n in range(64)
+    ]
+    assert len(decisions) == 64
+    assert not any(f"other_{n}" in decisions for n in range(10_000))
