@@ -251,10 +251,10 @@ class Forwarder:
         self.overran = bool(unfinished)
         if unfinished:
             log.error(
-                "stopped with %d upstream requests in flight at stop_timeout_seconds (%s s):"
-                " they were cut, their rows stay queued",
-                len(unfinished),
+                "stop_timeout_seconds (%s s) passed with %d upstream requests in flight:"
+                " they were cut",
                 self.settings.stop_timeout_seconds,
+                len(unfinished),
             )
         for task in unfinished:
             task.cancel()

@@ -66,12 +66,6 @@ def run(
     limits.raise_open_files_limit(settings.max_connections)
     server = NotifyingServer(config, app, on_serving, on_stop, systemd=systemd)
     server.run(sockets=sockets)
-    if server.overran:
-        log.error(
-            "stopped at stop_timeout_seconds (%s s) with requests still in progress: they"
-            " were cut before their answer",
-            settings.stop_timeout_seconds,
-        )
     return not server.overran
 
 
