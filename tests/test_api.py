@@ -806,6 +806,44 @@ def test_an_error_to_an_allowed_origin_carries_allow_origin(cors: Server) -> Non
     assert response.headers["access-control-allow-origin"] == origin
 
 
+# What the events route is sent, by case: the keyword arguments of `Server.post`, fresh
+# ids each time (the two paths must each write their events).
+ANSWERED_ALIKE: dict[str, Callable[[], dict[str, Any]]] = {
+    "some events invalid": lambda: {
+        "body": {"events": [event(id=unique_id("trk_")), {"type": "track"}, 7]}
+    },
+    "every event invalid": lambda: {"body": {"events": [{"type": "exposure"}]}},
+    "not JSON": lambda: {"content": b'{"events": [', "headers": JSON},
+    "no events array": lambda: {"body": {"event": [event()]}},
+    "not a JSON content type": lambda: {
+        "content": json.dumps({"events": [event()]}).encode(),
+        "headers": {"Content-Type": "text/plain"},
+    },
+    "an unknown key": lambda: {"body": {"events": [event()]}, "key": "traffical_sk_nope"},
+    "a corrupt gzip body": lambda: {
+        "content": b"not gzip",
+        "headers": {**JSON, "Content-Encoding": "gzip"},
+    },
+}
+
+
+@pytest.mark.parametrize("case", ANSWERED_ALIKE)
+def test_an_events_request_is_answered_alike_with_an_origin_and_without(
+    cors: Server, case: str
+) -> None:
+    # With an Origin it takes Litestar's route (whose middleware adds the CORS headers);
+    # without, the server's fast path (`events_fast_path`). Same status, body and type.
+    request = ANSWERED_ALIKE[case]
+    plain = cors.post(**request())
+    with_origin = request()
+    with_origin["headers"] = {**with_origin.get("headers", {}), "Origin": CORS_ORIGINS[0]}
+    browser = cors.post(**with_origin)
+    assert browser.headers["access-control-allow-origin"] == CORS_ORIGINS[0]
+    assert "access-control-allow-origin" not in plain.headers
+    assert (plain.status_code, plain.json()) == (browser.status_code, browser.json())
+    assert plain.headers["content-type"] == browser.headers["content-type"]
+
+
 def test_a_disallowed_origin_gets_no_allow_origin(cors: Server) -> None:
     origin = "https://evil.example.com"
     preflight = httpx.options(
