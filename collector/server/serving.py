@@ -60,6 +60,9 @@ def run(
         http=limits.protocol_class(settings),
         # A connection idle this long after an answer is closed.
         timeout_keep_alive=KEEP_ALIVE_S,
+        # Nothing here reads a client's address, so uvicorn's X-Forwarded-For rewriting
+        # (a middleware around every request: 2% of the CPU of a 1-event request) is off.
+        proxy_headers=False,
         # On stop, requests in progress get this long to finish (and be committed).
         timeout_graceful_shutdown=math.ceil(settings.stop_timeout_seconds),
     )
