@@ -145,6 +145,7 @@ class _Queue(SQLiteAckQueue):
         # a delivered event's bytes may stay in a free page of this 0600 file until the
         # page is reused, which a queue that flows does within seconds.
         conn.execute("PRAGMA secure_delete=FAST")
+        conn.execute(f"PRAGMA cache_size=-{db.CACHE_KIB}")  # see db.CACHE_KIB
         return conn
 
 
