@@ -3,7 +3,7 @@
     bootstrap.py   start: data directory, ports, first key; one server or `workers`
     serving.py     one server process: the app on uvicorn, systemd notify
     workers.py     several server processes on one port under a supervisor
-    app.py         the Litestar app: routes, and every error type mapped to HTTP
+    app.py         the Litestar app: routes (events straight from ASGI), errors mapped to HTTP
     limits.py      what one connection may cost (head size, deadlines, connection cap)
     auth.py        the API keys (keys.json): judging a key, and editing the store
     ratelimit.py   per-key token buckets, shared by the server processes

@@ -8,6 +8,11 @@ opened in the lifespan and kept on `app.state`. Every failure is a `collector.er
 `STATUS_FOR` is the one place that says which HTTP status each becomes, and every error
 answer has the documented shape `{"error": <reason phrase>, "message": <what to fix>}`.
 
+The events route runs on every request and is served straight from ASGI
+(`events_fast_path`), without Litestar's request and response objects, which were most of
+a small request's cost; Litestar's route for it stays, for CORS requests and the OpenAPI
+description, and both call `take_events`.
+
 The SDK calls that are not events (`GET /v1/config/{projectId}`, `POST /v1/resolve`,
 `POST /v1/decide/...`) are passed to the upstream by `proxy.py`, which serves the config
 bundle cache through upstream outages.
