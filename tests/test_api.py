@@ -13,7 +13,9 @@ import gzip
 import json
 import secrets
 import shutil
+import socket
 import string
+import time
 from collections.abc import Callable, Iterator
 from http import HTTPStatus
 from pathlib import Path
@@ -842,6 +844,29 @@ def test_an_events_request_is_answered_alike_with_an_origin_and_without(
     assert "access-control-allow-origin" not in plain.headers
     assert (plain.status_code, plain.json()) == (browser.status_code, browser.json())
     assert plain.headers["content-type"] == browser.headers["content-type"]
+
+
+@pytest.mark.parametrize("origin", [None, CORS_ORIGINS[0]], ids=["fast path", "Litestar's"])
+def test_a_client_gone_before_its_body_is_in_is_no_error_and_stores_nothing(
+    cors: Server, origin: str | None
+) -> None:
+    body = json.dumps({"events": [event(id=unique_id("trk_"))]}).encode()
+    head = [
+        "POST /v1/events/batch HTTP/1.1",
+        f"Host: 127.0.0.1:{cors.port}",
+        "Content-Type: application/json",
+        f"Authorization: Bearer {cors.key}",
+        f"Content-Length: {len(body)}",
+        *([f"Origin: {origin}"] if origin else []),
+    ]
+    before = len(cors.stored())
+    with socket.create_connection(("127.0.0.1", cors.port), timeout=5) as client:
+        client.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + body[: len(body) // 2])
+        time.sleep(0.3)  # the server has the head and half the body
+    after = cors.post({"events": [event(id=unique_id("trk_"))]})  # and serves on
+    assert after.status_code == 200, after.text
+    assert len(cors.stored()) == before + 1
+    assert "unexpected error" not in cors.log()
 
 
 def test_a_disallowed_origin_gets_no_allow_origin(cors: Server) -> None:

@@ -34,7 +34,7 @@ from litestar import Litestar, MediaType, Request, Response, get, post
 from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
 from litestar.enums import ScopeType
-from litestar.exceptions import HTTPException
+from litestar.exceptions import HTTPException, InternalServerException
 from litestar.handlers import HTTPRouteHandler
 from litestar.types import (
     ASGIApp,
@@ -216,7 +216,10 @@ async def post_events(request: Request[Any, Any, Any]) -> Response[bytes]:
             request.receive, request.headers.get("content-length"), state.max_body_bytes
         )
 
-    answer = await take_events(state, request.headers, read)
+    try:
+        answer = await take_events(state, request.headers, read)
+    except ClientGone:  # what Litestar's own body reader raises then (never a logged bug)
+        raise InternalServerException("client disconnected prematurely") from None
     return Response(content=answer, media_type=MediaType.JSON)
 
 
