@@ -195,8 +195,8 @@ def guarded(app: ASGIApp, timeout_s: float) -> ASGIApp:
     RequestTimeout (408, and the connection is closed)."""
 
     async def wrapper(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != ScopeType.HTTP:
-            await app(scope, receive, send)
+        if scope["type"] != ScopeType.HTTP or _body_is_in(receive):
+            await app(scope, receive, send)  # nothing left to wait for: no deadline
             return
         deadline = asyncio.get_running_loop().time() + timeout_s
         body_done = False
@@ -225,6 +225,14 @@ def guarded(app: ASGIApp, timeout_s: float) -> ASGIApp:
         await app(scope, timed_receive, closing_send)
 
     return wrapper
+
+
+def _body_is_in(receive: Receive) -> bool:
+    """Whether the whole request body has arrived already, so no receive can wait: nearly
+    always for a small request (its body comes with the head). Read from uvicorn's cycle
+    (`receive` is its bound method): the deadline, built for each receive, took 3-4% of
+    the server's time for 1-event requests (py-spy). False when it cannot tell."""
+    return getattr(getattr(receive, "__self__", None), "more_body", True) is False
 
 
 def raise_open_files_limit(max_connections: int) -> int:
