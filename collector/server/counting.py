@@ -3,9 +3,10 @@ allocation (with their declared shares, for the sample-ratio check), track event
 and conversions attributed to an allocation.
 
 `EventCounter` runs in each server process, on the request path, on the validated structs
-(`collector.events`), so it only reads attributes and adds to `Counts`' in-memory counters
-(flushed to `counts.db` every second by the app). Per event it builds one tuple; labels are
-cut and bounded once per distinct tuple of a request (`_add`), not once per event.
+(`collector.events`), so it only reads attributes: per event it builds one tuple (one per
+layer for exposures) and appends it to a list. The lists are counted in bulk into `Counts`'
+in-memory counters when the app takes them to flush to `counts.db` (every second), with
+labels cut and bounded once per distinct tuple (`_add`), not once per event.
 
 Track events and conversions need what other requests said (the decision a track names,
 the event names seen so far), and with `workers` those requests may reach another server
@@ -19,10 +20,10 @@ later ones are counted as `(other)`.
 from __future__ import annotations
 
 import math
+import time
 from array import array
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any
 
@@ -38,7 +39,7 @@ from collector.events import (
     attribution,
     number,
 )
-from collector.store.counts import Count, Counts, Labels
+from collector.store.counts import Count, Counts, Labels, minute_of
 
 # How many distinct track event names are counted separately (per process lifetime).
 MAX_NAMES = 500
@@ -53,6 +54,19 @@ DECISION_TTL_S = 3600.0
 # text): past it, further decisions are not remembered (their conversions then count by the
 # SDK's own `attribution`).
 MAX_ALLOCATION_SETS = 10_000  # below 65,536: held as unsigned shorts (`_Generation`)
+# Keys that wait to be counted in bulk (`EventCounter.settle`) at most, about 1 MB: a
+# second of 1000-event requests is some 100,000. Counting per request built five Counters
+# and cut their labels: 12.7 us of the event loop's time for a 1-event request, against
+# 3.8 in bulk, settling included (measured in-process, one exposure per request).
+PENDING_KEYS = 10_000
+# What EventCounter counts in bulk: each a list of labels, one per event (or per layer).
+_WAITING = (
+    Count.EVENTS_RECEIVED,
+    Count.EVENTS_ACCEPTED,
+    Count.EVENTS_WRITTEN,
+    Count.EVENTS_DEDUPLICATED,
+    Count.EXPOSURES,
+)
 
 
 def label(value: Any) -> str:
@@ -67,69 +81,88 @@ def label(value: Any) -> str:
     return str(value)[:LABEL_CHARS]
 
 
-@dataclass(frozen=True)
-class Received:
-    """A request's valid events' labels, in order, and counted (counted once a request)."""
-
-    labels: list[Labels]
-    counted: Counter[Labels]
-
-
 class EventCounter:
-    """Counts the server's events into `counts`."""
+    """Counts the server's events into `counts`: per request, their labels wait in lists
+    (`_waiting`), counted in bulk (`settle`) when `counts` is taken for a flush, the minute
+    turns, or PENDING_KEYS wait."""
 
     def __init__(self, counts: Counts) -> None:
         self.counts = counts
+        self._minute = minute_of(time.time())
+        self._waiting: dict[Count, list[Labels]] = {name: [] for name in _WAITING}
+        self._shares: list[tuple[Labels, float]] = []  # each exposure's declared share
+        counts.before_take(self.settle)
 
     def received(
         self, decoded: Sequence[Event | None], raws: Sequence[bytes | msgspec.Raw]
-    ) -> Received:
+    ) -> list[Labels]:
         """Count events as received: valid ones (`decoded`) by their labels, invalid ones
         by what can be read of them (`raws`: their JSON). Returns the valid ones' labels,
         for `accepted`."""
         labels = _labels_of(list(filter(None, decoded)))
-        valid = Counter(labels)
-        received = valid
+        waiting = self._waiting_now()[Count.EVENTS_RECEIVED]
+        waiting += labels
         if len(labels) < len(decoded):
-            received = valid.copy()
-            received.update(
+            waiting += [
                 _invalid_labels(raw) for raw, e in zip(raws, decoded, strict=True) if e is None
-            )
-        self._add(Count.EVENTS_RECEIVED, received)
-        return Received(labels, valid)
+            ]
+        return labels
 
     def rejected(self, reason: str, count: int = 1) -> None:
         self.counts.add(Count.EVENTS_REJECTED, (reason,), count)
 
-    def accepted(self, events: list[Event], received: Received, skipped: set[int]) -> None:
-        """Count accepted events (`received`: theirs, from `received`); `skipped` holds the
+    def accepted(self, events: list[Event], labels: list[Labels], skipped: set[int]) -> None:
+        """Count accepted events (`labels`: theirs, from `received`); `skipped` holds the
         indexes not written (duplicates)."""
-        accepted = received.counted
-        self._add(Count.EVENTS_ACCEPTED, accepted)
+        waiting = self._waiting_now()
+        waiting[Count.EVENTS_ACCEPTED] += labels
         if skipped:
-            duplicates = Counter(received.labels[i] for i in skipped)
-            self._add(Count.EVENTS_DEDUPLICATED, duplicates)
-            accepted = accepted - duplicates  # a new counter: only its positive counts
-        self._add(Count.EVENTS_WRITTEN, accepted)
-        tally = _Tally()
+            waiting[Count.EVENTS_DEDUPLICATED] += [labels[i] for i in skipped]
+            waiting[Count.EVENTS_WRITTEN] += [
+                each for i, each in enumerate(labels) if i not in skipped
+            ]
+        else:
+            waiting[Count.EVENTS_WRITTEN] += labels
+        exposures = waiting[Count.EXPOSURES]
         for index, event in enumerate(events):
             # A duplicate (a client's retry) is the same event again: counted once above as
             # de-duplicated, never twice as an exposure.
             if type(event) is Exposure and index not in skipped:
-                _exposure(event, tally)
-        self._add(Count.EXPOSURES, tally.exposures)
-        if tally.shares:
-            self._add(Count.EXPOSURE_SHARES_N, tally.shares_n)
-            for key, share in tally.shares.items():
-                self.counts.add(Count.EXPOSURE_SHARES, tuple(map(label, key)), share)
+                _exposure(event, exposures, self._shares)
 
-    def _add(self, name: Count, counted: Counter[Any]) -> None:
-        _add(self.counts, name, counted)
+    def settle(self) -> None:
+        """Add what waits to `counts`, in the minute it was counted in; labels are cut once
+        per distinct key (`_add`), not once per event."""
+        at = self._minute * 60.0
+        for name, waiting in self._waiting.items():
+            if waiting:
+                _add(self.counts, name, Counter(waiting), at)
+                waiting.clear()
+        if self._shares:
+            _add(self.counts, Count.EXPOSURE_SHARES_N, Counter(k for k, _ in self._shares), at)
+            summed: dict[Labels, float] = {}
+            for key, share in self._shares:
+                summed[key] = summed.get(key, 0.0) + share
+            shares = self.counts.counter(Count.EXPOSURE_SHARES, at)
+            for key, share in summed.items():
+                cut = tuple(map(label, key))
+                shares[cut] = shares[cut] + share  # type: ignore[assignment]
+            self._shares.clear()
+
+    def _waiting_now(self) -> dict[Count, list[Labels]]:
+        """The lists to add to, settled first if the minute turned or they are long."""
+        minute = minute_of(time.time())
+        if minute != self._minute or len(self._waiting[Count.EXPOSURES]) >= PENDING_KEYS:
+            self.settle()
+            self._minute = minute
+        elif len(self._waiting[Count.EVENTS_RECEIVED]) >= PENDING_KEYS:
+            self.settle()
+        return self._waiting
 
 
-def _add(counts: Counts, name: Count, counted: Counter[Any]) -> None:
-    """Add a request's counts, each label cut once per distinct key (not per event)."""
-    counter = counts.counter(name)
+def _add(counts: Counts, name: Count, counted: Counter[Any], at: float | None = None) -> None:
+    """Add counts, each label cut once per distinct key (not per event)."""
+    counter = counts.counter(name, at)
     for key, value in counted.items():
         counter[tuple(map(label, key))] += value
 
@@ -329,17 +362,16 @@ class _Generation:
 
 
 class _Tally:
-    """One request's experiment counts, uncut, added to `Counts` at its end."""
+    """One request's conversion counts, uncut, added to `Counts` at its end."""
 
     def __init__(self) -> None:
         self.tracks: Counter[Labels] = Counter()
         self.conversions: Counter[Labels] = Counter()
-        self.exposures: Counter[Labels] = Counter()
-        self.shares: dict[Labels, float] = {}
-        self.shares_n: Counter[Labels] = Counter()
 
 
-def _exposure(event: Exposure, tally: _Tally) -> None:
+def _exposure(event: Exposure, exposures: list[Labels], shares: list[tuple[Labels, float]]) -> None:
+    """Note `event`'s (project, env, layer, policy, allocation) per layer it was bucketed
+    in, and the share it declares there (if a finite number)."""
     for layer in event.layers:
         if layer.bucket < 0 or layer.attributionOnly:
             continue
@@ -350,12 +382,11 @@ def _exposure(event: Exposure, tally: _Tally) -> None:
             layer.policyId or "",
             layer.allocationName or layer.allocationId or "",
         )
-        tally.exposures[key] += 1
+        exposures.append(key)
         if isinstance(layer.probability, msgspec.Raw):
             probability = number(layer.probability)
             if probability is not None and math.isfinite(probability):
-                tally.shares[key] = tally.shares.get(key, 0.0) + probability
-                tally.shares_n[key] += 1
+                shares.append((key, probability))
 
 
 _TYPES: dict[type, str] = {Exposure: "exposure", Decision: "decision", Track: "track"}

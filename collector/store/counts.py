@@ -52,7 +52,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from enum import StrEnum
 from typing import Any
 
@@ -183,6 +183,7 @@ class Counts:
         self._lock = threading.Lock()
         self._pending: dict[tuple[int, str], Counter[Labels]] = {}
         self._series: dict[str, set[str]] = {}  # name -> label sets stored (JSON text)
+        self._before_take: list[Callable[[], None]] = []
 
     @classmethod
     def writer(
@@ -221,9 +222,15 @@ class Counts:
         """Write what was added since the last flush (from the thread that adds)."""
         self.write(self.take())
 
+    def before_take(self, settle: Callable[[], None]) -> None:
+        """Have `settle` add what it holds back (counts kept to add in bulk) at each take."""
+        self._before_take.append(settle)
+
     def take(self) -> dict[tuple[int, str], Counter[Labels]]:
         """What was added since the last take; call it from the thread that adds, then
         `write` it from any thread, so no increment is lost to a flush in progress."""
+        for settle in self._before_take:
+            settle()
         pending, self._pending = self._pending, {}
         return pending
 

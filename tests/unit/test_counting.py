@@ -25,6 +25,7 @@ from collector.server.counting import (
     label,
     notes,
 )
+from collector.store import counts as counts_module
 from collector.store.counts import Count, Counts
 from collector.store.datadir import DataDir
 
@@ -199,6 +200,43 @@ def test_what_is_not_an_event_is_received_as_invalid(counts: Counts) -> None:
         ("", "", "", "invalid"): 2,
         ("", "", "", "track"): 1,  # of a known type, but invalid
         ("org_test", "proj_test", "production", "decision"): 1,
+    }
+
+
+def test_counts_wait_for_a_take_and_are_added_in_the_minute_they_came_in(
+    counts: Counts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = [600.0 * 60 + 59.5]  # half a second before minute 601
+    monkeypatch.setattr(counting.time, "time", lambda: clock[0])
+    monkeypatch.setattr(counts_module.time, "time", lambda: clock[0])
+    counter = Counter(counts)
+    labels = ("org_test", "proj_test", "production", "exposure")
+
+    accept(counter, event("exposure"), event("exposure", id="second"))
+    assert counts.counter(Count.EVENTS_ACCEPTED) == {}  # waiting, not yet counted
+    clock[0] += 1.0  # minute 601: the next request settles what waited first
+    accept(counter, event("exposure", id="third"))
+
+    taken = counts.take()
+    assert taken[(600, Count.EVENTS_ACCEPTED)] == {labels: 2}
+    assert taken[(601, Count.EVENTS_ACCEPTED)] == {labels: 1}
+    assert taken[(600, Count.EXPOSURES)] == {(*TARGET, "layer_1", "pol_1", "treatment"): 2}
+    assert counts.take() == {}  # nothing counted twice
+
+
+def test_past_pending_keys_what_waits_is_counted_without_a_take(
+    counts: Counts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(counting, "PENDING_KEYS", 3)
+    counter = Counter(counts)
+
+    for n in range(5):
+        accept(counter, event("exposure", id=f"e{n}"))
+
+    settled = counts.counter(Count.EVENTS_RECEIVED)  # before any take
+    assert sum(settled.values()) == 3  # the fourth request found three waiting
+    assert flushed(counts, Count.EVENTS_RECEIVED) == {
+        ("org_test", "proj_test", "production", "exposure"): 5
     }
 
 
