@@ -173,6 +173,8 @@ def test_a_key_restricted_to_another_project_is_forbidden_and_nothing_is_committ
     assert stored_events(pipeline.data_dir) == []
     pipeline.counts.flush()
     assert pipeline.counts.recent(Count.EVENTS_REJECTED, 2) == {("Forbidden",): 2}
+    assert sum(pipeline.counts.recent(Count.EVENTS_RECEIVED, 2).values()) == 2
+    assert pipeline.counts.recent(Count.EVENTS_ACCEPTED, 2) == {}
 
 
 def test_a_key_restricted_to_its_project_and_env_may_send_there(pipeline: Pipeline) -> None:
