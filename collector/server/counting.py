@@ -20,14 +20,12 @@ later ones are counted as `(other)`.
 from __future__ import annotations
 
 import math
-import operator
 import time
 from array import array
 from collections import Counter
 from collections.abc import Sequence
-from itertools import chain
 from operator import attrgetter
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -85,8 +83,8 @@ class EventCounter:
         self.counts = counts
         self._minute = minute_of(time.time())
         self._keys = 0  # events received since the last settle
-        self._received: list[list[Labels]] = []  # per request (and its invalid events)
-        self._accepted: list[list[Labels]] = []  # per request: mostly the same lists
+        self._received: list[Counter[Labels]] = []  # per request (and its invalid events)
+        self._accepted: list[Counter[Labels]] = []  # per request: mostly the same Counters
         self._deduplicated: list[Labels] = []
         self._exposures: list[Labels] = []
         self._shares: list[tuple[Labels, float]] = []  # each exposure's declared share
@@ -94,29 +92,32 @@ class EventCounter:
 
     def received(
         self, decoded: Sequence[Event | None], raws: Sequence[bytes | msgspec.Raw]
-    ) -> list[Labels]:
+    ) -> Received:
         """Count events as received: valid ones (`decoded`) by their labels, invalid ones
         by what can be read of them (`raws`: their JSON). Returns the valid ones' labels,
         for `accepted`."""
         labels = _labels_of(list(filter(None, decoded)))
+        valid = Counter(labels)  # in C; a few keys even for 1000 events
         self._wait(len(decoded))
-        self._received.append(labels)
+        self._received.append(valid)
         if len(labels) < len(decoded):
             self._received.append(
-                [_invalid_labels(raw) for raw, e in zip(raws, decoded, strict=True) if e is None]
+                Counter(
+                    _invalid_labels(raw) for raw, e in zip(raws, decoded, strict=True) if e is None
+                )
             )
-        return labels
+        return Received(labels, valid)
 
     def rejected(self, reason: str, count: int = 1) -> None:
         self.counts.add(Count.EVENTS_REJECTED, (reason,), count)
 
-    def accepted(self, events: list[Event], labels: list[Labels], skipped: set[int]) -> None:
-        """Count accepted events (`labels`: theirs, from `received`); `skipped` holds the
+    def accepted(self, events: list[Event], received: Received, skipped: set[int]) -> None:
+        """Count accepted events (`received`: theirs, from `received`); `skipped` holds the
         indexes not written (duplicates)."""
         self._wait(0)
-        self._accepted.append(labels)
+        self._accepted.append(received.counted)
         if skipped:
-            self._deduplicated += [labels[i] for i in skipped]
+            self._deduplicated += [received.labels[i] for i in skipped]
         exposures, shares = self._exposures, self._shares
         for index, event in enumerate(events):
             # A duplicate (a client's retry) is the same event again: counted once above as
@@ -130,12 +131,7 @@ class EventCounter:
         if not (self._received or self._accepted):
             return
         at = self._minute * 60.0
-        received = Counter(chain.from_iterable(self._received))
-        # Nearly always every request received was accepted, whole: count them once.
-        same = len(self._accepted) == len(self._received) and all(
-            map(operator.is_, self._accepted, self._received)
-        )
-        accepted = received if same else Counter(chain.from_iterable(self._accepted))
+        received, accepted = _summed(self._received), _summed(self._accepted)
         duplicates = Counter(self._deduplicated)
         written = accepted - duplicates if duplicates else accepted
         _add(self.counts, Count.EVENTS_RECEIVED, received, at)
@@ -165,6 +161,22 @@ class EventCounter:
             self.settle()
             self._minute = minute
         self._keys += keys
+
+
+class Received(NamedTuple):
+    """A request's valid events' labels, in order, and counted."""
+
+    labels: list[Labels]
+    counted: Counter[Labels]
+
+
+def _summed(counters: list[Counter[Labels]]) -> Counter[Labels]:
+    """The sum of `counters` (each a request's: a few keys), in one loop."""
+    total: Counter[Labels] = Counter()
+    for counter in counters:
+        for key, value in counter.items():
+            total[key] += value
+    return total
 
 
 def _add(counts: Counts, name: Count, counted: Counter[Any], at: float | None = None) -> None:

@@ -240,6 +240,29 @@ def test_past_pending_keys_what_waits_is_counted_without_a_take(
     }
 
 
+def test_requests_in_flight_across_a_take_are_each_counted_once(counts: Counts) -> None:
+    server = EventCounter(counts)
+    raws = [orjson.dumps(event("exposure", id=f"e{n}")) for n in range(3)]
+    decoded, _ = decode_all(raws)
+    valid = [e for e in decoded if e is not None]
+
+    first = server.received(decoded[:2], raws[:2])  # two requests wait for their commits
+    second = server.received(decoded[2:], raws[2:])
+    taken = counts.take()  # a flush between their receipt and their answers
+    server.accepted(valid[2:], second, set())
+    server.accepted(valid[:2], first, {1})
+    taken_after = counts.take()
+
+    labels = ("org_test", "proj_test", "production", "exposure")
+    assert sum(taken[key][labels] for key in taken if key[1] == Count.EVENTS_RECEIVED) == 3
+    assert not [key for key in taken if key[1] == Count.EVENTS_ACCEPTED and taken[key]]
+    by_name = {name: counter for (_, name), counter in taken_after.items()}
+    assert by_name[Count.EVENTS_ACCEPTED] == {labels: 3}
+    assert by_name[Count.EVENTS_DEDUPLICATED] == {labels: 1}
+    assert by_name[Count.EVENTS_WRITTEN] == {labels: 2}
+    assert sum(by_name[Count.EXPOSURES].values()) == 2
+
+
 def layers_of(*pairs: tuple[str, str]) -> tuple[tuple[str, str], ...]:
     """The (policy, allocation) pairs of a decision's layers, as its note holds them."""
     layers = [
