@@ -64,7 +64,12 @@ Run it by hand (it is not part of the test suite; pytest only collects `tests/`)
 
     python bench/ingest.py [--duration S] [--warmup S] [--scenarios batch,single]
                            [--servers collector,old,durable,bare] [--old-tree DIR]
-                           [--batch-rate R] [--single-rate R]
+                           [--batch-rate R] [--single-rate R] [--rounds N]
+
+`--rounds 3` runs each scenario's servers three times in turn (collector, reference,
+collector, reference, ...) and prints each ratio as the median of the rounds' ratios,
+each round's after it: this machine is shared, and its speed drifts between rows (one
+round's single-event collector/bare ratio read 0.38 to 0.82 within an hour on 12-03).
 
 To compare with an older commit, check it out beside this tree first, for example:
 
@@ -73,7 +78,7 @@ To compare with an older commit, check it out beside this tree first, for exampl
     python bench/ingest.py --old-tree /tmp/old --duration 10
 
 It stops by itself after about (warm-up + duration + a few seconds of start-up) per
-scenario and server, and removes its servers and temporary directories on exit, Ctrl-C
+scenario, server and round, and removes its servers and temporary directories on exit, Ctrl-C
 included. Load only ever targets 127.0.0.1.
 """
 
@@ -92,6 +97,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -189,6 +195,7 @@ class Result:
     gen_cpu: float = 0.0
     other_cpu: float = 0.0
     server_died: bool = False
+    round: int = 0  # with --rounds: which round of the scenario's servers it ran in
 
     def percentile_ms(self, q: float) -> float:
         if not self.latencies_ns:
@@ -933,9 +940,28 @@ FIGURES: dict[str, Callable[[Result], float]] = {
 
 def ratio_lines(results: list[Result]) -> list[str]:
     """`scenario: collector/kind figure ratio` for every reference run beside the collector;
-    a ratio without a denominator (nothing answered) reads n/a."""
-    by_name = {(r.scenario, r.server): r for r in results}
+    a ratio without a denominator (nothing answered) reads n/a. With several rounds, each
+    ratio is the median of the rounds' ratios, each round's after it."""
+    rounds = sorted({r.round for r in results})
+    each = [round_ratios([r for r in results if r.round == k]) for k in rounds]
     lines = []
+    for name in each[0]:
+        values = [ratios.get(name, math.nan) for ratios in each]
+        line = f"{name} {_ratio(statistics.median(values))}"
+        if len(values) > 1:
+            line += f" (median of {len(values)} rounds: {', '.join(map(_ratio, values))})"
+        lines.append(line)
+    return lines
+
+
+def _ratio(value: float) -> str:
+    return f"{value:.2f}" if math.isfinite(value) else "n/a"
+
+
+def round_ratios(results: list[Result]) -> dict[str, float]:
+    """The ratios of one round, by name (`scenario: collector/kind figure`); NaN: n/a."""
+    by_name = {(r.scenario, r.server): r for r in results}
+    ratios: dict[str, float] = {}
     for scenario in dict.fromkeys(r.scenario for r in results):
         for ours in ("collector", "workers"):
             collector = by_name.get((scenario, SERVER_NAMES[ours]))
@@ -948,9 +974,9 @@ def ratio_lines(results: list[Result]) -> list[str]:
                 for figure in figures:
                     num, den = FIGURES[figure](collector), FIGURES[figure](reference)
                     ok = den > 0 and math.isfinite(num) and math.isfinite(den)
-                    value = f"{num / den:.2f}" if ok else "n/a"
-                    lines.append(f"{scenario}: {SERVER_NAMES[ours]}/{kind} {figure} {value}")
-    return lines
+                    name = f"{scenario}: {SERVER_NAMES[ours]}/{kind} {figure}"
+                    ratios[name] = num / den if ok else math.nan
+    return ratios
 
 
 def report(results: list[Result], args: argparse.Namespace, tmp_root: Path) -> None:
@@ -977,12 +1003,12 @@ def report(results: list[Result], args: argparse.Namespace, tmp_root: Path) -> N
     )
     print(header)
     print("-" * len(header))
-    bare = {r.scenario: r for r in results if r.server == SERVER_NAMES["bare"]}
+    bare = {(r.scenario, r.round): r for r in results if r.server == SERVER_NAMES["bare"]}
     for r in results:
         scenario = SCENARIOS[r.scenario]
         label = scenario.label()
         ratio = ""
-        base = bare.get(r.scenario)
+        base = bare.get((r.scenario, r.round))
         ours = r.server in (SERVER_NAMES["collector"], SERVER_NAMES["workers"])
         if ours and base is not None and base.requests_s:
             ratio = f"{r.requests_s / base.requests_s:.2f}"
@@ -1083,6 +1109,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--single-rate", type=float, default=0.0, help="the same for single-event requests"
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run each scenario's servers this many times in turn; each ratio printed is the "
+        "median of the rounds' (a shared machine's speed drifts between rows)",
+    )
     parser.add_argument("--seed", type=int, default=1, help="seed of the generated events")
     parser.add_argument(
         "--tmp-dir", type=Path, default=None, help="where data dirs go (default: system tmp)"
@@ -1094,6 +1127,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.duration <= 0 or args.warmup < 0:
         parser.error("--duration must be > 0 and --warmup >= 0")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     SCENARIOS["batch"] = Scenario(
         "batch", args.batch_events, args.batch_connections, BATCH_POOL, args.batch_rate
     )
@@ -1150,8 +1185,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with stopped_by_signals():
             for name in args.scenario_list:
-                for kind in args.server_list:
-                    results.append(run_one(SCENARIOS[name], kind, tmp_root, args))
+                for round_no in range(args.rounds):
+                    for kind in args.server_list:
+                        result = run_one(SCENARIOS[name], kind, tmp_root, args)
+                        result.round = round_no
+                        results.append(result)
     except KeyboardInterrupt:
         note("interrupted; servers stopped and temporary files removed")
         return 130
