@@ -1078,7 +1078,8 @@ def test_sample_ratio_mismatch_is_flagged_only_on_a_skewed_stream(
     assert p_values["pol_even"] == pytest.approx(even["p_value"])
 
     done = status_text(server.data_dir)
-    assert re.search(r"pol_skew\s+│\s+A\s+│\s+700\s+│\s+0\s+│\s+MISMATCH p=", done.stdout)
+    row = r"pol_skew\s+│\s+A\s+│\s+700\s+│\s+70\.0% \(50\.0%\)\s+│\s+0\s+│\s+MISMATCH p="
+    assert re.search(row, done.stdout), done.stdout
     assert "warning: sample-ratio mismatch in policy pol_skew" in done.stdout
 
 

@@ -1,12 +1,15 @@
 """Sample-ratio check: do a policy's exposures split across allocations as declared?
 
 For each policy, the exposures counted per allocation (over the counts window) are compared
-with the shares the exposures themselves declare (the mean `probability` their layers
-carry for each allocation, normalised over the allocations seen) by Pearson's chi-square
-test. A mismatch is flagged when p < 0.001, and only with enough exposures for the test to
-mean something: at least 100 in all and an expected count of at least 5 per allocation.
-Policies whose exposures do not all declare a probability are reported as not checked:
-without declared shares there is nothing to compare with.
+by Pearson's chi-square test with the shares the exposures themselves declare (the mean
+`probability` their layers carry for each allocation, normalised over the allocations
+seen) or, where they do not all declare one (static policies: SDKs omit it), with the
+split of the policy's bucket ranges in the newest config bundle the collector served for
+its project and environment (`collector.ops.expected`). A mismatch is flagged when
+p < 0.001, and only with enough exposures for the test to mean something: at least 100 in
+all and an expected count of at least 5 per allocation. Exposures in an allocation the
+bundle gives no buckets are a mismatch at once. Policies with neither declared shares nor
+a cached bundle are reported as not checked: there is nothing to compare with.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ class Verdict:
     p_value: float | None = None
     mismatch: bool = False
     reason: str = ""
+    bundle_version: str | None = None  # the config bundle compared with; None: declared
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -42,22 +46,57 @@ class Verdict:
             "p_value": self.p_value,
             "mismatch": self.mismatch,
             "reason": self.reason,
+            "bundle_version": self.bundle_version,
         }
 
 
 def check(
-    exposures: dict[str, float], share_sums: dict[str, float], share_counts: dict[str, float]
+    exposures: dict[str, float],
+    share_sums: dict[str, float],
+    share_counts: dict[str, float],
+    bundle_shares: dict[str, float] | None = None,
 ) -> tuple[bool, float | None, dict[str, float], str]:
-    """(checked, p value, expected shares, reason) for one policy's allocations."""
+    """(checked, p value, expected shares, reason) for one policy's allocations: by the
+    shares its exposures declare or, where they do not all declare one, by `bundle_shares`
+    (the split of its static policy in the newest config bundle, `collector.ops.expected`)."""
+    declares = declares_shares(exposures, share_counts)
+    if not declares and bundle_shares is not None:
+        return _against_bundle(exposures, bundle_shares)
     if len(exposures) < 2:
         return False, None, {}, "fewer than two allocations exposed"
-    if any(share_counts.get(a, 0) < exposures[a] for a in exposures):
+    if not declares:
         return False, None, {}, "exposures do not all declare a probability"
     declared = {a: share_sums[a] / share_counts[a] for a in exposures}
     total_share = sum(declared.values())
     if total_share <= 0:
         return False, None, {}, "declared probabilities are zero"
-    shares = {a: share / total_share for a, share in declared.items()}
+    return _tested(exposures, {a: share / total_share for a, share in declared.items()})
+
+
+def declares_shares(exposures: dict[str, float], share_counts: dict[str, float]) -> bool:
+    """Whether every exposure of every allocation declared a probability."""
+    return all(share_counts.get(a, 0) >= exposures[a] for a in exposures)
+
+
+def _against_bundle(
+    exposures: dict[str, float], shares: dict[str, float]
+) -> tuple[bool, float | None, dict[str, float], str]:
+    """The check against a bundle's split: every allocation it gives buckets counts, those
+    with no exposure too (a broken arm is the worst skew); exposures in an allocation it
+    gives none (or does not name) are a mismatch by themselves."""
+    stray = sorted(a for a, n in exposures.items() if n and not shares.get(a))
+    if stray:
+        return True, 0.0, shares, f"exposures in allocations the bundle gives no buckets: {stray}"
+    given = {a: share for a, share in shares.items() if share > 0}
+    return _tested({a: exposures.get(a, 0.0) for a in given}, given)
+
+
+def _tested(
+    exposures: dict[str, float], shares: dict[str, float]
+) -> tuple[bool, float | None, dict[str, float], str]:
+    """Pearson's chi-square of `exposures` against `shares` (summing to 1), once enough."""
+    if len(exposures) < 2:
+        return False, None, shares, "fewer than two allocations to compare"
     total = sum(exposures.values())
     expected = {a: total * shares[a] for a in exposures}
     if total < MIN_EXPOSURES or min(expected.values()) < MIN_EXPECTED:

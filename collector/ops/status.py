@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from collector.ops import srm
+from collector.ops import expected, srm
 from collector.settings import Settings
 from collector.store import configcache, heartbeats, ledger, recovery, spool
 from collector.store.clock import Clock
@@ -51,7 +51,11 @@ def collect(settings: Settings) -> dict[str, Any]:
             "rates": _rates(counts, now),
             "top_events": _top_events(counts, settings.counts_window_minutes),
             "allocations": _allocations(counts, settings.counts_window_minutes),
-            "sample_ratio": _sample_ratio(counts, settings.counts_window_minutes),
+            "sample_ratio": _sample_ratio(
+                counts,
+                settings.counts_window_minutes,
+                expected.newest(configcache.bodies(data_dir)),
+            ),
             "rejected": _rejected(counts, settings.counts_window_minutes),
             "upstream_answers": _upstream_answers(counts, settings.counts_window_minutes),
             "quarantined": _quarantined(counts, settings.counts_window_minutes),
@@ -193,7 +197,9 @@ def _allocations(counts: Counts, window: int) -> list[dict[str, Any]]:
     return [rows[key] for key in sorted(rows)]
 
 
-def _sample_ratio(counts: Counts, window: int) -> list[dict[str, Any]]:
+def _sample_ratio(
+    counts: Counts, window: int, splits: dict[tuple[str, str, str], expected.Split]
+) -> list[dict[str, Any]]:
     exposures = counts.recent(Count.EXPOSURES, window)
     share_sums = counts.recent(Count.EXPOSURE_SHARES, window)
     share_counts = counts.recent(Count.EXPOSURE_SHARES_N, window)
@@ -210,12 +216,16 @@ def _sample_ratio(counts: Counts, window: int) -> list[dict[str, Any]]:
     verdicts = []
     for (project, env, policy), per in sorted(policies.items()):
         observed = {a: v[0] for a, v in per.items()}
+        split = splits.get((project, env, policy))
+        summed, declared = {a: v[1] for a, v in per.items()}, {a: v[2] for a, v in per.items()}
         checked, p_value, shares, reason = srm.check(
-            observed, {a: v[1] for a, v in per.items()}, {a: v[2] for a, v in per.items()}
+            observed, summed, declared, None if split is None else split.shares
         )
         verdict = srm.Verdict(project, env, policy, observed, shares, checked, p_value)
         verdict.mismatch = checked and p_value is not None and p_value < srm.P_THRESHOLD
         verdict.reason = reason
+        if split is not None and not srm.declares_shares(observed, declared):
+            verdict.bundle_version = split.version
         verdicts.append(verdict.as_dict())
     return verdicts
 

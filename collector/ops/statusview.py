@@ -115,12 +115,15 @@ def _rates(document: dict[str, Any]) -> Table:
 
 
 def _allocations(document: dict[str, Any]) -> Table:
+    """Exposures and conversions per allocation, each policy's share of exposures against
+    the share expected (declared, or its bundle's split), and its sample-ratio verdict."""
     table = folding(
         Table(
             "project/env",
             "policy",
             "allocation",
             "exposures",
+            "share (expected)",
             "conversions",
             "sample ratio",
             title="exposures and conversions per allocation (window)",
@@ -128,17 +131,51 @@ def _allocations(document: dict[str, Any]) -> Table:
         )
     )
     verdicts = {(v["project"], v["env"], v["policy"]): v for v in document["sample_ratio"]}
-    for row in document["allocations"]:
+    for row in _with_unexposed(document["allocations"], verdicts):
         verdict = verdicts.get((row["project"], row["env"], row["policy"]))
         table.add_row(
             f"{row['project']}/{row['env']}",
             row["policy"],
             row["allocation"],
             f"{row['exposures']:,}",
+            _share(row, verdict),
             f"{row['conversions']:,}",
             _verdict(verdict),
         )
     return table
+
+
+def _with_unexposed(
+    rows: list[dict[str, Any]], verdicts: dict[tuple[str, str, str], dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """`rows`, and a row of none for each allocation a verdict expects that nobody reached
+    (a broken arm shows as a line of zeros, not as nothing)."""
+    seen = {(r["project"], r["env"], r["policy"], r["allocation"]) for r in rows}
+    extra = [
+        {
+            "project": p,
+            "env": e,
+            "policy": policy,
+            "allocation": a,
+            "exposures": 0,
+            "conversions": 0,
+        }
+        for (p, e, policy), verdict in verdicts.items()
+        for a in verdict["expected_shares"]
+        if (p, e, policy, a) not in seen
+    ]
+    return sorted(
+        rows + extra, key=lambda r: (r["project"], r["env"], r["policy"], r["allocation"])
+    )
+
+
+def _share(row: dict[str, Any], verdict: dict[str, Any] | None) -> str:
+    if verdict is None:
+        return ""
+    total = sum(verdict["exposures"].values())
+    observed = f"{row['exposures'] / total:.1%}" if total else "-"
+    expected = verdict["expected_shares"].get(row["allocation"])
+    return observed if expected is None else f"{observed} ({expected:.1%})"
 
 
 def _top_events(document: dict[str, Any]) -> Table:
@@ -176,9 +213,10 @@ def folding(table: Table) -> Table:
 def _verdict(verdict: dict[str, Any] | None) -> Text:
     if verdict is None or not verdict["checked"]:
         return Text(verdict["reason"] if verdict else "", style="dim")
+    against = f" vs bundle {verdict['bundle_version']}" if verdict.get("bundle_version") else ""
     if verdict["mismatch"]:
-        return Text(f"MISMATCH p={verdict['p_value']:.1e}", style="bold red")
-    return Text(f"ok p={verdict['p_value']:.2f}", style="green")
+        return Text(f"MISMATCH p={verdict['p_value']:.1e}{against}", style="bold red")
+    return Text(f"ok p={verdict['p_value']:.2f}{against}", style="green")
 
 
 def _up(up: bool) -> Text:

@@ -170,6 +170,19 @@ class ConfigCache:
         )
 
 
+def bodies(data_dir: DataDir) -> list[bytes]:
+    """Every distinct bundle body in the data directory's config cache, read-only (none
+    without one): the same bundle cached for several keys is read once."""
+    with _translated:
+        conn = db.open_reader(data_dir.config_cache)
+        try:
+            found = db.read(conn, "SELECT DISTINCT body FROM bundles")
+        finally:
+            if conn is not None:
+                conn.close()
+    return [bytes(body) for (body,) in found]
+
+
 def summary(data_dir: DataDir) -> tuple[int, int]:
     """(entries, bytes) in the data directory's config cache, read-only (0, 0 without one)."""
     with _translated:

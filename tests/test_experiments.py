@@ -1,0 +1,164 @@
+"""Experiment health at the edge: the sample-ratio check of static policies against the
+split of the config bundle the collector served.
+
+The official `traffical` SDK runs in its default bundle mode with only its base URL set to
+a real collector, whose config proxy fetches the bundle from a stand-in upstream on
+loopback (`upstream.Upstream`) and caches it. The SDK decides and exposes thousands of
+units; SDKs declare no `probability` for static policies, so the check can only compare
+with the bundle's bucket ranges. A skew is made the way a broken SDK would make one: its
+own bucketing (`compute_bucket`, in the SDK's resolution engine) is tampered with for one
+layer, so a tenth of the units the bundle gives the treatment are assigned the control.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import traffical.engine.resolution as resolution
+from traffical import TrafficalClient, TrafficalClientOptions
+
+from conftest import Server, run_cli, status_json, wait_for
+from upstream import Upstream
+
+PROJECT, ENV, ORG = "proj_exp", "production", "org_test"
+VERSION = "2026-12-03T10:00:00.000Z"
+UNITS = 3000
+SKEWED_LAYER = "layer_skew"
+
+
+def allocation(name: str, start: int, end: int, parameter: str) -> dict[str, Any]:
+    return {
+        "id": f"alloc_{name}",
+        "key": name,
+        "name": name,
+        "bucketRange": [start, end],
+        "overrides": {parameter: name},
+    }
+
+
+def layer(layer_id: str, policy_id: str, ranges: dict[str, tuple[int, int]]) -> dict[str, Any]:
+    parameter = f"{layer_id}.variant"
+    return {
+        "id": layer_id,
+        "policies": [
+            {
+                "id": policy_id,
+                "key": policy_id,
+                "state": "running",
+                "kind": "static",
+                "conditions": [],
+                "allocations": [allocation(n, *r, parameter) for n, r in ranges.items()],
+            }
+        ],
+    }
+
+
+LAYERS = [
+    layer("layer_ab", "pol_ab", {"control": (0, 499), "treatment": (500, 999)}),
+    layer("layer_three", "pol_three", {"a": (0, 199), "b": (200, 599), "c": (600, 999)}),
+    layer(SKEWED_LAYER, "pol_skew", {"control": (0, 499), "treatment": (500, 999)}),
+]
+
+
+def bundle() -> dict[str, Any]:
+    return {
+        "version": VERSION,
+        "orgId": ORG,
+        "projectId": PROJECT,
+        "env": ENV,
+        "hashing": {"unitKey": "userId", "bucketCount": 1000},
+        "parameters": [
+            {
+                "key": f"{each['id']}.variant",
+                "type": "string",
+                "default": "none",
+                "layerId": each["id"],
+                "namespace": each["id"],
+            }
+            for each in LAYERS
+        ],
+        "layers": LAYERS,
+    }
+
+
+@pytest.fixture
+def upstream() -> Iterator[Upstream]:
+    with Upstream() as running:
+        running.set_bundle(PROJECT, ENV, bundle())
+        yield running
+
+
+def tampered(original: Callable[[str, str, int], int]) -> Callable[[str, str, int], int]:
+    """The SDK's bucketing, but units of the skewed layer in buckets 500-599 (a fifth of
+    the treatment's) land in 0-99 (the control's)."""
+
+    def compute_bucket(unit: str, layer_id: str, buckets: int) -> int:
+        found = original(unit, layer_id, buckets)
+        return found - 500 if layer_id == SKEWED_LAYER and 500 <= found < 600 else found
+
+    return compute_bucket
+
+
+def test_static_policies_are_checked_against_the_bundles_split_and_a_skew_is_flagged(
+    start_server: Callable[..., Server], upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = start_server(COLLECTOR_UPSTREAM_URL=upstream.url)
+    monkeypatch.setattr(resolution, "compute_bucket", tampered(resolution.compute_bucket))
+    client = TrafficalClient(
+        TrafficalClientOptions(
+            api_key=server.key,
+            org_id=ORG,
+            project_id=PROJECT,
+            env=ENV,
+            base_url=server.url,
+            refresh_interval_seconds=0,
+            batch_size=1000,
+            flush_interval_seconds=3600,
+            max_event_queue_size=4 * UNITS,  # its default drops what a burst holds past it
+        )
+    )
+    try:
+        assert client.wait_for_ready(10), "the SDK never got its bundle through the collector"
+        defaults = {f"{each['id']}.variant": "none" for each in LAYERS}
+        for n in range(UNITS):
+            client.track_exposure(client.decide({"userId": f"user-{n}"}, defaults))
+        assert client.flush_events(timeout=30)
+    finally:
+        client.close()
+
+    def verdicts() -> dict[str, dict[str, Any]]:
+        _, document = status_json(server.data_dir)
+        found = {v["policy"]: v for v in document["sample_ratio"]}
+        exposed = sum(sum(v["exposures"].values()) for v in found.values())
+        return found if exposed == 3 * UNITS else {}
+
+    found = wait_for(verdicts, f"{3 * UNITS} exposures counted")
+    for name, verdict in sorted(found.items()):
+        print(
+            f"{name}: {verdict['exposures']} against {verdict['expected_shares']}, "
+            f"p={verdict['p_value']:.3g}"
+        )
+    assert set(found) == {"pol_ab", "pol_three", "pol_skew"}
+    for name, shares in (
+        ("pol_ab", {"control": 0.5, "treatment": 0.5}),
+        ("pol_three", {"a": 0.2, "b": 0.4, "c": 0.4}),
+    ):
+        verdict = found[name]
+        assert verdict["checked"] and not verdict["mismatch"], verdict
+        assert verdict["expected_shares"] == pytest.approx(shares)
+        assert verdict["bundle_version"] == VERSION
+        assert verdict["p_value"] > 0.001
+    skew = found["pol_skew"]
+    assert skew["checked"] and skew["mismatch"], skew
+    assert skew["p_value"] < 1e-6
+    assert skew["bundle_version"] == VERSION
+    assert skew["exposures"]["control"] > 1.15 * skew["exposures"]["treatment"]
+
+    shown = run_cli("status", data_dir=server.data_dir, env={"COLUMNS": "200"})
+    print(shown.stdout)
+    assert re.search(r"pol_skew\s+│\s+control\s+│\s+[\d,]+\s+│\s+6\d\.\d% \(50\.0%\)", shown.stdout)
+    assert re.search(rf"MISMATCH p=\S+ vs bundle {re.escape(VERSION)}", shown.stdout)
+    assert re.search(r"pol_three\s+│\s+a\s+│\s+[\d,]+\s+│\s+\d+\.\d% \(20\.0%\)", shown.stdout)
