@@ -442,6 +442,41 @@ def status(
 
 
 @app.command()
+def experiments(
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Show each policy's exposures per allocation against the split expected (declared,
+    or its config bundle's), with the sample-ratio verdict, from the data directory.
+
+    Exit status: 0 no checked policy mismatches; 1 one does (for a monitoring check);
+    2 no data directory, bad settings or a data file that cannot be read.
+    Example: collector experiments --json
+    """
+    from collector.ops import statusview
+
+    settings = settings_or_exit(config, data_dir=data_dir)
+    data = collector_data(settings)
+    if not data.queue.exists():
+        typer.echo(f"error: no queue in {data.path} yet: the server has not run there", err=True)
+        raise typer.Exit(2)
+    with readable(data):
+        verdicts = status_document.collect(settings)["sample_ratio"]
+    mismatch = any(v["mismatch"] for v in verdicts)
+    if as_json:
+        document = {
+            "window_minutes": settings.counts_window_minutes,
+            "mismatch": mismatch,
+            "policies": verdicts,
+        }
+        typer.echo(json.dumps(document, indent=2))
+    else:
+        Console().print(statusview.experiments({"sample_ratio": verdicts}))
+    raise typer.Exit(1 if mismatch else 0)
+
+
+@app.command()
 def audit(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
     config: ConfigOption = None,

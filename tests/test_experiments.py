@@ -12,8 +12,10 @@ layer, so a tenth of the units the bundle gives the treatment are assigned the c
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -162,3 +164,33 @@ def test_static_policies_are_checked_against_the_bundles_split_and_a_skew_is_fla
     assert re.search(r"pol_skew\s+│\s+control\s+│\s+[\d,]+\s+│\s+6\d\.\d% \(50\.0%\)", shown.stdout)
     assert re.search(rf"MISMATCH p=\S+ vs bundle {re.escape(VERSION)}", shown.stdout)
     assert re.search(r"pol_three\s+│\s+a\s+│\s+[\d,]+\s+│\s+\d+\.\d% \(20\.0%\)", shown.stdout)
+
+    done = run_cli("experiments", data_dir=server.data_dir, env={"COLUMNS": "80"})
+    print(done.stdout)
+    assert done.returncode == 1, done.stderr  # a mismatch: a monitoring check fails
+    assert max(map(len, done.stdout.splitlines())) <= 80
+    assert re.search(
+        r"pol_skew\s+│\s+control\s+│\s+[\d,]+\s+│\s+6\d\.\d%\s+│\s+50\.0%", done.stdout
+    )
+    assert "MISMATCH" in done.stdout and f"bundle {VERSION} of {PROJECT}/{ENV}" in done.stdout
+    as_json = run_cli("experiments", "--json", data_dir=server.data_dir)
+    assert as_json.returncode == 1
+    document = json.loads(as_json.stdout)
+    assert document["mismatch"] is True
+    assert {p["policy"]: p["mismatch"] for p in document["policies"]} == {
+        "pol_ab": False,
+        "pol_three": False,
+        "pol_skew": True,
+    }
+
+
+def test_experiments_exits_0_without_a_mismatch_and_2_without_a_collector(
+    server: Server, tmp_path: Path
+) -> None:
+    done = run_cli("experiments", data_dir=server.data_dir)
+    assert done.returncode == 0, done.stderr
+    assert "no exposures of a policy in the window" in done.stdout
+
+    missing = run_cli("experiments", data_dir=tmp_path / "nothing")
+    assert missing.returncode == 2
+    assert "error: no collector data in" in missing.stderr

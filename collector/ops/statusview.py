@@ -2,7 +2,8 @@
 
 `render` is the whole view; `fitting` the most of it that fits a terminal (`status --watch`
 on an 80x24 terminal shows the headline, the processes and the queue, not half a table);
-`summary_line` one line of it, for `status --watch` into a pipe or a file.
+`summary_line` one line of it, for `status --watch` into a pipe or a file; `experiments`
+the sample-ratio checks alone, narrow enough for an 80-column terminal.
 """
 
 from __future__ import annotations
@@ -114,6 +115,54 @@ def _rates(document: dict[str, Any]) -> Table:
     return table
 
 
+def experiments(document: dict[str, Any]) -> RenderableType:
+    """Each policy's exposures per allocation against the split expected, and its verdict
+    (`collector experiments`): the policy and verdict on its first row, and under the
+    table the bundle each split was read from."""
+    table = folding(
+        Table(
+            "policy",
+            "allocation",
+            "exposures",
+            "share",
+            "expected",
+            "verdict",
+            title="sample-ratio checks (window)",
+            title_justify="left",
+        )
+    )
+    bundles: dict[str, str] = {}
+    for verdict in document["sample_ratio"]:
+        total = sum(verdict["exposures"].values())
+        names = sorted(set(verdict["exposures"]) | set(verdict["expected_shares"]))
+        # The policy on its first row, its project/env under it (a column of its own
+        # would not fit 80 columns).
+        heads = [Text(verdict["policy"]), Text(f"{verdict['project']}/{verdict['env']}", "dim")]
+        for index, name in enumerate(names + [""] * max(0, 2 - len(names))):
+            exposures = verdict["exposures"].get(name, 0)
+            expected = verdict["expected_shares"].get(name)
+            shown = bool(name)
+            table.add_row(
+                heads[index] if index < len(heads) else "",
+                name,
+                f"{exposures:,.0f}" if shown else "",
+                (f"{exposures / total:.1%}" if total else "-") if shown else "",
+                ("-" if expected is None else f"{expected:.1%}") if shown else "",
+                _verdict(verdict, against=False) if index == 0 else Text(""),
+            )
+        table.add_section()
+        if verdict.get("bundle_version"):
+            where = f"{verdict['project']}/{verdict['env']}"
+            bundles[where] = verdict["bundle_version"]
+    notes = [
+        Text(f"expected: the split of bundle {version} of {where}", style="dim")
+        for where, version in sorted(bundles.items())
+    ]
+    if not document["sample_ratio"]:
+        notes.append(Text("no exposures of a policy in the window", style="dim"))
+    return Group(table, *notes)
+
+
 def _allocations(document: dict[str, Any]) -> Table:
     """Exposures and conversions per allocation, each policy's share of exposures against
     the share expected (declared, or its bundle's split), and its sample-ratio verdict."""
@@ -210,13 +259,14 @@ def folding(table: Table) -> Table:
     return table
 
 
-def _verdict(verdict: dict[str, Any] | None) -> Text:
+def _verdict(verdict: dict[str, Any] | None, *, against: bool = True) -> Text:
     if verdict is None or not verdict["checked"]:
         return Text(verdict["reason"] if verdict else "", style="dim")
-    against = f" vs bundle {verdict['bundle_version']}" if verdict.get("bundle_version") else ""
+    version = verdict.get("bundle_version") if against else None
+    against_text = f" vs bundle {version}" if version else ""
     if verdict["mismatch"]:
-        return Text(f"MISMATCH p={verdict['p_value']:.1e}{against}", style="bold red")
-    return Text(f"ok p={verdict['p_value']:.2f}{against}", style="green")
+        return Text(f"MISMATCH p={verdict['p_value']:.1e}{against_text}", style="bold red")
+    return Text(f"ok p={verdict['p_value']:.2f}{against_text}", style="green")
 
 
 def _up(up: bool) -> Text:
