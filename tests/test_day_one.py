@@ -169,13 +169,20 @@ def test_the_data_directory_and_every_file_in_it_are_the_users_alone(
 READ_ONLY = (
     ("status",),
     ("status", "--json"),
+    ("experiments",),
     ("dlq", "list"),
     ("dlq", "show", "1"),
     ("keys", "list"),
     ("config", "check"),
     ("config", "show"),
 )
-NEED_DATA = {("status",), ("status", "--json"), ("dlq", "list"), ("dlq", "show", "1")}
+NEED_DATA = {
+    ("status",),
+    ("status", "--json"),
+    ("experiments",),
+    ("dlq", "list"),
+    ("dlq", "show", "1"),
+}
 
 
 def test_read_only_commands_elsewhere_create_nothing_and_name_the_directory_they_read(
