@@ -725,7 +725,8 @@ def test_status_human_output_shows_the_verdict_and_the_tables(fleet: Fleet) -> N
         assert any(line.startswith(title) for line in lines), title
     assert re.search(r"server\s+│\s+up", done.stdout)
     assert re.search(r"forwarder\s+│\s+up\s+│\s+upstream ok", done.stdout)
-    assert re.search(r"pol_fleet\s+│\s+A\s+│\s+60\s+│\s+10\s+│\s+ok p=1.00", done.stdout)
+    row = r"pol_fleet\s+│\s+A\s+│\s+60\s+│\s+50\.0% \(50\.0%\)\s+│\s+10\s+│\s+ok p=1.00"
+    assert re.search(row, done.stdout), done.stdout
     assert re.search(r"proj_test/production\s+│\s+add_to_cart\s+│\s+30", done.stdout)
 
 
