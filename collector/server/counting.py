@@ -4,9 +4,10 @@ and conversions attributed to an allocation.
 
 `EventCounter` runs in each server process, on the request path, on the validated structs
 (`collector.events`), so it only reads attributes: per event it builds one tuple (one per
-layer for exposures) and appends it to a list. The lists are counted in bulk into `Counts`'
-in-memory counters when the app takes them to flush to `counts.db` (every second), with
-labels cut and bounded once per distinct tuple (`_add`), not once per event.
+layer for exposures); a request's tuples are counted in a Counter (in C) or appended to a
+list, which wait to be added in bulk to `Counts`' in-memory counters when the app takes
+them to flush to `counts.db` (every second), with labels cut and bounded once per distinct
+tuple (`_add`), not once per event.
 
 Track events and conversions need what other requests said (the decision a track names,
 the event names seen so far), and with `workers` those requests may reach another server
@@ -57,7 +58,7 @@ MAX_ALLOCATION_SETS = 10_000  # below 65,536: held as unsigned shorts (`_Generat
 # Events received whose labels wait to be counted in bulk (`EventCounter.settle`) at
 # most, with their exposures about 1 MB (a second of 1000-event requests is some
 # 100,000). Counted per request, five Counters were built and their labels cut: 12.7 us of
-# the event loop's time for a 1-event request against 3.3 in bulk, and 1.1 ms against 0.6
+# the event loop's time for a 1-event request against 4.7 in bulk, and 1.1 ms against 0.6
 # for 1000 exposures, settling included (measured in-process).
 PENDING_KEYS = 10_000
 
@@ -75,9 +76,9 @@ def label(value: Any) -> str:
 
 
 class EventCounter:
-    """Counts the server's events into `counts`: each request's labels wait (a reference
-    to its list of labels, and a tuple per exposure), counted in bulk (`settle`) when
-    `counts` is taken for a flush, the minute turns, or PENDING_KEYS wait."""
+    """Counts the server's events into `counts`: each request's labels wait (a Counter of
+    its events' labels, and a tuple per exposure), added in bulk (`settle`) when `counts`
+    is taken for a flush, the minute turns, or PENDING_KEYS wait."""
 
     def __init__(self, counts: Counts) -> None:
         self.counts = counts
