@@ -42,18 +42,40 @@ class Split:
 def splits(body: bytes) -> list[Split]:
     """The expected split of each running static policy in a bundle's JSON `body`; none
     for a body that is not a bundle, or for what in it cannot be read as one."""
+    read = _read(body)
+    return [] if read is None else read[1]
+
+
+def newest(bodies: Iterable[bytes]) -> dict[tuple[str, str, str], Split]:
+    """(project, env, policy) -> its split in the newest bundle of its project and env
+    among `bodies` (a policy gone from the newest bundle, or stopped in it, has none)."""
+    bundles: dict[tuple[str, str], tuple[str, list[Split]]] = {}
+    for body in bodies:
+        read = _read(body)
+        if read is None:
+            continue
+        (project, env, version), found = read
+        held = bundles.get((project, env))
+        if held is None or _moment(version) > _moment(held[0]):
+            bundles[(project, env)] = (version, found)
+    return {(s.project, s.env, s.policy): s for _, found in bundles.values() for s in found}
+
+
+def _read(body: bytes) -> tuple[tuple[str, str, str], list[Split]] | None:
+    """A bundle's (project, env, version) and its static policies' splits; None for what
+    is not a bundle."""
     try:
         bundle = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return []
+        return None
     if not isinstance(bundle, dict):
-        return []
+        return None
     project, env = _text(bundle.get("projectId")), _text(bundle.get("env"))
     version = _text(bundle.get("version"))
     hashing = bundle.get("hashing")
     buckets = _count(hashing.get("bucketCount")) if isinstance(hashing, dict) else None
     if project is None or env is None or version is None or buckets is None:
-        return []
+        return None
     found = []
     for layer in _dicts(bundle.get("layers")):
         layer_id = _text(layer.get("id"))
@@ -64,22 +86,7 @@ def splits(body: bytes) -> list[Split]:
             shares = _shares(policy, buckets)
             if shares and layer_id is not None and policy_id is not None:
                 found.append(Split(project, env, layer_id, policy_id, version, shares))
-    return found
-
-
-def newest(bodies: Iterable[bytes]) -> dict[tuple[str, str, str], Split]:
-    """(project, env, policy) -> its split in the newest bundle of its project and env
-    among `bodies` (a policy gone from the newest bundle has none)."""
-    bundles: dict[tuple[str, str], list[Split]] = {}
-    for body in bodies:
-        found = splits(body)
-        if not found:
-            continue
-        where = (found[0].project, found[0].env)
-        held = bundles.get(where)
-        if held is None or _moment(found[0].version) > _moment(held[0].version):
-            bundles[where] = found
-    return {(s.project, s.env, s.policy): s for found in bundles.values() for s in found}
+    return (project, env, version), found
 
 
 def _shares(policy: dict[str, Any], buckets: int) -> dict[str, float]:

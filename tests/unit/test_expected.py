@@ -140,3 +140,12 @@ def test_the_newest_bundle_of_each_project_and_env_counts() -> None:
     assert found[("proj_1", "production", "pol_ab")].version == "2026-12-01T11:00:00+00:00"
     assert found[("proj_1", "staging", "pol_ab")].shares == {"control": 0.5, "treatment": 0.5}
     assert len(found) == 2
+
+
+def test_a_policy_stopped_in_the_newest_bundle_has_no_split_from_an_older_one() -> None:
+    running = policy("pol_ab", allocation("control", 0, 499), allocation("treatment", 500, 999))
+    old = bundle(running, version="2026-12-01T10:00:00Z")
+    stopped = bundle({**running, "state": "completed"}, version="2026-12-02T10:00:00Z")
+
+    assert newest([old, stopped]) == {}
+    assert newest([stopped, old]) == {}
