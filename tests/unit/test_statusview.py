@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import io
+import re
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +99,8 @@ def test_a_busy_healthy_document_renders_its_warnings_rows_and_proxy_table(
     ]
     document["sample_ratio"] = [
         {"project": "p", "env": "e", "policy": "pol_a", "checked": True, "mismatch": True}
-        | {"p_value": 1e-9, "reason": ""},
+        | {"p_value": 1e-9, "reason": "", "bundle_version": "v7"}
+        | {"exposures": {"control": 1000}, "expected_shares": {"control": 0.5, "treatment": 0.5}},
     ]
     document["proxy"]["requests"]["config"] = {"ok": 7, "stale": 2}
 
@@ -109,6 +111,9 @@ def test_a_busy_healthy_document_renders_its_warnings_rows_and_proxy_table(
     assert "last forward: 2026-05-21T10:30:00+00:00" in text
     assert "12,345" in text and "3.0 MiB" in text and "2 min" in text
     assert "purchase" in text and "1,500" in text
-    assert "pol_a" in text and "1,000" in text and "MISMATCH p=1.0e-09" in text
+    assert "pol_a" in text and "1,000" in text and "MISMATCH p=1.0e-09 vs bundle v7" in text
+    assert "100.0% (50.0%)" in text
+    # The allocation the bundle expects but nobody reached is a row of zeros, not nothing.
+    assert re.search(r"pol_a\s+│\s+treatment\s+│\s+0\s+│\s+0\.0% \(50\.0%\)", text), text
     assert "SDK calls passed upstream (window)" in text
     assert "stale" in text
