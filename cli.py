@@ -171,9 +171,10 @@ def readable(data: DataDir) -> Iterator[None]:
         raise typer.Exit(2) from exc
 
 
-def collector_data(settings: Settings) -> DataDir:
-    """The data directory of `settings`, which must hold collector data: a command that
-    only reads never creates one, and says which directory it looked at (exit 2)."""
+def collector_data(settings: Settings, *, queue: bool = False) -> DataDir:
+    """The data directory of `settings`, which must hold collector data (and, with `queue`,
+    the queue a server made): a command that only reads never creates one, and says which
+    directory it looked at (exit 2)."""
     data = DataDir(settings.data_dir)
     if not data.holds_data():
         typer.echo(
@@ -181,6 +182,9 @@ def collector_data(settings: Settings) -> DataDir:
             " or name its data directory with --data-dir or COLLECTOR_DATA_DIR",
             err=True,
         )
+        raise typer.Exit(2)
+    if queue and not data.queue.exists():
+        typer.echo(f"error: no queue in {data.path} yet: the server has not run there", err=True)
         raise typer.Exit(2)
     return data
 
@@ -423,10 +427,7 @@ def status(
     from collector.ops import statusview  # imported when used, as rich's tables are
 
     settings = settings_or_exit(config, data_dir=data_dir)
-    data = collector_data(settings)
-    if not data.queue.exists():
-        typer.echo(f"error: no queue in {data.path} yet: the server has not run there", err=True)
-        raise typer.Exit(2)
+    data = collector_data(settings, queue=True)
     with readable(data):
         document = status_document.collect(settings)
         if watch:
@@ -457,10 +458,7 @@ def experiments(
     from collector.ops import statusview
 
     settings = settings_or_exit(config, data_dir=data_dir)
-    data = collector_data(settings)
-    if not data.queue.exists():
-        typer.echo(f"error: no queue in {data.path} yet: the server has not run there", err=True)
-        raise typer.Exit(2)
+    data = collector_data(settings, queue=True)
     with readable(data):
         verdicts = status_document.collect(settings)["sample_ratio"]
     mismatch = any(v["mismatch"] for v in verdicts)

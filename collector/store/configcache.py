@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from collector.store import db
 from collector.store.datadir import DataDir
@@ -173,24 +174,22 @@ class ConfigCache:
 def bodies(data_dir: DataDir) -> list[bytes]:
     """Every distinct bundle body in the data directory's config cache, read-only (none
     without one): the same bundle cached for several keys is read once."""
-    with _translated:
-        conn = db.open_reader(data_dir.config_cache)
-        try:
-            found = db.read(conn, "SELECT DISTINCT body FROM bundles")
-        finally:
-            if conn is not None:
-                conn.close()
-    return [bytes(body) for (body,) in found]
+    return [bytes(body) for (body,) in _read(data_dir, "SELECT DISTINCT body FROM bundles")]
 
 
 def summary(data_dir: DataDir) -> tuple[int, int]:
     """(entries, bytes) in the data directory's config cache, read-only (0, 0 without one)."""
+    found = _read(data_dir, "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM bundles")
+    entries, size = found[0] if found else (0, 0)
+    return int(entries), int(size)
+
+
+def _read(data_dir: DataDir, sql: str) -> list[Any]:
+    """The rows of `sql` on the config cache, read-only (none without the file)."""
     with _translated:
         conn = db.open_reader(data_dir.config_cache)
         try:
-            found = db.read(conn, "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM bundles")
+            return db.read(conn, sql)
         finally:
             if conn is not None:
                 conn.close()
-    entries, size = found[0] if found else (0, 0)
-    return int(entries), int(size)
