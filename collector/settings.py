@@ -260,6 +260,16 @@ class Settings(BaseSettings):
     counts_window_minutes: int = Field(
         60, ge=1, le=24 * 60, description="Minutes of per-minute counts kept for status."
     )
+    sample_ratio_p_threshold: float = Field(
+        0.001,
+        gt=0,
+        lt=1,
+        description="A policy's split is a sample-ratio mismatch when the chi-square p value "
+        "is below this.",
+    )
+    sample_ratio_min_exposures: int = Field(
+        100, ge=1, description="Exposures of a policy in the window before its split is checked."
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Least severe log level written."
     )

@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import traffical.engine.resolution as resolution
 from traffical import TrafficalClient, TrafficalClientOptions
+from traffical.engine.hashing import compute_bucket
+
+from collector.ops.expected import splits
 
 from conftest import Server, run_cli, status_json, wait_for
 from upstream import Upstream
@@ -90,6 +94,21 @@ def upstream() -> Iterator[Upstream]:
     with Upstream() as running:
         running.set_bundle(PROJECT, ENV, bundle())
         yield running
+
+
+def test_the_bundles_split_is_how_the_official_sdk_buckets_units() -> None:
+    """Units hashed by the SDK's own compute_bucket fall in each range as the split says."""
+    three = LAYERS[1]
+    ranges = {a["key"]: a["bucketRange"] for a in three["policies"][0]["allocations"]}
+    (split,) = [s for s in splits(json.dumps(bundle()).encode()) if s.policy == "pol_three"]
+    units = 20_000
+    seen: Counter[str] = Counter()
+    for n in range(units):
+        bucket = compute_bucket(f"user-{n}", three["id"], 1000)
+        seen[next(name for name, (lo, hi) in ranges.items() if lo <= bucket <= hi)] += 1
+    assert set(split.shares) == set(ranges)
+    for name, share in split.shares.items():
+        assert seen[name] / units == pytest.approx(share, abs=0.015)
 
 
 def tampered(original: Callable[[str, str, int], int]) -> Callable[[str, str, int], int]:

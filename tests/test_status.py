@@ -1083,6 +1083,15 @@ def test_sample_ratio_mismatch_is_flagged_only_on_a_skewed_stream(
     assert re.search(row, done.stdout), done.stdout
     assert "warning: sample-ratio mismatch in policy pol_skew" in done.stdout
 
+    # The two settings move the verdicts: pol_skew's p (chi-square 160) is above 1e-40, and
+    # pol_few's 60 exposures are enough at 50.
+    strict = {"COLLECTOR_SAMPLE_RATIO_P_THRESHOLD": "1e-40"}
+    strict["COLLECTOR_SAMPLE_RATIO_MIN_EXPOSURES"] = "50"
+    done = run_cli("status", "--json", data_dir=server.data_dir, env=strict)
+    tuned = {v["policy"]: v for v in json.loads(done.stdout)["sample_ratio"]}
+    assert tuned["pol_skew"]["checked"] and not tuned["pol_skew"]["mismatch"]
+    assert tuned["pol_few"]["checked"] and tuned["pol_few"]["p_value"] is not None
+
 
 def by_policy(families: dict[str, Metric], name: str) -> dict[str, float]:
     return {dict(key)["policy"]: value for key, value in samples(families, name).items()}

@@ -286,12 +286,13 @@ def _sample_ratio(verdicts: list[dict[str, Any]], fixed: bool) -> Iterator[Metri
     labels = [] if fixed else ["project", "env", "policy"]
     mismatch = GaugeMetricFamily(
         "collector_sample_ratio_mismatch",
-        "1 when a policy's exposures split unlike their declared shares (p < 0.001).",
+        "1 when a policy's exposures split unlike the shares expected (declared, or its "
+        "config bundle's; p below sample_ratio_p_threshold).",
         labels=labels,
     )
     p_value = GaugeMetricFamily(
         "collector_sample_ratio_p_value",
-        "Chi-square p value of a policy's exposures against their declared shares.",
+        "Chi-square p value of a policy's exposures against the shares expected.",
         labels=labels,
     )
     checked = [verdict for verdict in verdicts if verdict["checked"]]

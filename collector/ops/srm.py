@@ -6,8 +6,9 @@ by Pearson's chi-square test with the shares the exposures themselves declare (t
 seen) or, where they do not all declare one (static policies: SDKs omit it), with the
 split of the policy's bucket ranges in the newest config bundle the collector served for
 its project and environment (`collector.ops.expected`). A mismatch is flagged when
-p < 0.001, and only with enough exposures for the test to mean something: at least 100 in
-all and an expected count of at least 5 per allocation. Exposures in an allocation the
+p < `sample_ratio_p_threshold` (0.001), and only with enough exposures for the test to
+mean something: at least `sample_ratio_min_exposures` (100) in all and an expected count
+of at least 5 per allocation. Exposures in an allocation the
 bundle gives no buckets are a mismatch at once. Policies with neither declared shares nor
 a cached bundle are reported as not checked: there is nothing to compare with.
 """
@@ -17,9 +18,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+# The defaults of the settings sample_ratio_p_threshold and sample_ratio_min_exposures:
+# at p < 0.001 a healthy programme of a few dozen policies sees a false alarm rarely.
 P_THRESHOLD = 0.001
 MIN_EXPOSURES = 100
-MIN_EXPECTED = 5.0
+MIN_EXPECTED = 5.0  # per allocation: below it the chi-square approximation is poor
 
 
 @dataclass
@@ -55,13 +58,15 @@ def check(
     share_sums: dict[str, float],
     share_counts: dict[str, float],
     bundle_shares: dict[str, float] | None = None,
+    *,
+    min_exposures: int = MIN_EXPOSURES,
 ) -> tuple[bool, float | None, dict[str, float], str]:
     """(checked, p value, expected shares, reason) for one policy's allocations: by the
     shares its exposures declare or, where they do not all declare one, by `bundle_shares`
     (the split of its static policy in the newest config bundle, `collector.ops.expected`)."""
     declares = declares_shares(exposures, share_counts)
     if not declares and bundle_shares is not None:
-        return _against_bundle(exposures, bundle_shares)
+        return _against_bundle(exposures, bundle_shares, min_exposures)
     if len(exposures) < 2:
         return False, None, {}, "fewer than two allocations exposed"
     if not declares:
@@ -70,7 +75,8 @@ def check(
     total_share = sum(declared.values())
     if total_share <= 0:
         return False, None, {}, "declared probabilities are zero"
-    return _tested(exposures, {a: share / total_share for a, share in declared.items()})
+    shares = {a: share / total_share for a, share in declared.items()}
+    return _tested(exposures, shares, min_exposures)
 
 
 def declares_shares(exposures: dict[str, float], share_counts: dict[str, float]) -> bool:
@@ -79,27 +85,27 @@ def declares_shares(exposures: dict[str, float], share_counts: dict[str, float])
 
 
 def _against_bundle(
-    exposures: dict[str, float], shares: dict[str, float]
+    exposures: dict[str, float], shares: dict[str, float], min_exposures: int
 ) -> tuple[bool, float | None, dict[str, float], str]:
     """The check against a bundle's split: every allocation it gives buckets counts, those
     with no exposure too (a broken arm is the worst skew); exposures in an allocation it
-    gives none (or does not name) are a mismatch by themselves."""
+    gives none (or does not name) are a mismatch by themselves, once there are enough."""
     stray = sorted(a for a, n in exposures.items() if n and not shares.get(a))
-    if stray:
+    if stray and sum(exposures.values()) >= min_exposures:
         return True, 0.0, shares, f"exposures in allocations the bundle gives no buckets: {stray}"
     given = {a: share for a, share in shares.items() if share > 0}
-    return _tested({a: exposures.get(a, 0.0) for a in given}, given)
+    return _tested({a: exposures.get(a, 0.0) for a in given}, given, min_exposures)
 
 
 def _tested(
-    exposures: dict[str, float], shares: dict[str, float]
+    exposures: dict[str, float], shares: dict[str, float], min_exposures: int
 ) -> tuple[bool, float | None, dict[str, float], str]:
     """Pearson's chi-square of `exposures` against `shares` (summing to 1), once enough."""
     if len(exposures) < 2:
         return False, None, shares, "fewer than two allocations to compare"
     total = sum(exposures.values())
     expected = {a: total * shares[a] for a in exposures}
-    if total < MIN_EXPOSURES or min(expected.values()) < MIN_EXPECTED:
+    if total < min_exposures or min(expected.values()) < MIN_EXPECTED:
         return False, None, shares, f"not enough exposures yet ({total:.0f})"
     statistic = sum((exposures[a] - expected[a]) ** 2 / expected[a] for a in exposures)
     p_value = chi_square_sf(statistic, len(exposures) - 1)

@@ -52,9 +52,7 @@ def collect(settings: Settings) -> dict[str, Any]:
             "top_events": _top_events(counts, settings.counts_window_minutes),
             "allocations": _allocations(counts, settings.counts_window_minutes),
             "sample_ratio": _sample_ratio(
-                counts,
-                settings.counts_window_minutes,
-                expected.newest(configcache.bodies(data_dir)),
+                counts, settings, expected.newest(configcache.bodies(data_dir))
             ),
             "rejected": _rejected(counts, settings.counts_window_minutes),
             "upstream_answers": _upstream_answers(counts, settings.counts_window_minutes),
@@ -198,8 +196,9 @@ def _allocations(counts: Counts, window: int) -> list[dict[str, Any]]:
 
 
 def _sample_ratio(
-    counts: Counts, window: int, splits: dict[tuple[str, str, str], expected.Split]
+    counts: Counts, settings: Settings, splits: dict[tuple[str, str, str], expected.Split]
 ) -> list[dict[str, Any]]:
+    window = settings.counts_window_minutes
     exposures = counts.recent(Count.EXPOSURES, window)
     share_sums = counts.recent(Count.EXPOSURE_SHARES, window)
     share_counts = counts.recent(Count.EXPOSURE_SHARES_N, window)
@@ -219,10 +218,15 @@ def _sample_ratio(
         split = splits.get((project, env, policy))
         summed, declared = {a: v[1] for a, v in per.items()}, {a: v[2] for a, v in per.items()}
         checked, p_value, shares, reason = srm.check(
-            observed, summed, declared, None if split is None else split.shares
+            observed,
+            summed,
+            declared,
+            None if split is None else split.shares,
+            min_exposures=settings.sample_ratio_min_exposures,
         )
         verdict = srm.Verdict(project, env, policy, observed, shares, checked, p_value)
-        verdict.mismatch = checked and p_value is not None and p_value < srm.P_THRESHOLD
+        threshold = settings.sample_ratio_p_threshold
+        verdict.mismatch = checked and p_value is not None and p_value < threshold
         verdict.reason = reason
         if split is not None and not srm.declares_shares(observed, declared):
             verdict.bundle_version = split.version

@@ -40,6 +40,15 @@ def test_few_exposures_are_not_checked_yet() -> None:
     assert (checked, p_value) == (False, None)
     assert "not enough exposures" in reason
 
+    fewer = srm.check({"control": 30.0, "treatment": 20.0}, {}, {}, HALF, min_exposures=50)
+    assert fewer[0] and fewer[1] is not None
+
+
+def test_stray_exposures_wait_for_min_exposures_too() -> None:
+    exposures = {"control": 40.0, "ghost": 2.0}
+    assert srm.check(exposures, {}, {}, HALF)[:2] == (False, None)
+    assert srm.check(exposures, {}, {}, HALF, min_exposures=40)[:2] == (True, 0.0)
+
 
 def test_declared_probabilities_win_over_the_bundle() -> None:
     exposures = {"control": 900.0, "treatment": 100.0}
