@@ -103,6 +103,9 @@ class _Common(msgspec.Struct, kw_only=True, tag_field="type"):
     timestamp: Timestamp
     id: str | None = None
     context: Object | None = None
+    # The bundle version an exposure or decision was evaluated against (current SDKs), for
+    # config drift. Any JSON value is taken: it is only counted, never a reason to refuse.
+    configVersion: Any = None
 
 
 class Exposure(_Common, tag="exposure"):

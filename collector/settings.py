@@ -270,6 +270,18 @@ class Settings(BaseSettings):
     sample_ratio_min_exposures: int = Field(
         100, ge=1, description="Exposures of a policy in the window before its split is checked."
     )
+    event_future_margin_seconds: float = Field(
+        300.0,
+        gt=0,
+        description="An event stamped more than this many seconds ahead of its arrival is "
+        "counted as from the future (a client clock ahead).",
+    )
+    event_late_after_seconds: float = Field(
+        86400.0,
+        gt=0,
+        description="An event stamped more than this many seconds before its arrival is "
+        "counted as late.",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Least severe log level written."
     )

@@ -16,10 +16,13 @@ import json
 import re
 from collections import Counter
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
+import httpx
 import pytest
 import traffical.engine.resolution as resolution
+from prometheus_client.parser import text_string_to_metric_families
 from traffical import TrafficalClient, TrafficalClientOptions
 from traffical.engine.hashing import compute_bucket
 
@@ -206,3 +209,114 @@ def test_experiments_exits_0_without_a_mismatch(server: Server) -> None:
     done = run_cli("experiments", data_dir=server.data_dir)
     assert done.returncode == 0, done.stderr
     assert "no exposures of a policy in the window" in done.stdout
+
+
+def iso_at(seconds_from_now: float, offset_hours: int = 0) -> str:
+    moment = datetime.now(UTC) + timedelta(seconds=seconds_from_now)
+    zone = timezone(timedelta(hours=offset_hours))
+    text = moment.astimezone(zone).isoformat(timespec="milliseconds")
+    return text.replace("+00:00", "Z") if offset_hours == 0 else text
+
+
+def sent(kind: str, stamp: str, version: str | None = None) -> dict[str, Any]:
+    """An exposure, decision or track of the test's project, stamped `stamp`, with a
+    top-level `configVersion` when given (as current SDKs send it)."""
+    found: dict[str, Any] = {
+        "type": kind,
+        "orgId": ORG,
+        "projectId": PROJECT,
+        "env": ENV,
+        "unitKey": "user-1",
+        "timestamp": stamp,
+    }
+    if kind == "track":
+        found["event"] = "purchase"
+    else:
+        found["layers"] = [
+            {"layerId": "layer_ab", "bucket": 7, "policyId": "pol_ab", "allocationName": "control"}
+        ]
+    if version is not None:
+        found["configVersion"] = version
+    return found
+
+
+def test_config_drift_and_event_time_are_counted_from_what_events_say(
+    start_server: Callable[..., Server], upstream: Upstream
+) -> None:
+    server = start_server(COLLECTOR_UPSTREAM_URL=upstream.url)
+    fetched = httpx.get(
+        f"{server.url}/v1/config/{PROJECT}",
+        params={"env": ENV},
+        headers={"Authorization": f"Bearer {server.key}"},
+        timeout=10,
+    )
+    assert fetched.status_code == 200, fetched.text  # the proxy served and cached VERSION
+    older = "2026-11-01T10:00:00.000Z"
+    # One big request (its stamps sorted as text) and one small one with +02:00 offsets
+    # (each parsed): on time, an hour ahead (future), three days behind (late).
+    big = [sent("exposure", iso_at(-2), VERSION) for _ in range(30)]
+    big += [sent("decision", iso_at(-5), older) for _ in range(10)]
+    big += [sent("exposure", iso_at(3600), VERSION) for _ in range(5)]
+    big += [sent("track", iso_at(-3 * 86400)) for _ in range(3)]
+    small = [sent("decision", iso_at(-30, offset_hours=2)) for _ in range(4)]
+    small += [sent("exposure", iso_at(-4 * 86400, offset_hours=2), older) for _ in range(2)]
+    for events in (big, small):
+        assert server.post({"events": events}).status_code == 200
+
+    def counted() -> dict[str, Any]:
+        _, document = status_json(server.data_dir)
+        rows = document["event_time"]
+        return document if rows and rows[0]["events"] == len(big) + len(small) else {}
+
+    document = wait_for(counted, "every event's arrival delay counted")
+    (drift,) = document["config_drift"]
+    print(json.dumps(drift, indent=1))
+    assert drift["newest_version"] == VERSION
+    assert (drift["events"], drift["with_version"], drift["stale"]) == (51, 47, 12)
+    assert drift["stale_share"] == round(12 / 47, 4)
+    assert drift["versions"] == {VERSION: 35, older: 12}
+    assert drift["oldest_version"] == older
+    age = (datetime.now(UTC) - datetime.fromisoformat(older)).total_seconds()
+    assert abs(drift["oldest_version_age_seconds"] - age) < 120
+
+    (timing,) = document["event_time"]
+    print(json.dumps(timing, indent=1))
+    assert (timing["future"], timing["late"]) == (5, 5)
+    assert timing["delay_buckets"] == {
+        "-60.0": 5,
+        "10.0": 40,
+        "60.0": 4,
+        "604800.0": 5,
+    }
+    assert timing["delay_p50_at_most_seconds"] == 10.0
+    assert timing["delay_p99_at_most_seconds"] == 604800.0
+    assert any(
+        w.startswith(f"5 events of {PROJECT}/{ENV} in the counts window were stamped")
+        for w in document["warnings"]
+    ), document["warnings"]
+
+    scraped = httpx.get(f"{server.url}/metrics", timeout=10).text
+    families = {f.name: f for f in text_string_to_metric_families(scraped)}
+    where = {"project": PROJECT, "env": ENV}
+    values = {
+        (s.name, s.labels.get("le")): s.value
+        for name in (
+            "collector_events_future",
+            "collector_events_late",
+            "collector_event_arrival_delay_seconds",
+            "collector_config_stale_share",
+        )
+        for s in families[name].samples
+        if {k: v for k, v in s.labels.items() if k != "le"} == where
+    }
+    assert values[("collector_events_future_total", None)] == 5
+    assert values[("collector_events_late_total", None)] == 5
+    assert values[("collector_event_arrival_delay_seconds_bucket", "10.0")] == 45
+    assert values[("collector_event_arrival_delay_seconds_bucket", "+Inf")] == 54
+    assert values[("collector_config_stale_share", None)] == pytest.approx(12 / 47, abs=1e-4)
+
+    shown = run_cli("status", data_dir=server.data_dir, env={"COLUMNS": "120"})
+    print(shown.stdout)
+    assert "event time and config drift (window)" in shown.stdout
+    row = rf"{PROJECT}/{ENV}\s+│\s+54\s+│\s+5\s+│\s+5\s+│\s+≤ 10 s\s+│\s+≤ 7\.0 d\s+│\s+25\.5%"
+    assert re.search(row, shown.stdout), shown.stdout

@@ -49,6 +49,11 @@ def splits(body: bytes) -> list[Split]:
 def newest(bodies: Iterable[bytes]) -> dict[tuple[str, str, str], Split]:
     """(project, env, policy) -> its split in the newest bundle of its project and env
     among `bodies` (a policy gone from the newest bundle, or stopped in it, has none)."""
+    return by_policy(latest(bodies))
+
+
+def latest(bodies: Iterable[bytes]) -> dict[tuple[str, str], tuple[str, list[Split]]]:
+    """(project, env) -> the version and splits of its newest bundle among `bodies`."""
     bundles: dict[tuple[str, str], tuple[str, list[Split]]] = {}
     for body in bodies:
         read = _read(body)
@@ -58,7 +63,21 @@ def newest(bodies: Iterable[bytes]) -> dict[tuple[str, str, str], Split]:
         held = bundles.get((project, env))
         if held is None or _moment(version) > _moment(held[0]):
             bundles[(project, env)] = (version, found)
+    return bundles
+
+
+def by_policy(
+    bundles: dict[tuple[str, str], tuple[str, list[Split]]],
+) -> dict[tuple[str, str, str], Split]:
+    """`latest`'s splits by (project, env, policy)."""
     return {(s.project, s.env, s.policy): s for _, found in bundles.values() for s in found}
+
+
+def age_seconds(version: str, now: float) -> float | None:
+    """How long before `now` a bundle version (an ISO 8601 time) was made; None for a
+    version that is not a time."""
+    _, moment = _moment(version)
+    return None if isinstance(moment, str) else now - moment.timestamp()
 
 
 def _read(body: bytes) -> tuple[tuple[str, str, str], list[Split]] | None:

@@ -25,6 +25,7 @@ from prometheus_client.registry import Collector
 from collector.ops import status
 from collector.settings import Settings
 from collector.store.counts import (
+    DELAY_BUCKETS,
     Count,
     Counts,
     Labels,
@@ -70,6 +71,18 @@ COUNTERS: tuple[tuple[Count, str, str, tuple[str, ...]], ...] = (
         ("org", "project", "env", "type"),
     ),
     (Count.EVENTS_REJECTED, "collector_events_rejected", "Events refused, by reason.", ("reason",)),
+    (
+        Count.EVENTS_FUTURE,
+        "collector_events_future",
+        "Events stamped ahead of their arrival by more than event_future_margin_seconds.",
+        ("project", "env"),
+    ),
+    (
+        Count.EVENTS_LATE,
+        "collector_events_late",
+        "Events that arrived more than event_late_after_seconds after their timestamp.",
+        ("project", "env"),
+    ),
     (
         Count.FORWARDED,
         "collector_events_forwarded",
@@ -167,6 +180,19 @@ class _Figures(Collector):
                 metric, text, labels, bounds, totals.get(buckets, {}), totals.get(seconds, {})
             )
         fixed = self._settings.metrics_labels == "fixed"
+        labels, delays = ("project", "env"), totals.get(Count.EVENT_DELAY, {})
+        if fixed:
+            labels, delays = _without_client_labels((*labels, "le"), delays)
+            labels = labels[:-1]
+        yield _histogram(
+            "collector_event_arrival_delay_seconds",
+            "Seconds from events' timestamps to their arrival (negative: stamped ahead); "
+            "without _sum and _count, as its buckets go below 0 (the +Inf bucket counts).",
+            labels,
+            DELAY_BUCKETS,
+            delays,
+            {},
+        )
         for name, metric, text, labels in COUNTERS:
             values = totals.get(name, {})
             if fixed:
@@ -265,6 +291,7 @@ def _gauges(document: dict[str, Any], fixed: bool = False) -> Iterator[Metric]:
         forwarder.get("parked_events", 0) if forwarder["up"] else 0,
     )
     yield from _sample_ratio(document["sample_ratio"], fixed)
+    yield from _config_drift(document["config_drift"], fixed)
     outcomes = CounterMetricFamily(
         "collector_ledger_events",
         "Events by where they ended up (the outcomes ledger of the queue: stored, duplicate, "
@@ -305,6 +332,37 @@ def _sample_ratio(verdicts: list[dict[str, Any]], fixed: bool) -> Iterator[Metri
         p_value.add_metric(key, verdict["p_value"])
     yield mismatch
     yield p_value
+
+
+def _config_drift(rows: list[dict[str, Any]], fixed: bool) -> Iterator[Metric]:
+    """Per project and env (those with a cached bundle); with fixed labels, one figure for
+    all: the stale share of them all, and the oldest version's age."""
+    labels = [] if fixed else ["project", "env"]
+    stale = GaugeMetricFamily(
+        "collector_config_stale_share",
+        "Share of exposures and decisions in the counts window whose configVersion is not "
+        "the newest bundle the config proxy served.",
+        labels=labels,
+    )
+    oldest = GaugeMetricFamily(
+        "collector_config_oldest_version_age_seconds",
+        "Age of the oldest configVersion exposures and decisions used in the counts window.",
+        labels=labels,
+    )
+    shared = [row for row in rows if row["stale_share"] is not None]
+    aged = [row for row in rows if row["oldest_version_age_seconds"] is not None]
+    if fixed:
+        if shared:
+            total = sum(row["with_version"] for row in shared)
+            stale.add_metric([], sum(row["stale"] for row in shared) / total)
+        if aged:
+            oldest.add_metric([], max(row["oldest_version_age_seconds"] for row in aged))
+    for row in [] if fixed else shared:
+        stale.add_metric([row["project"], row["env"]], row["stale_share"])
+    for row in [] if fixed else aged:
+        oldest.add_metric([row["project"], row["env"]], row["oldest_version_age_seconds"])
+    yield stale
+    yield oldest
 
 
 def _gauge(name: str, text: str, value: float) -> GaugeMetricFamily:

@@ -40,6 +40,8 @@ def collect(settings: Settings) -> dict[str, Any]:
     now = time.time()
     counts = Counts.reader(data_dir, settings.counts_window_minutes)
     held = spool.summary(data_dir)
+    bundles = expected.latest(configcache.bodies(data_dir))
+    window = settings.counts_window_minutes
     try:
         document: dict[str, Any] = {
             "generated_at": iso(now),
@@ -51,9 +53,9 @@ def collect(settings: Settings) -> dict[str, Any]:
             "rates": _rates(counts, now),
             "top_events": _top_events(counts, settings.counts_window_minutes),
             "allocations": _allocations(counts, settings.counts_window_minutes),
-            "sample_ratio": _sample_ratio(
-                counts, settings, expected.newest(configcache.bodies(data_dir))
-            ),
+            "sample_ratio": _sample_ratio(counts, settings, expected.by_policy(bundles)),
+            "config_drift": _config_drift(counts, window, bundles, now),
+            "event_time": _event_time(counts, window),
             "rejected": _rejected(counts, settings.counts_window_minutes),
             "upstream_answers": _upstream_answers(counts, settings.counts_window_minutes),
             "quarantined": _quarantined(counts, settings.counts_window_minutes),
@@ -72,7 +74,7 @@ def collect(settings: Settings) -> dict[str, Any]:
 # which may quote it.
 ADMIN_ONLY = {"server": ("pid", "url"), "forwarder": ("pid", "upstream_url", "message")}
 # The sections listed per project: a key restricted to one sees only that project's rows.
-PER_PROJECT = ("top_events", "allocations", "sample_ratio")
+PER_PROJECT = ("top_events", "allocations", "sample_ratio", "config_drift", "event_time")
 # The same, one level down: sections of `upstream_answers`.
 PER_PROJECT_ANSWERS = ("unconfirmed", "schema_warnings")
 
@@ -234,6 +236,85 @@ def _sample_ratio(
     return verdicts
 
 
+def _config_drift(
+    counts: Counts,
+    window: int,
+    bundles: dict[tuple[str, str], tuple[str, list[expected.Split]]],
+    now: float,
+) -> list[dict[str, Any]]:
+    """Per project and env, its exposures and decisions in the window by the `configVersion`
+    they were evaluated against, beside the newest bundle the config proxy served: how many
+    used another (stale), and how old the oldest version still in use is."""
+    by_target: dict[tuple[str, str], dict[str, int]] = {}
+    for (project, env, version), n in counts.recent(Count.CONFIG_VERSIONS, window).items():
+        by_target.setdefault((project, env), {})[version] = int(n)
+    rows = []
+    for (project, env), versions in sorted(by_target.items()):
+        newest = bundles.get((project, env), (None,))[0]
+        named = {v: n for v, n in versions.items() if v}
+        with_version = sum(named.values())
+        stale = None if newest is None else sum(n for v, n in named.items() if v != newest)
+        ages = {v: expected.age_seconds(v, now) for v in named}
+        dated = [v for v, age in ages.items() if age is not None]
+        oldest = max(dated, key=lambda v: ages[v] or 0.0) if dated else None
+        rows.append(
+            {
+                "project": project,
+                "env": env,
+                "newest_version": newest,
+                "events": sum(versions.values()),
+                "with_version": with_version,
+                "stale": stale,
+                "stale_share": round(stale / with_version, 4)
+                if stale is not None and with_version
+                else None,
+                "oldest_version": oldest,
+                "oldest_version_age_seconds": None if oldest is None else round(ages[oldest] or 0),
+                "versions": dict(sorted(named.items(), key=lambda item: -item[1])[:TOP_EVENTS]),
+            }
+        )
+    return rows
+
+
+def _event_time(counts: Counts, window: int) -> list[dict[str, Any]]:
+    """Per project and env, its events in the window by how long after their timestamp
+    they arrived (each bucket's upper bound in seconds, `eventtime.DELAY_BUCKETS`), those
+    from the future or late, and the bounds the median and the 99th percentile are under."""
+    delays: dict[tuple[str, str], dict[str, int]] = {}
+    for (project, env, le), n in counts.recent(Count.EVENT_DELAY, window).items():
+        delays.setdefault((project, env), {})[le] = int(n)
+    future = counts.recent(Count.EVENTS_FUTURE, window)
+    late = counts.recent(Count.EVENTS_LATE, window)
+    rows = []
+    for (project, env), buckets in sorted(delays.items()):
+        ordered = dict(sorted(buckets.items(), key=lambda item: float(item[0])))
+        rows.append(
+            {
+                "project": project,
+                "env": env,
+                "events": sum(ordered.values()),
+                "future": int(future.get((project, env), 0)),
+                "late": int(late.get((project, env), 0)),
+                "delay_p50_at_most_seconds": _quantile_bound(ordered, 0.5),
+                "delay_p99_at_most_seconds": _quantile_bound(ordered, 0.99),
+                "delay_buckets": ordered,
+            }
+        )
+    return rows
+
+
+def _quantile_bound(buckets: dict[str, int], quantile: float) -> float | None:
+    """The upper bound of the bucket the `quantile` falls in (None past the last bound)."""
+    total = sum(buckets.values())
+    running = 0
+    for le, n in buckets.items():
+        running += n
+        if running >= quantile * total:
+            bound = float(le)
+            return None if bound == float("inf") else bound
+    return None
+
+
 def _rejected(counts: Counts, window: int) -> dict[str, int]:
     return {reason: int(n) for (reason,), n in counts.recent(Count.EVENTS_REJECTED, window).items()}
 
@@ -348,6 +429,20 @@ def _judge(document: dict[str, Any]) -> tuple[list[str], list[str]]:
             f"{moved['file']} was corrupt and moved aside to {moved['moved_to']} at "
             f"{moved['at']}{lost}; delete it once inspected"
         )
+    for row in document["event_time"]:
+        where = f"{row['project']}/{row['env']}"
+        if row["future"]:
+            warnings.append(
+                f"{row['future']} events of {where} in the counts window were stamped ahead "
+                "of their arrival by more than event_future_margin_seconds: a client clock "
+                "is ahead (timestamps are forwarded as sent)"
+            )
+        if row["late"]:
+            warnings.append(
+                f"{row['late']} events of {where} in the counts window arrived more than "
+                "event_late_after_seconds after their timestamp (saved and re-sent, or a "
+                "client clock behind)"
+            )
     for verdict in document["sample_ratio"]:
         if verdict["mismatch"]:
             warnings.append(

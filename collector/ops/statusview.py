@@ -26,6 +26,8 @@ def render(document: dict[str, Any]) -> RenderableType:
         _allocations(document),
         _top_events(document),
     ]
+    if document.get("event_time") or document.get("config_drift"):
+        parts.append(_event_health(document))
     proxy = document.get("proxy")
     if proxy and (proxy["cache"]["entries"] or any(proxy["requests"].values())):
         parts.append(_proxy(proxy))
@@ -238,6 +240,53 @@ def _top_events(document: dict[str, Any]) -> Table:
     return table
 
 
+def _event_health(document: dict[str, Any]) -> Table:
+    """Per project and env: events from the future or late, the bounds the median and the
+    99th percentile of the arrival delay are under, and config drift (the share of
+    exposures and decisions on another version than the newest bundle, the oldest's age)."""
+    table = folding(
+        Table(
+            "project/env",
+            "events",
+            "future",
+            "late",
+            "delay p50",
+            "delay p99",
+            "stale config",
+            "oldest config",
+            title="event time and config drift (window)",
+            title_justify="left",
+        )
+    )
+    timing = {(r["project"], r["env"]): r for r in document.get("event_time", [])}
+    drift = {(r["project"], r["env"]): r for r in document.get("config_drift", [])}
+    for key in sorted(timing.keys() | drift.keys()):
+        row, config = timing.get(key), drift.get(key)
+        stale = config and config["stale_share"]
+        age = config and config["oldest_version_age_seconds"]
+        table.add_row(
+            "/".join(key),
+            f"{row['events']:,}" if row else "-",
+            _flagged(row["future"]) if row else "-",
+            _flagged(row["late"]) if row else "-",
+            _at_most(row["delay_p50_at_most_seconds"]) if row else "-",
+            _at_most(row["delay_p99_at_most_seconds"]) if row else "-",
+            "-" if stale is None else f"{stale:.1%}",
+            "-" if age is None else _duration(age),
+        )
+    return table
+
+
+def _flagged(n: int) -> Text:
+    return Text(f"{n:,}", style="yellow" if n else "")
+
+
+def _at_most(seconds: float | None) -> str:
+    if seconds is None:
+        return "> 7 d"
+    return f"≤ {_duration(seconds) if seconds > 0 else f'{seconds:.0f} s'}"
+
+
 def _proxy(proxy: dict[str, Any]) -> Table:
     """Config, resolve and decide calls passed upstream (shown once there were any)."""
     cache = proxy["cache"]
@@ -286,4 +335,6 @@ def _duration(seconds: float) -> str:
         return f"{seconds:.0f} s"
     if seconds < 7200:
         return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} d"

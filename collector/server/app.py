@@ -420,7 +420,11 @@ def create_app(
         app.state.ingest = Ingest(
             committer,
             settings.max_events_per_request,
-            EventCounter(counts),
+            EventCounter(
+                counts,
+                future_margin_s=settings.event_future_margin_seconds,
+                late_after_s=settings.event_late_after_seconds,
+            ),
         )
         app.state.proxy = Proxy(settings, counts)
         # Before the first request is served, so that a server answering /healthz is

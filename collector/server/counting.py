@@ -40,6 +40,7 @@ from collector.events import (
     attribution,
     number,
 )
+from collector.server import eventtime
 from collector.store.counts import Count, Counts, Labels, minute_of
 
 # How many distinct track event names are counted separately (per process lifetime).
@@ -80,8 +81,15 @@ class EventCounter:
     its events' labels, and a tuple per exposure), added in bulk (`settle`) when `counts`
     is taken for a flush, the minute turns, or PENDING_KEYS wait."""
 
-    def __init__(self, counts: Counts) -> None:
+    def __init__(
+        self,
+        counts: Counts,
+        *,
+        future_margin_s: float = eventtime.FUTURE_MARGIN_S,
+        late_after_s: float = eventtime.LATE_AFTER_S,
+    ) -> None:
         self.counts = counts
+        self._margin, self._late_after = future_margin_s, late_after_s
         self._minute = minute_of(time.time())
         self._keys = 0  # events received since the last settle
         self._received: list[Counter[Labels]] = []  # per request (and its invalid events)
@@ -89,6 +97,7 @@ class EventCounter:
         self._deduplicated: list[Labels] = []
         self._exposures: list[Labels] = []
         self._shares: list[tuple[Labels, float]] = []  # each exposure's declared share
+        self._times: list[tuple[Labels, eventtime.Tally]] = []  # per request and target
         counts.before_take(self.settle)
 
     def received(
@@ -98,7 +107,11 @@ class EventCounter:
         by what can be read of them (`raws`: their JSON). Returns the valid ones' labels,
         for `accepted`."""
         labels = _labels_of(list(filter(None, decoded)))
-        valid = Counter(labels)  # in C; a few keys even for 1000 events
+        try:
+            valid = Counter(labels)  # in C; a few keys even for 1000 events
+        except TypeError:  # a configVersion that is an array or object: its label instead
+            labels = [(*key[:4], label(key[4])) for key in labels]
+            valid = Counter(labels)
         self._wait(len(decoded))
         self._received.append(valid)
         if len(labels) < len(decoded):
@@ -125,6 +138,24 @@ class EventCounter:
             # de-duplicated, never twice as an exposure.
             if type(event) is Exposure and index not in skipped:
                 _exposure(event, exposures, shares)
+        written = [e for i, e in enumerate(events) if i not in skipped] if skipped else events
+        self._time(written, received.counted)
+
+    def _time(self, written: list[Event], counted: Counter[Labels]) -> None:
+        """Tally the timestamps of a request's `written` events against now, per target
+        (`counted`'s keys say which the request has: nearly always one)."""
+        now = time.time()
+        targets = {key[1:3] for key in counted}
+        if len(targets) == 1:
+            by_target = {targets.pop(): list(map(_STAMP, written))}
+        else:
+            by_target = {}
+            for event in written:
+                by_target.setdefault((event.projectId, event.env), []).append(event.timestamp)
+        for target, stamps in by_target.items():
+            if stamps:
+                found = eventtime.tally(stamps, now, self._margin, self._late_after)
+                self._times.append((target, found))
 
     def settle(self) -> None:
         """Add what waits to `counts`, in the minute it was counted in; labels are cut once
@@ -135,10 +166,12 @@ class EventCounter:
         received, accepted = _summed(self._received), _summed(self._accepted)
         duplicates = Counter(self._deduplicated)
         written = accepted - duplicates if duplicates else accepted
-        _add(self.counts, Count.EVENTS_RECEIVED, received, at)
-        _add(self.counts, Count.EVENTS_ACCEPTED, accepted, at)
-        _add(self.counts, Count.EVENTS_DEDUPLICATED, duplicates, at)
-        _add(self.counts, Count.EVENTS_WRITTEN, written, at)
+        _add(self.counts, Count.EVENTS_RECEIVED, _typed(received), at)
+        _add(self.counts, Count.EVENTS_ACCEPTED, _typed(accepted), at)
+        _add(self.counts, Count.EVENTS_DEDUPLICATED, _typed(duplicates), at)
+        _add(self.counts, Count.EVENTS_WRITTEN, _typed(written), at)
+        _add(self.counts, Count.CONFIG_VERSIONS, _versions(written), at)
+        self._settle_times(at)
         _add(self.counts, Count.EXPOSURES, Counter(self._exposures), at)
         if self._shares:
             _add(self.counts, Count.EXPOSURE_SHARES_N, Counter(k for k, _ in self._shares), at)
@@ -153,6 +186,20 @@ class EventCounter:
             waiting.clear()
         self._shares.clear()
         self._keys = 0
+
+    def _settle_times(self, at: float) -> None:
+        delays: Counter[Labels] = Counter()
+        future: Counter[Labels] = Counter()
+        late: Counter[Labels] = Counter()
+        for target, found in self._times:
+            for le, n in found.delays.items():
+                delays[(*target, le)] += n
+            future[target] += found.future
+            late[target] += found.late
+        _add(self.counts, Count.EVENT_DELAY, delays, at)
+        _add(self.counts, Count.EVENTS_FUTURE, +future, at)
+        _add(self.counts, Count.EVENTS_LATE, +late, at)
+        self._times.clear()
 
     def _wait(self, keys: int) -> None:
         """Make room for a request's `keys` events (0: the rest of one already received):
@@ -178,6 +225,23 @@ def _summed(counters: list[Counter[Labels]]) -> Counter[Labels]:
         for key, value in counter.items():
             total[key] += value
     return total
+
+
+def _typed(counted: Counter[Labels]) -> Counter[Labels]:
+    """Counts by (org, project, env, type): each event's labels less its configVersion."""
+    found: Counter[Labels] = Counter()
+    for key, n in counted.items():
+        found[key[:4]] += n
+    return found
+
+
+def _versions(written: Counter[Labels]) -> Counter[Labels]:
+    """Exposures and decisions by (project, env, configVersion): "" where none is sent."""
+    found: Counter[Labels] = Counter()
+    for (_, project, env, kind, version), n in written.items():
+        if kind != "track":
+            found[(project, env, "" if version is None else version)] += n
+    return found
 
 
 def _add(counts: Counts, name: Count, counted: Counter[Any], at: float | None = None) -> None:
@@ -415,23 +479,26 @@ _LABELS = msgspec.json.Decoder(dict[str, Any])
 
 
 _ORG, _PROJECT, _ENV = attrgetter("orgId"), attrgetter("projectId"), attrgetter("env")
+_VERSION, _STAMP = attrgetter("configVersion"), attrgetter("timestamp")
 
 
 def _labels_of(events: list[Event]) -> list[Labels]:
-    """Each event's (org, project, env, type), built in C (map and zip, no Python loop)."""
+    """Each event's (org, project, env, type, configVersion), built in C (map and zip, no
+    Python loop); the version is counted for config drift (`_versions`), then dropped."""
     kinds = map(_TYPES.__getitem__, map(type, events))
     columns = map(_ORG, events), map(_PROJECT, events), map(_ENV, events), kinds
-    return list(zip(*columns, strict=True))
+    return list(zip(*columns, map(_VERSION, events), strict=True))
 
 
 def _invalid_labels(raw: bytes | msgspec.Raw) -> Labels:
     try:
         event = _LABELS.decode(raw)
     except (msgspec.DecodeError, RecursionError):  # not an object (or not for msgspec)
-        return ("", "", "", "invalid")
+        return ("", "", "", "invalid", "")
     return (
         label(event.get("orgId")),
         label(event.get("projectId")),
         label(event.get("env")),
         kind if (kind := event.get("type")) in EVENT_TYPES else "invalid",
+        "",
     )

@@ -22,6 +22,10 @@ count cannot silently read 0. Names and their labels:
     exposure_shares       project, env, layer, policy, allocation  (sum of declared probability)
     exposure_shares_n     project, env, layer, policy, allocation  (exposures declaring one)
     conversions           project, env, policy, allocation, event  (tracks attributed)
+    config_versions       project, env, version    (exposures and decisions by configVersion)
+    event_delay           project, env, le (`bucket`)   (arrival less the event's timestamp)
+    events_future         project, env       (stamped past event_future_margin_seconds ahead)
+    events_late           project, env       (older than event_late_after_seconds at arrival)
     forwarded             project, env                           (forwarder)
     unconfirmed           project, env       (in a 2xx accepting fewer, none named)
     schema_warnings       project, env, event    (taken by the upstream with a warning)
@@ -85,6 +89,10 @@ class Count(StrEnum):
     EXPOSURE_SHARES = "exposure_shares"
     EXPOSURE_SHARES_N = "exposure_shares_n"
     CONVERSIONS = "conversions"
+    CONFIG_VERSIONS = "config_versions"
+    EVENT_DELAY = "event_delay"
+    EVENTS_FUTURE = "events_future"
+    EVENTS_LATE = "events_late"
     FORWARDED = "forwarded"
     UNCONFIRMED = "unconfirmed"
     SCHEMA_WARNINGS = "schema_warnings"
@@ -152,7 +160,8 @@ CLIENT_CHOSEN: dict[str, tuple[int, ...]] = {
     **dict.fromkeys(
         ("exposures", "exposure_shares", "exposure_shares_n", "conversions"), (0, 1, 2, 3, 4)
     ),
-    "forwarded": (0, 1),
+    "config_versions": (0, 1, 2),
+    **dict.fromkeys(("event_delay", "events_future", "events_late", "forwarded"), (0, 1)),
     "unconfirmed": (0, 1),
     "schema_warnings": (0, 1, 2),
     "quarantined": (0,),
@@ -161,6 +170,13 @@ CLIENT_CHOSEN: dict[str, tuple[int, ...]] = {
 
 def minute_of(moment: float) -> int:
     return int(moment // 60)
+
+
+# The `le` bounds of event_delay (`collector.server.eventtime`): seconds from an event's
+# timestamp to its arrival. A clock a minute or a second ahead (negative), then from a
+# request's own transit to an SDK's batching (10 s, 1 min) to events saved and sent again
+# minutes, hours, days or a week later.
+DELAY_BUCKETS = (-60.0, -1.0, 1.0, 10.0, 60.0, 600.0, 3600.0, 86400.0, 604800.0)
 
 
 def bucket(bounds: Sequence[float], seconds: float) -> str:

@@ -70,6 +70,7 @@ def healthy_document() -> dict[str, Any]:
         "dead_letters": 0,
         "recovered": [],
         "sample_ratio": [],
+        "event_time": [],
         "upstream_answers": {"unconfirmed": [], "schema_warnings": []},
         "quarantined": [],
         "ledger": {"states": {"stored": 10, "delivered": 10}, "missing": 0},
@@ -149,6 +150,21 @@ def test_dead_letters_a_moved_aside_file_and_a_sample_ratio_mismatch_are_warning
     assert "counts.db was corrupt" in warnings[2] and "put back" not in warnings[2]
     assert warnings[3] == "sample-ratio mismatch in policy pol_a (p/e): p = 1e-07"
     assert len(warnings) == 4
+
+
+def test_events_from_the_future_or_late_are_warnings() -> None:
+    rows = [
+        {"project": "p", "env": "e", "future": 4, "late": 0},
+        {"project": "q", "env": "e", "future": 0, "late": 7},
+        {"project": "r", "env": "e", "future": 0, "late": 0},
+    ]
+    problems, warnings = judged(event_time=rows)
+
+    assert problems == []
+    assert len(warnings) == 2
+    assert warnings[0].startswith("4 events of p/e in the counts window were stamped ahead")
+    assert "a client clock is ahead" in warnings[0]
+    assert warnings[1].startswith("7 events of q/e in the counts window arrived more than")
 
 
 def test_unconfirmed_events_are_a_problem_and_schema_warnings_a_warning() -> None:
