@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -248,6 +249,11 @@ def server(start_server: Callable[..., Server]) -> Server:
     return start_server()
 
 
+# When the tests' events say they happened: this run's start, as SDKs write it (24
+# characters, like any such stamp), so that they are neither late nor ahead at arrival.
+NOW_STAMP = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def event(kind: str = "track", **fields: Any) -> dict[str, Any]:
     """A valid event of `kind`, as a real SDK sends it; `fields` override or add."""
     base: dict[str, Any] = {
@@ -256,7 +262,7 @@ def event(kind: str = "track", **fields: Any) -> dict[str, Any]:
         "projectId": "proj_test",
         "env": "production",
         "unitKey": "user-1",
-        "timestamp": "2026-05-21T10:30:00.123Z",
+        "timestamp": NOW_STAMP,
     }
     if kind == "track":
         base["event"] = "purchase"

@@ -74,6 +74,8 @@ STATUS_KEYS = {
     "rates",
     "top_events",
     "allocations",
+    "config_drift",
+    "event_time",
     "sample_ratio",
     "rejected",
     "upstream_answers",
