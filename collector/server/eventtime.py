@@ -14,7 +14,6 @@ found by bisection against the bound's own text. Any other form (an offset such 
 from __future__ import annotations
 
 import bisect
-from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import NamedTuple
@@ -30,6 +29,8 @@ LATE_AFTER_S = 86400.0
 # From how many stamps they are sorted rather than parsed: the bounds' texts cost some 15 us
 # a request, a stamp parsed some 0.4 us (measured).
 SORT_FROM = 32
+# Each bucket's `le` label (`bucket`), by its index in DELAY_BUCKETS, and "+Inf" last.
+_LES = [bucket(DELAY_BUCKETS, bound) for bound in (*DELAY_BUCKETS, float("inf"))]
 _ISO_MS = "%Y-%m-%dT%H:%M:%S.%f"
 
 
@@ -37,7 +38,7 @@ class Tally(NamedTuple):
     """A request's events by the `le` label of their delay's bucket (`bucket`), and how
     many were ahead by more than the margin (`future`) or older than the age (`late`)."""
 
-    delays: Counter[str]
+    delays: dict[str, int]
     future: int
     late: int
 
@@ -46,7 +47,7 @@ def tally(stamps: Sequence[str], now: float, margin: float, late_after: float) -
     """`stamps` (valid ISO 8601 date-times, as `collector.events` checks them) arrived at
     Unix time `now`: future past `margin` seconds ahead, late past `late_after` old."""
     if not stamps:
-        return Tally(Counter(), 0, 0)
+        return Tally({}, 0, 0)
     if len(stamps) >= SORT_FROM and _sortable(stamps):
         return _by_text(sorted(stamps), now, margin, late_after)
     return _by_moment([_moment(stamp) for stamp in stamps], now, margin, late_after)
@@ -72,24 +73,29 @@ def _by_text(ordered: list[str], now: float, margin: float, late_after: float) -
     `bound` when its stamp is at or after the text of `now - bound` (to the millisecond;
     a stamp without a fraction sorts after every fraction of its second)."""
     n = len(ordered)
-    delays: Counter[str] = Counter()
+    delays: dict[str, int] = {}
     at_most = 0  # events with a delay at or below the previous bound
-    for bound in DELAY_BUCKETS:
+    for index, bound in enumerate(DELAY_BUCKETS):
         below = n - bisect.bisect_left(ordered, _text(now - bound))
         if below > at_most:
-            delays[bucket(DELAY_BUCKETS, bound)] = below - at_most
+            delays[_LES[index]] = below - at_most
         at_most = below
     if at_most < n:
-        delays[bucket(DELAY_BUCKETS, float("inf"))] = n - at_most
+        delays[_LES[-1]] = n - at_most
     future = n - bisect.bisect_right(ordered, _text(now + margin) + "\uffff")
     late = bisect.bisect_left(ordered, _text(now - late_after))
     return Tally(delays, future, late)
 
 
 def _by_moment(moments: list[float], now: float, margin: float, late_after: float) -> Tally:
-    delays = Counter(bucket(DELAY_BUCKETS, now - moment) for moment in moments)
-    future = sum(1 for moment in moments if moment - now > margin)
-    late = sum(1 for moment in moments if now - moment > late_after)
+    delays: dict[str, int] = {}
+    future = late = 0
+    for moment in moments:  # few: a small request's
+        delay = now - moment
+        le = _LES[bisect.bisect_left(DELAY_BUCKETS, delay)]
+        delays[le] = delays.get(le, 0) + 1
+        future += delay < -margin
+        late += delay > late_after
     return Tally(delays, future, late)
 
 
