@@ -28,7 +28,7 @@ from traffical.engine.hashing import compute_bucket
 
 from collector.ops.expected import splits
 
-from conftest import Server, run_cli, status_json, wait_for
+from conftest import Server, event, run_cli, status_json, wait_for
 from upstream import Upstream
 
 PROJECT, ENV, ORG = "proj_exp", "production", "org_test"
@@ -221,23 +221,13 @@ def iso_at(seconds_from_now: float, offset_hours: int = 0) -> str:
 def sent(kind: str, stamp: str, version: str | None = None) -> dict[str, Any]:
     """An exposure, decision or track of the test's project, stamped `stamp`, with a
     top-level `configVersion` when given (as current SDKs send it)."""
-    found: dict[str, Any] = {
-        "type": kind,
-        "orgId": ORG,
-        "projectId": PROJECT,
-        "env": ENV,
-        "unitKey": "user-1",
-        "timestamp": stamp,
-    }
-    if kind == "track":
-        found["event"] = "purchase"
-    else:
-        found["layers"] = [
-            {"layerId": "layer_ab", "bucket": 7, "policyId": "pol_ab", "allocationName": "control"}
-        ]
+    fields: dict[str, Any] = {"orgId": ORG, "projectId": PROJECT, "env": ENV, "timestamp": stamp}
+    if kind != "track":
+        layer = {"layerId": "layer_ab", "bucket": 7, "policyId": "pol_ab"}
+        fields["layers"] = [{**layer, "allocationName": "control"}]
     if version is not None:
-        found["configVersion"] = version
-    return found
+        fields["configVersion"] = version
+    return event(kind, **fields)
 
 
 def test_config_drift_and_event_time_are_counted_from_what_events_say(

@@ -337,3 +337,28 @@ def test_each_decision_is_found_with_its_own_pairs_and_no_other_is_found(
     ]
     assert len(decisions) == 64
     assert not any(f"other_{n}" in decisions for n in range(10_000))
+
+
+def test_exposures_and_decisions_are_counted_by_config_version_whatever_it_holds(
+    counts: Counts,
+) -> None:
+    counter = Counter(counts)
+
+    accept(
+        counter,
+        event("exposure", configVersion="v2"),
+        event("decision", configVersion="v2"),
+        event("decision", configVersion="v1"),
+        event("exposure"),  # an SDK that sends none
+        event("exposure", configVersion={"not": "a string"}),  # taken, and counted by its type
+        event("track", configVersion="v2"),  # a track's is not drift: not counted
+        skipped=frozenset({1}),  # a duplicate is not counted again
+    )
+
+    assert flushed(counts, Count.CONFIG_VERSIONS) == {
+        (*TARGET, "v2"): 1,
+        (*TARGET, "v1"): 1,
+        (*TARGET, ""): 1,
+        (*TARGET, "(dict)"): 1,
+    }
+    assert sum(flushed(counts, Count.EVENTS_WRITTEN).values()) == 5

@@ -6,11 +6,13 @@ from __future__ import annotations
 import random
 from collections import Counter
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 
 from collector.server import eventtime
 from collector.server.eventtime import SORT_FROM, tally
+from collector.settings import Settings
 
 NOW = datetime(2026, 12, 3, 18, 0, 0, 500000, tzinfo=UTC)
 
@@ -57,3 +59,9 @@ def test_offsets_are_read_as_moments_in_a_big_request_too() -> None:
 
 def test_nothing_to_tally() -> None:
     assert tally([], NOW.timestamp(), 300.0, 86_400.0) == eventtime.Tally(Counter(), 0, 0)
+
+
+def test_the_counters_defaults_are_the_settings_defaults() -> None:
+    settings = Settings(data_dir=Path("unused"))
+    assert settings.event_future_margin_seconds == eventtime.FUTURE_MARGIN_S
+    assert settings.event_late_after_seconds == eventtime.LATE_AFTER_S
