@@ -1,5 +1,7 @@
 """What is counted of each event: by type (with org, project and env), exposures per
-allocation (with their declared shares, for the sample-ratio check), track event names,
+allocation (with their declared shares, for the sample-ratio check), exposures and
+decisions by their `configVersion` (config drift), each event's arrival delay and whether
+it was stamped in the future or late (`collector.server.eventtime`), track event names,
 and conversions attributed to an allocation.
 
 `EventCounter` runs in each server process, on the request path, on the validated structs
