@@ -2,8 +2,9 @@
 
 The server and the forwarder each add to counts in memory (cheap, on the request path) and
 flush them every second to `counts.db`, where they are kept per minute for `window` minutes
-(for rates, top event names and exposures per allocation) and as running totals (for
-Prometheus counters, which must never go down). Another process (`collector status`,
+(for rates, top event names and exposures per allocation) and, all but those read only
+over the window (`WINDOW_ONLY`), as running totals (for Prometheus counters, which must
+never go down). Another process (`collector status`,
 `/metrics`) reads them from the file (`Counts.reader`), so they are there whether or not
 the server runs, and survive restarts.
 
@@ -44,8 +45,9 @@ buckets, the last of which ("+Inf") is the count.
 
 Event names and labels are client-controlled; the server cuts and bounds them
 (`collector.server.counting`), and here every name keeps at most MAX_SERIES distinct label
-sets (`CLIENT_CHOSEN` says which labels clients choose): past it, a new set is counted
-with those labels as `(other)`. So counts.db, /metrics and status stay bounded whatever
+sets (`CLIENT_CHOSEN` says which labels clients choose), of all the file has seen or, for
+`WINDOW_ONLY` names, of what the window holds: past it, a new set is counted with those
+labels as `(other)`. So counts.db, /metrics and status stay bounded whatever
 names clients send (200,000 random ones once made counts.db 607 MB and /metrics 51 MB).
 """
 
@@ -166,6 +168,21 @@ CLIENT_CHOSEN: dict[str, tuple[int, ...]] = {
     "schema_warnings": (0, 1, 2),
     "quarantined": (0,),
 }
+# Counts read only over the window (status; no Prometheus counter is made of them): kept
+# per minute and never as totals, and their label sets bounded by what the window holds,
+# not by all a file has seen. An experiment programme starts new policies, and SDKs new
+# config versions, every week: bounded for ever, the 1001st policy's exposures would all
+# be `(other)` and its sample ratio never checked.
+WINDOW_ONLY = frozenset(
+    {
+        "track_events",
+        "exposures",
+        "exposure_shares",
+        "exposure_shares_n",
+        "conversions",
+        "config_versions",
+    }
+)
 
 
 def minute_of(moment: float) -> int:
@@ -199,6 +216,7 @@ class Counts:
         self._lock = threading.Lock()
         self._pending: dict[tuple[int, str], Counter[Labels]] = {}
         self._series: dict[str, set[str]] = {}  # name -> label sets stored (JSON text)
+        self._window_start: int | None = None  # the oldest minute kept at the last write
         self._before_take: list[Callable[[], None]] = []
 
     @classmethod
@@ -255,6 +273,10 @@ class Counts:
         forget minutes past the window."""
         assert self._conn is not None, "a counts reader cannot write"
         oldest = minute_of(time.time()) - self.window_minutes
+        if oldest != self._window_start:  # a minute left the window: reread what it holds
+            self._window_start = oldest
+            for name in WINDOW_ONLY:
+                self._series.pop(name, None)
         with self._lock, _translated, self._conn:
             rows: dict[tuple[int, str, str], float] = {}
             for (minute, name), counter in pending.items():
@@ -274,7 +296,13 @@ class Counts:
         series = self._series.get(name)
         if series is None:
             assert self._conn is not None
-            found = self._conn.execute("SELECT labels FROM totals WHERE name = ?", (name,))
+            if name in WINDOW_ONLY:
+                found = self._conn.execute(
+                    "SELECT DISTINCT labels FROM minutes WHERE name = ? AND minute >= ?",
+                    (name, self._window_start or 0),
+                )
+            else:
+                found = self._conn.execute("SELECT labels FROM totals WHERE name = ?", (name,))
             series = self._series[name] = {row[0] for row in found}
         if text in series:
             return text
@@ -296,7 +324,7 @@ class Counts:
         self._conn.executemany(
             "INSERT INTO totals (name, labels, value) VALUES (?, ?, ?)"
             " ON CONFLICT DO UPDATE SET value = value + excluded.value",
-            [(name, labels, value) for _, name, labels, value in rows],
+            [(name, labels, value) for _, name, labels, value in rows if name not in WINDOW_ONLY],
         )
         self._conn.execute("DELETE FROM minutes WHERE minute < ?", (oldest,))
 

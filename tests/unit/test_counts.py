@@ -74,7 +74,10 @@ def test_flushes_add_up_and_float_counts_stay_floats(data_dir: DataDir, writer: 
     reader = read(data_dir)
     try:
         assert reader.recent(Count.EXPOSURE_SHARES, 2) == {key: 0.75}
-        assert reader.all_totals() == {"exposure_shares": {key: 0.75}}
+        assert reader.all_totals() == {}  # a window-only count: no totals
+        writer.add(Count.EVENTS_REJECTED, ("QueueFull",), 0.5)
+        writer.flush()
+        assert reader.all_totals() == {"events_rejected": {("QueueFull",): 0.5}}
     finally:
         reader.close()
 
@@ -186,3 +189,30 @@ def test_label_sets_past_max_series_are_folded_into_other_and_the_bound_outlives
         (OTHER, OTHER, OTHER, "exposure"): 10,
     }
     assert len(totals["requests"]) == 5
+
+
+def test_window_only_counts_keep_no_totals_and_bound_their_series_by_the_window(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """New policies and config versions every week must not run out of series: once the
+    old ones leave the window, new ones are counted by their own labels again."""
+    monkeypatch.setattr(counts_module, "MAX_SERIES", 2)
+    clock = [time.time() - 3600]
+    monkeypatch.setattr(counts_module.time, "time", lambda: clock[0])
+    writer = Counts.writer(DataDir(tmp_path), window_minutes=5)
+    for n in range(3):  # the third is past the bound
+        writer.add(Count.CONFIG_VERSIONS, ("p", "e", f"v{n}"))
+    writer.flush()
+    assert len(writer.recent(Count.CONFIG_VERSIONS, 5)) == 3  # two, and (other)
+    clock[0] += 3600  # an hour on: those minutes have left the window
+    for name in ("v_new", "v_newer", "v_newest"):  # the last past the bound again
+        writer.add(Count.CONFIG_VERSIONS, ("p", "e", name))
+    writer.flush()
+
+    assert writer.recent(Count.CONFIG_VERSIONS, 5) == {
+        ("p", "e", "v_new"): 1,
+        ("p", "e", "v_newer"): 1,
+        (OTHER, OTHER, OTHER): 1,
+    }
+    assert "config_versions" not in writer.all_totals()
+    writer.close()
