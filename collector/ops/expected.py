@@ -46,12 +46,6 @@ def splits(body: bytes) -> list[Split]:
     return [] if read is None else read[1]
 
 
-def newest(bodies: Iterable[bytes]) -> dict[tuple[str, str, str], Split]:
-    """(project, env, policy) -> its split in the newest bundle of its project and env
-    among `bodies` (a policy gone from the newest bundle, or stopped in it, has none)."""
-    return by_policy(latest(bodies))
-
-
 def latest(bodies: Iterable[bytes]) -> dict[tuple[str, str], tuple[str, list[Split]]]:
     """(project, env) -> the version and splits of its newest bundle among `bodies`."""
     bundles: dict[tuple[str, str], tuple[str, list[Split]]] = {}
@@ -69,7 +63,8 @@ def latest(bodies: Iterable[bytes]) -> dict[tuple[str, str], tuple[str, list[Spl
 def by_policy(
     bundles: dict[tuple[str, str], tuple[str, list[Split]]],
 ) -> dict[tuple[str, str, str], Split]:
-    """`latest`'s splits by (project, env, policy)."""
+    """`latest`'s splits by (project, env, policy): each policy's in the newest bundle of
+    its project and env (a policy gone from the newest bundle, or stopped in it, has none)."""
     return {(s.project, s.env, s.policy): s for _, found in bundles.values() for s in found}
 
 

@@ -254,9 +254,8 @@ def _config_drift(
         named = {v: n for v, n in versions.items() if v}
         with_version = sum(named.values())
         stale = None if newest is None else sum(n for v, n in named.items() if v != newest)
-        ages = {v: expected.age_seconds(v, now) for v in named}
-        dated = [v for v, age in ages.items() if age is not None]
-        oldest = max(dated, key=lambda v: ages[v] or 0.0) if dated else None
+        ages = {v: age for v in named if (age := expected.age_seconds(v, now)) is not None}
+        oldest = max(ages, key=ages.__getitem__) if ages else None
         rows.append(
             {
                 "project": project,
@@ -269,7 +268,7 @@ def _config_drift(
                 if stale is not None and with_version
                 else None,
                 "oldest_version": oldest,
-                "oldest_version_age_seconds": None if oldest is None else round(ages[oldest] or 0),
+                "oldest_version_age_seconds": None if oldest is None else round(ages[oldest]),
                 "versions": dict(sorted(named.items(), key=lambda item: -item[1])[:TOP_EVENTS]),
             }
         )

@@ -284,7 +284,7 @@ def _flagged(n: int) -> Text:
 def _at_most(seconds: float | None) -> str:
     if seconds is None:
         return "> 7 d"
-    return f"≤ {_duration(seconds) if seconds > 0 else f'{seconds:.0f} s'}"
+    return f"≤ {_duration(seconds)}"
 
 
 def _proxy(proxy: dict[str, Any]) -> Table:

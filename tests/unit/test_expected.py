@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
-from collector.ops.expected import Split, newest, splits
+from collector.ops.expected import Split, by_policy, latest, splits
 
 
 def allocation(name: str, start: int, end: int) -> dict[str, Any]:
@@ -120,7 +120,7 @@ def test_the_newest_bundle_of_each_project_and_env_counts() -> None:
     new = bundle(ramped, version="2026-12-01T11:00:00+00:00")
     staging = bundle(ab, version="2026-11-01T00:00:00Z", env="staging")
 
-    found = newest([new, staging, old, b"garbage"])
+    found = by_policy(latest([new, staging, old, b"garbage"]))
 
     assert found[("proj_1", "production", "pol_ab")].shares == {"control": 0.9, "treatment": 0.1}
     assert found[("proj_1", "production", "pol_ab")].version == "2026-12-01T11:00:00+00:00"
@@ -133,5 +133,5 @@ def test_a_policy_stopped_in_the_newest_bundle_has_no_split_from_an_older_one() 
     old = bundle(running, version="2026-12-01T10:00:00Z")
     stopped = bundle({**running, "state": "completed"}, version="2026-12-02T10:00:00Z")
 
-    assert newest([old, stopped]) == {}
-    assert newest([stopped, old]) == {}
+    assert by_policy(latest([old, stopped])) == {}
+    assert by_policy(latest([stopped, old])) == {}
